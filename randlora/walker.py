@@ -1,0 +1,398 @@
+"""The module-replacement walker: select target layers by name, swap them for ``RandLoraLinear`` and back."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .bank import BasisBank
+from .errors import ConfigError, RandLoraError, StateError, TargetError
+from .layer import RandLoraLinear
+from .recipes import MODES, RECIPES, bank_shape
+
+__all__ = [
+    "AdapterConfig",
+    "InjectReport",
+    "inject",
+    "eject",
+    "merge",
+    "unmerge",
+    "disabled",
+    "adapted_layers",
+    "bank_of",
+    "config_of",
+    "trainable_parameters",
+    "summary",
+    "BANK_ATTR",
+]
+
+BANK_ATTR = "randlora_bank"
+BIAS_MODES = ("none", "all", "randlora_only")
+
+
+@dataclass
+class AdapterConfig:
+    """The settings an adapter was made with (stored in checkpoints)."""
+
+    targets: list[str]
+    r: int = 32
+    alpha: float = 640.0
+    dropout: float = 0.0
+    seed: int = 0
+    bases: str = "dense"
+    recipe: str = "portable"
+    bias: str = "none"
+    fan_in_fan_out: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class InjectReport:
+    """What :func:`inject` did: the adapted layers, their shapes and the trainable count."""
+
+    rows: list[tuple[str, int, int, int, int]]  # name, O, I, n, trainable
+    trainable: int
+    total: int
+    bank: str
+
+    @property
+    def names(self) -> list[str]:
+        return [row[0] for row in self.rows]
+
+    def __repr__(self) -> str:
+        w = max([len("layer")] + [len(r[0]) for r in self.rows])
+        lines = [f"{'layer':<{w}}  {'O':>6}  {'I':>6}  {'n':>5}  {'trainable':>10}"]
+        lines += [f"{nm:<{w}}  {o:>6}  {i:>6}  {n:>5}  {t:>10,}" for nm, o, i, n, t in self.rows]
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(f"{len(self.rows)} layers, {self.trainable:,} trainable of {self.total:,} ({pct:.3f}%); "
+                     f"bank {self.bank}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# selection
+# ------------------------------------------------------------------------------------------------
+def _is_conv1d(mod: nn.Module) -> bool:
+    """GPT-2 style ``Conv1D``: a 2-D weight stored as ``(in, out)``, recognised by class name."""
+    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or _is_conv1d(mod)
+
+
+def _name_matcher(spec: str | Sequence[str]):
+    if isinstance(spec, str):
+        pat = re.compile(spec)
+        return lambda name: pat.fullmatch(name) is not None
+    entries = list(spec)
+    return lambda name: any(name == e or name.endswith("." + e) for e in entries)
+
+
+_LAYER_IDX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _layer_index(name: str) -> int | None:
+    m = _LAYER_IDX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 - models without a head may raise
+            head = None
+        if isinstance(head, nn.Module):
+            return head
+    last = None
+    for _, mod in model.named_modules():
+        if _is_linear(mod):
+            last = mod
+    return last
+
+
+def _close_names(model: nn.Module, wanted: Sequence[str]) -> str:
+    tails = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+    sugg = []
+    for w in wanted:
+        sugg += difflib.get_close_matches(w, tails, n=3)
+    sugg = list(dict.fromkeys(sugg)) or tails[:8]
+    return f"linear layers here are named like: {', '.join(sugg)}" if sugg else "the model has no linear layers"
+
+
+def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, exclude=None) -> list[str]:
+    """Names of the modules ``targets`` selects (validated: all linear, at least one)."""
+    if isinstance(targets, (list, tuple)) and len(targets) == 0:
+        raise TargetError("targets is empty: name at least one layer, e.g. targets=['q_proj', 'v_proj']")
+    if not isinstance(targets, (str, list, tuple)) or (
+        isinstance(targets, (list, tuple)) and not all(isinstance(t, str) for t in targets)
+    ):
+        raise TargetError(f"targets must be a list of names, a regex string or 'all-linear', got {targets!r}")
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if targets == "all-linear":
+        head = _output_head(model)
+        chosen = [n for n, m in named if _is_linear(m) and m is not head]
+    else:
+        try:
+            match = _name_matcher(targets)
+        except re.error as e:
+            raise TargetError(f"targets {targets!r} is not a valid regular expression ({e})") from None
+        chosen = [n for n, _ in named if match(n)]
+        bad = [n for n in chosen if not _is_linear(dict(named)[n])]
+        if bad:
+            kinds = ", ".join(f"{n} ({type(dict(named)[n]).__name__})" for n in bad[:5])
+            raise TargetError(f"targets match modules that are not linear layers: {kinds}. "
+                              "Name the nn.Linear modules inside them instead (e.g. 'q_proj').")
+    if exclude is not None:
+        try:
+            ex = _name_matcher(exclude)
+        except re.error as e:
+            raise TargetError(f"exclude {exclude!r} is not a valid regular expression ({e})") from None
+        chosen = [n for n in chosen if not ex(n)]
+    if layers is not None:
+        if isinstance(layers, int):
+            layers = [layers]
+        idx = {_layer_index(n) for n in chosen} - {None}
+        missing = sorted(set(layers) - idx)
+        if missing:
+            raise TargetError(f"layers {missing} do not exist among the targets (block indices present: "
+                              f"{sorted(idx) or 'none'}); pass indices from that list")
+        chosen = [n for n in chosen if _layer_index(n) in set(layers)]
+    if not chosen:
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        raise TargetError(f"targets {targets!r} match no layer of the model; {_close_names(model, wanted)}")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------
+# model-level state
+# ------------------------------------------------------------------------------------------------
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise RandLoraError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def bank_of(model: nn.Module) -> BasisBank | None:
+    """The model's basis bank, or None when it has no adapter."""
+    _check_module(model)
+    b = getattr(model, BANK_ATTR, None)
+    return b if isinstance(b, BasisBank) else None
+
+
+def config_of(model: nn.Module) -> AdapterConfig:
+    bank = _require(model)
+    return bank.config  # type: ignore[attr-defined]
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
+    """``(name, layer)`` for every adapted layer."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, RandLoraLinear):
+            yield name, mod
+
+
+def _require(model: nn.Module) -> BasisBank:
+    bank = bank_of(model)
+    if bank is None:
+        raise StateError("the model has no RandLora adapter; call randlora.inject(model, targets=...) first")
+    return bank
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ------------------------------------------------------------------------------------------------
+# public surface
+# ------------------------------------------------------------------------------------------------
+def _validate(r, alpha, dropout, seed, bases, recipe, bias) -> float:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"r must be a positive int, got {r!r}")
+    if alpha is None:
+        alpha = 20.0 * r
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or alpha != alpha:
+        raise ConfigError(f"alpha must be a positive number, got {alpha!r} (default: 20 * r)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if bases not in MODES:
+        raise ConfigError(f"unknown bases {bases!r}; use one of {list(MODES)}")
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; use one of {sorted(RECIPES)}")
+    if bias not in BIAS_MODES:
+        raise ConfigError(f"unknown bias {bias!r}; use one of {list(BIAS_MODES)}")
+    return float(alpha)
+
+
+def inject(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    *,
+    r: int = 32,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+    bases: str = "dense",
+    recipe: str = "portable",
+    bias: str = "none",
+    layers: Sequence[int] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> InjectReport:
+    """Replace the selected linear layers by :class:`RandLoraLinear` in place and freeze the rest.
+
+    Each layer gets ``ΔW = Σ_i B_i diag(λ_i) A diag(γ_i)`` scaled by ``alpha / r`` (default alpha ``20·r``).
+    Everything is validated before any module is swapped.
+    """
+    _check_module(model)
+    alpha = _validate(r, alpha, dropout, seed, bases, recipe, bias)
+    if bank_of(model) is not None or any(True for _ in adapted_layers(model)):
+        raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
+                         "randlora.merge(model) before injecting again")
+    names = select(model, targets, layers=layers, exclude=exclude)
+    mods = {n: model.get_submodule(n) for n in names}
+    shapes, fan = [], []
+    dtypes, devices = set(), set()
+    for n, mod in mods.items():
+        W = mod.weight
+        if not W.is_floating_point():
+            raise ConfigError(f"layer {n} has a {W.dtype} weight; RandLora needs floating-point weights "
+                              "(dequantise it or exclude it)")
+        ffo = _is_conv1d(mod)
+        if ffo:
+            fan.append(n)
+        shapes.append((W.shape[1], W.shape[0]) if ffo else tuple(W.shape))
+        dtypes.add(W.dtype)
+        devices.add(W.device)
+    if len(devices) > 1:
+        raise ConfigError(f"target layers sit on several devices {sorted(map(str, devices))}; move the model to "
+                          "one device before injecting")
+    bank_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    shape = bank_shape(recipe, r, shapes)
+    bank = BasisBank(seed=seed, mode=bases, recipe=recipe, shape=shape, dtype=bank_dtype, device=devices.pop())
+    bank.config = AdapterConfig(targets=names, r=r, alpha=alpha, dropout=float(dropout), seed=seed, bases=bases,
+                                recipe=recipe, bias=bias, fan_in_fan_out=fan)
+    new = {n: RandLoraLinear(mod, bank, r=r, alpha=alpha, dropout=dropout, fan_in_fan_out=n in fan)
+           for n, mod in mods.items()}
+    # all validation is done: from here on nothing can fail half-way
+    bank.grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n, layer in new.items():
+        _set_submodule(model, n, layer)
+    setattr(model, BANK_ATTR, bank)
+    for layer in new.values():
+        layer.randlora_lambda.requires_grad_(True)
+        layer.randlora_gamma.requires_grad_(True)
+        if bias == "randlora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
+            for n, l in new.items()]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+
+
+def _restore(model: nn.Module) -> None:
+    for name, layer in list(adapted_layers(model)):
+        base = layer.base_layer
+        base.weight = layer.weight
+        if layer.bias is not None:
+            base.bias = layer.bias
+        _set_submodule(model, name, base)
+    bank = _require(model)
+    delattr(model, BANK_ATTR)
+    flags = getattr(bank, "grad_flags", {})
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def eject(model: nn.Module) -> None:
+    """Remove the adapter without merging: the original layer objects come back, weights untouched."""
+    _require(model)
+    for _, layer in adapted_layers(model):
+        if layer.merged:
+            layer.unmerge_()
+    _restore(model)
+
+
+def merge(model: nn.Module, *, unload: bool = True, safe: bool = False) -> None:
+    """Fold ``s·ΔW`` into every adapted weight (float32 accumulation, cast back to the weight's dtype).
+
+    ``unload=True`` puts the original modules back (same keys and types as before :func:`inject`);
+    ``unload=False`` keeps the wrappers in a merged state (see :func:`unmerge`). ``safe=True`` refuses,
+    leaving every weight untouched, if any merged weight would be non-finite.
+    """
+    _require(model)
+    layers = list(adapted_layers(model))
+    if any(l.merged for _, l in layers):
+        raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
+                         "randlora.eject(model) to drop the wrappers")
+    if safe:
+        with torch.no_grad():
+            bad = [n for n, l in layers if not torch.isfinite(l._w().to(torch.float32) + l.delta_weight()).all()]
+        if bad:
+            raise StateError(f"merging would make the weights of {bad[:5]} non-finite (λ/γ hold inf/nan?); "
+                             "nothing was merged. Reload a good adapter or call randlora.eject(model).")
+    for _, layer in layers:
+        layer.merge_()
+    if unload:
+        _restore(model)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge(model, unload=False)``: subtract ``s·ΔW`` from every adapted weight again."""
+    _require(model)
+    layers = list(adapted_layers(model))
+    if not any(l.merged for _, l in layers):
+        raise StateError("the model is not merged; nothing to unmerge (merge(model, unload=False) first)")
+    for _, layer in layers:
+        if layer.merged:
+            layer.unmerge_()
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: adapters off inside (the model computes the base layers only)."""
+    _require(model)
+    layers = [l for _, l in adapted_layers(model)]
+    before = [l.disabled for l in layers]
+    for l in layers:
+        l.disabled = True
+    try:
+        yield model
+    finally:
+        for l, b in zip(layers, before):
+            l.disabled = b
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad (the adapter's ``λ``/``γ`` and biases per ``bias``)."""
+    _check_module(model)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def summary(model: nn.Module) -> str:
+    """A per-layer table (shape, bases, trainable count), totals and the percentage of the model."""
+    bank = _require(model)
+    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
+            for n, l in adapted_layers(model)]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return repr(InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr()))
