@@ -100,9 +100,8 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
             if k in state:
                 t.copy_(state[k])
         if all(has_bases):
-            bank.A.copy_(state["randlora_A"])
-            bank.B.copy_(state["randlora_B"])
-            bank._checksum = int(state[FP][-1]) if FP in state else _checksum(bank.A, bank.B)
+            ck = int(state[FP][-1]) if FP in state else _checksum(state["randlora_A"], state["randlora_B"])
+            bank.load_(state["randlora_A"], state["randlora_B"], ck)
     for _, layer in adapted_layers(model):
         layer._cache = None
 

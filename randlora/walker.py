@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -217,15 +219,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 # public surface
 # ------------------------------------------------------------------------------------------------
 def _validate(r, alpha, dropout, seed, bases, recipe, bias) -> float:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ConfigError(f"r must be a positive int, got {r!r}")
     if alpha is None:
         alpha = 20.0 * r
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or alpha != alpha:
-        raise ConfigError(f"alpha must be a positive number, got {alpha!r} (default: 20 * r)")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r} (default: 20 * r)")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if bases not in MODES:
         raise ConfigError(f"unknown bases {bases!r}; use one of {list(MODES)}")
@@ -260,6 +262,10 @@ def inject(
     if bank_of(model) is not None or any(True for _ in adapted_layers(model)):
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
                          "randlora.merge(model) before injecting again")
+    taken = [a for a in (BANK_ATTR, *BasisBank.NAMES) if hasattr(model, a)]
+    if taken:
+        raise StateError(f"the model already has attributes {taken} that randlora needs for its bank; "
+                         "rename them before injecting")
     names = select(model, targets, layers=layers, exclude=exclude)
     mods = {n: model.get_submodule(n) for n in names}
     shapes, fan = [], []
@@ -291,6 +297,7 @@ def inject(
         p.requires_grad_(False)
     for n, layer in new.items():
         _set_submodule(model, n, layer)
+    bank.attach(model)
     setattr(model, BANK_ATTR, bank)
     for layer in new.values():
         layer.randlora_lambda.requires_grad_(True)
@@ -316,6 +323,7 @@ def _restore(model: nn.Module) -> None:
             base.bias = layer.bias
         _set_submodule(model, name, base)
     bank = _require(model)
+    bank.detach()
     delattr(model, BANK_ATTR)
     flags = getattr(bank, "grad_flags", {})
     for n, p in model.named_parameters():
