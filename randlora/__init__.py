@@ -15,10 +15,13 @@ from .errors import (
     TargetError,
 )
 from .layer import RandLoraLinear
+from .peft_io import load_peft, read_peft, save_peft
 from .ops import RandLoraFunction, randlora_linear
 from .walker import (
     AdapterConfig,
     InjectReport,
+    active_adapter,
+    adapter_names,
     disabled,
     eject,
     inject,
@@ -26,6 +29,7 @@ from .walker import (
     summary,
     trainable_parameters,
     unmerge,
+    use,
 )
 
 __version__ = "0.1.0"
@@ -44,16 +48,22 @@ __all__ = [
     "StateError",
     "TargetError",
     "__version__",
+    "active_adapter",
+    "adapter_names",
     "disabled",
     "eject",
     "inject",
     "load",
+    "load_peft",
     "load_state_dict",
     "merge",
     "randlora_linear",
+    "read_peft",
     "save",
+    "save_peft",
     "state_dict",
     "summary",
     "trainable_parameters",
     "unmerge",
+    "use",
 ]

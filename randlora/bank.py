@@ -118,12 +118,21 @@ class BasisBank:
         for name in self.NAMES:
             root.register_buffer(name, self.owner._buffers[name], persistent=False)
         self.owner = root
+        # every rank makes the same bases from the seed: DistributedDataParallel must not broadcast them
+        # (it would send the whole bank each forward); this is the attribute DDP reads for that
+        ignore = list(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
+        root._ddp_params_and_buffers_to_ignore = ignore + [n for n in self.NAMES if n not in ignore]
 
     def detach(self) -> None:
         """Take the buffers off the model's root again."""
         holder = nn.Module()
         for name in self.NAMES:
             holder.register_buffer(name, self.owner._buffers.pop(name), persistent=False)
+        ignore = [n for n in getattr(self.owner, "_ddp_params_and_buffers_to_ignore", ()) if n not in self.NAMES]
+        if ignore:
+            self.owner._ddp_params_and_buffers_to_ignore = ignore
+        elif hasattr(self.owner, "_ddp_params_and_buffers_to_ignore"):
+            del self.owner._ddp_params_and_buffers_to_ignore
         self.owner = holder
 
     def _get(self, name: str) -> torch.Tensor:

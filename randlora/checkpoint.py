@@ -11,14 +11,16 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .bank import _checksum
-from .errors import CheckpointError, FingerprintMismatch
-from .walker import AdapterConfig, _require, adapted_layers, bank_of, inject
+from .recipes import generate
+from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
+from .walker import AdapterConfig, _adapter, _drop_named, _require, adapted_layers, bank_of, config_of, inject
 
 __all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "FORMAT"]
 
@@ -27,42 +29,75 @@ BASES = ("randlora_A", "randlora_B")
 FP = "randlora_fingerprint"
 
 
-def state_dict(model: nn.Module, *, save_projection: bool = True) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (``λ``, ``γ``, trained biases, fingerprint; bases once if ``save_projection``)."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: a sharded one (``DTensor``, e.g. under FSDP2) is gathered first (a collective)."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def state_dict(model: nn.Module, *, save_projection: bool = True, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (``λ``, ``γ``, trained biases, fingerprint; bases once if ``save_projection``).
+
+    ``name`` picks the adapter (default: the active one); its keys are ``<path>.randlora_lambda`` /
+    ``.randlora_gamma`` whatever its name. On a sharded (FSDP2) model this gathers: call it on every rank.
+    """
     bank = _require(model)
     sd: dict[str, torch.Tensor] = {}
-    for name, layer in adapted_layers(model):
-        sd[f"{name}.randlora_lambda"] = layer.randlora_lambda.detach()
-        sd[f"{name}.randlora_gamma"] = layer.randlora_gamma.detach()
-    for name, p in model.named_parameters():
-        if p.requires_grad and (name == "bias" or name.endswith(".bias")):
-            sd[name] = p.detach()
+    for k, t in _targets(model, name).items():
+        sd[k] = _full(t.detach())
     if save_projection:
         sd["randlora_A"], sd["randlora_B"] = bank.A.detach(), bank.B.detach()
     sd[FP] = bank.fingerprint.to_tensor()
     return sd
 
 
-def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
+def _targets(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    adapter = _adapter(_require(model), adapter)
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
-        out[f"{name}.randlora_lambda"] = layer.randlora_lambda
-        out[f"{name}.randlora_gamma"] = layer.randlora_gamma
+        p = layer._params(adapter)
+        if p is not None:
+            out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = p[0], p[1]
     for name, p in model.named_parameters():
         if p.requires_grad and (name == "bias" or name.endswith(".bias")):
             out[name] = p
     return out
 
 
-def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Restore an adapter state dict into an injected model, all or nothing.
+def _copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
+    mesh = getattr(dest, "device_mesh", None)
+    if mesh is not None:  # a sharded (DTensor) parameter: keep this rank's part of the full tensor
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(device=dest.device, dtype=dest.dtype), mesh, dest.placements)
+    dest.copy_(src)
+
+
+def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
+                    name: str | None = None) -> None:
+    """Restore an adapter state dict into adapter ``name`` (default: the active one), all or nothing.
 
     Without bases the checkpoint's fingerprint must equal the model bank's; with bases, seed, recipe,
     mode and shapes must agree and the stored bases (verified against their checksum) are copied in.
     """
     bank = _require(model)
-    dest = _targets(model)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"expected a dict of name -> tensor (from randlora.state_dict), got {type(state).__name__}")
+    odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"checkpoint entries {odd[:5]!r} are not (str name -> torch.Tensor) pairs; nothing "
+                              "was loaded. Pass the dict randlora.state_dict / randlora.read_file returns")
+    if any(l.merged for _, l in adapted_layers(model)):
+        raise StateError("the model is merged: loading would change the ΔW folded into its weights, and unmerge "
+                         "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
+    dest = _targets(model, name)
     problems: list[str] = []
+    if FP in state and (state[FP].dim() != 1 or state[FP].dtype != torch.int64):
+        problems.append(f"{FP} must be a 1-D int64 tensor, got {state[FP].dtype} of shape "
+                        f"{tuple(state[FP].shape)} (a corrupt checkpoint)")
+    ints = sorted(k for k in (set(dest) | set(BASES)) & set(state) if not state[k].is_floating_point())
+    if ints:
+        problems.append(f"{ints[:5]} hold {state[ints[0]].dtype} values where floating point is required")
     missing = sorted(set(dest) - set(state))
     unexpected = sorted(set(state) - set(dest) - set(BASES) - {FP})
     if strict and missing:
@@ -95,10 +130,15 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
                 raise CheckpointError("the checkpoint's bases do not match its own checksum: the file is corrupt")
         elif diff:
             bank.check(state[FP])
+        elif all(has_bases) and not (torch.equal(state["randlora_A"].to(bank.A), bank.A)
+                                     and torch.equal(state["randlora_B"].to(bank.B), bank.B)):
+            # the fingerprint names exactly this model's bases, yet the stored ones differ: corrupt
+            raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
+                                  "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
     with torch.no_grad():
         for k, t in dest.items():
             if k in state:
-                t.copy_(state[k])
+                _copy_into(t, state[k])
         if all(has_bases):
             ck = int(state[FP][-1]) if FP in state else _checksum(state["randlora_A"], state["randlora_B"])
             bank.load_(state["randlora_A"], state["randlora_B"], ck)
@@ -109,16 +149,52 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
 # ------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------
+def _file_bases(bank) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 bases the fingerprint's checksum names. A bank kept in a low-precision dtype (bf16/fp16
+    model) has rounded ternary scales, so those are regenerated from the seed when that gives the checksum."""
+    A, B = bank.A, bank.B
+    if A.dtype != torch.float32 and _checksum(A, B) != bank.checksum:
+        cA, cB = generate(bank.recipe, bank.seed, bank.mode, bank.shape)
+        if _checksum(cA, cB) == bank.checksum:
+            return cA, cB
+    return A, B
+
+
+def _pack2(t: torch.Tensor) -> torch.Tensor:
+    """Ternary ``t`` (signs only matter) as uint8, 4 entries per byte: entry ``4q + j`` in bits ``2j..2j+1``
+    of byte ``q``, code 0 for 0, 1 for +1, 2 for -1 (flat row-major order, last byte zero padded)."""
+    codes = torch.zeros(-(-t.numel() // 4) * 4, dtype=torch.uint8)
+    flat = t.reshape(-1)
+    codes[: flat.numel()][flat > 0] = 1
+    codes[: flat.numel()][flat < 0] = 2
+    c = codes.view(-1, 4)
+    return (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).contiguous()
+
+
+def _unpack2(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`_pack2`: float32 in ``{-1, 0, 1}`` of ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 4):
+        raise ValueError(f"2-bit ternary data of {packed.numel()} {packed.dtype} values cannot hold shape {shape}")
+    codes = torch.stack([(packed >> (2 * j)) & 3 for j in range(4)], dim=1).reshape(-1)[:numel]
+    if bool((codes == 3).any()):
+        raise ValueError("2-bit ternary data holds the invalid code 3")
+    lut = torch.tensor([0.0, 1.0, -1.0, 0.0], dtype=torch.float32)
+    return lut[codes.long()].reshape(shape)
+
+
 def _encode_bases(A: torch.Tensor, B: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Lossless compact storage: bfloat16 when exact, int8 codes times a scale for ternary bases."""
+    """Lossless compact storage: bfloat16 when exact; ternary bases as 2-bit codes (4 per byte) times a scale."""
     tensors, meta = {}, {}
     for key, t in (("randlora_A", A), ("randlora_B", B)):
         t = t.detach().to("cpu", torch.float32)
         nz = t[t != 0]
         scale = float(nz.abs().max()) if nz.numel() else 1.0
         if nz.numel() and bool((nz.abs() == scale).all()) and scale > 0:
-            tensors[key] = torch.round(t / scale).to(torch.int8).contiguous()
-            meta[f"{key}.encoding"] = f"ternary:{scale!r}"
+            tensors[key] = _pack2(t)
+            meta[f"{key}.encoding"] = f"ternary2:{scale!r}:{'x'.join(map(str, t.shape))}"
         elif torch.equal(t.to(torch.bfloat16).to(torch.float32), t):
             tensors[key] = t.to(torch.bfloat16).contiguous()
             meta[f"{key}.encoding"] = "bfloat16"
@@ -134,25 +210,32 @@ def _decode_bases(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
             continue
         enc = meta.get(f"{key}.encoding", "float32")
         t = tensors[key]
-        if enc.startswith("ternary:"):
+        if enc.startswith("ternary2:"):
+            _, scale, shape = enc.split(":")
+            tensors[key] = _unpack2(t, tuple(int(d) for d in shape.split("x"))) * float(scale)
+        elif enc.startswith("ternary:"):  # int8 codes (files written before 2-bit packing)
             tensors[key] = t.to(torch.float32) * float(enc.split(":", 1)[1])
         else:
             tensors[key] = t.to(torch.float32)
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = True) -> Path:
-    """Write the adapter to one ``.safetensors`` file (settings in its metadata), atomically."""
+def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = True,
+         name: str | None = None) -> Path:
+    """Write adapter ``name`` (default: the active one) to one ``.safetensors`` file (settings in its
+    metadata), atomically. On a sharded (FSDP2) model call it on every rank (it gathers)."""
     from safetensors.torch import save_file
 
     bank = _require(model)
-    sd = state_dict(model, save_projection=False)
+    sd = state_dict(model, save_projection=False, name=name)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    meta = {"format": FORMAT, "version": "1", "config": json.dumps(bank.config.to_dict())}
+    meta = {"format": FORMAT, "version": "1", "config": json.dumps(config_of(model, name).to_dict())}
     if save_projection:
-        bt, bm = _encode_bases(bank.A, bank.B)
+        bt, bm = _encode_bases(*_file_bases(bank))
         tensors.update(bt)
         meta.update(bm)
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass a file path such as {path / 'adapter.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -188,26 +271,37 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapter
     try:
         config = AdapterConfig(**json.loads(meta["config"]))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has unreadable adapter settings ({e})") from None
-    _decode_bases(tensors, meta)
+        raise CheckpointError(f"{path} has unreadable adapter settings ({e}); the file is corrupt or not from "
+                              "this library: save the adapter again") from None
+    try:
+        _decode_bases(tensors, meta)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} has bases with an unreadable encoding ({e}); the file is corrupt") from None
     return tensors, config
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter file. On a plain model, first injects with the file's settings; returns the model."""
+def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> nn.Module:
+    """Load an adapter file into adapter ``name`` (default: the active one). On a plain model, first injects
+    with the file's settings; on an injected model without adapter ``name``, adds it (same bank); returns
+    the model."""
     tensors, cfg = read_file(path)
-    injected = False
-    if bank_of(model) is None:
+    bank = bank_of(model)
+    fresh = bank is None or (name is not None and name not in bank.adapters)
+    if fresh:
         targets = "|".join(re.escape(t) for t in cfg.targets)
-        inject(model, targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, seed=cfg.seed, bases=cfg.bases,
-               recipe=cfg.recipe, bias=cfg.bias)
-        injected = True
+        try:
+            inject(model, targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, seed=cfg.seed, bases=cfg.bases,
+                   recipe=cfg.recipe, bias=cfg.bias, name=name)
+        except (TargetError, ConfigError) as e:
+            raise CheckpointError(f"cannot apply the adapter in {path} to this model: {e}") from None
     try:
-        load_state_dict(model, tensors)
+        load_state_dict(model, tensors, name=name)
     except Exception:
-        if injected:
+        if fresh and bank is None:
             from .walker import eject
 
             eject(model)
+        elif fresh:
+            _drop_named(model, name)  # type: ignore[arg-type]
         raise
     return model

@@ -10,9 +10,11 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, StateError
-from .ops import PATHS, delta_weight, randlora_linear
+from .ops import KEEP_POLICIES, PATHS, build_weight, delta_weight, keep_pays, randlora_linear
 
-__all__ = ["RandLoraLinear"]
+__all__ = ["RandLoraLinear", "NamedAdapter"]
+
+DEFAULT = "default"
 
 
 class RandLoraLinear(nn.Module):
@@ -60,6 +62,11 @@ class RandLoraLinear(nn.Module):
         self.disabled = False
         self.merged = False
         self.path = "auto"
+        self.keep = "auto"  # keep W + s·ΔW from forward for backward: "auto" (cost model) | "always" | "never"
+        # named adapters: this layer's own λ/γ belong to ``adapter_name``; others live in ``randlora_extra``
+        self.adapter_name = DEFAULT
+        self.active = DEFAULT
+        self.merged_name: str | None = None
         object.__setattr__(self, "_bank", bank)
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_cache", None)
@@ -101,6 +108,36 @@ class RandLoraLinear(nn.Module):
             raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
         self.path = path
 
+    def set_keep(self, keep: str) -> None:
+        """Whether training calls build ``W + s·ΔW`` once and keep it (``"auto"``, ``"always"``, ``"never"``)."""
+        if keep not in KEEP_POLICIES:
+            raise ConfigError(f"keep must be one of {KEEP_POLICIES}, got {keep!r}")
+        self.keep = keep
+
+    # -- named adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, *, alpha: float, dropout: float = 0.0) -> "NamedAdapter":
+        """Add a further adapter ``name`` on this layer (same bank and ``r``; its own ``λ``, ``γ``, scale)."""
+        if "randlora_extra" not in self._modules:
+            self.randlora_extra = nn.ModuleDict()
+        ad = NamedAdapter(self, alpha=alpha, dropout=dropout)
+        self.randlora_extra[name] = ad
+        return ad
+
+    def adapter_names(self) -> list[str]:
+        extra = self._modules.get("randlora_extra")
+        return [self.adapter_name] + (list(extra.keys()) if extra is not None else [])
+
+    def _params(self, name: str | None = None) -> tuple | None:
+        """``(λ, γ, s, dropout)`` of adapter ``name`` (default: the active one); None if this layer lacks it."""
+        name = self.active if name is None else name
+        if name == self.adapter_name:
+            return self.randlora_lambda, self.randlora_gamma, self.scaling, self.dropout
+        extra = self._modules.get("randlora_extra")
+        if extra is None or name not in extra:
+            return None
+        ad = extra[name]
+        return ad.randlora_lambda, ad.randlora_gamma, ad.scaling, ad.dropout
+
     def _w(self) -> torch.Tensor:
         """The weight as ``(O, I)`` (a transposed view for ``fan_in_fan_out`` layers)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -114,33 +151,41 @@ class RandLoraLinear(nn.Module):
             )
         return A, B
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``s·ΔW`` as an ``(O, I)`` tensor, in float32 (float64 for float64 weights) unless ``dtype``."""
+    def delta_weight(self, dtype: torch.dtype | None = None, name: str | None = None) -> torch.Tensor:
+        """``s·ΔW`` of adapter ``name`` (default: the active one) as an ``(O, I)`` tensor, in float32
+        (float64 for float64 weights) unless ``dtype``."""
         if dtype is None:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        p = self._params(name)
+        if p is None:
+            raise StateError(f"this layer has no adapter {name or self.active!r}; it has {self.adapter_names()}")
         A, B = self._views()
-        return delta_weight(self.randlora_lambda, self.randlora_gamma, A, B, self.scaling,
-                            self.out_features < self.in_features, dtype)
+        return delta_weight(p[0], p[1], A, B, p[2], self.out_features < self.in_features, dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def _plain(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         b = self.bias
         return F.linear(x, W, b)
 
-    def _eval_weight(self, cd: torch.dtype) -> torch.Tensor | None:
-        """``W + s·ΔW`` for gradient-free calls, cached until a parameter's version changes."""
+    def _eval_weight(self, cd: torch.dtype, train: bool = False) -> torch.Tensor | None:
+        """``W + s·ΔW`` (no grad), cached until a parameter's version changes: for gradient-free calls
+        (accumulated in float32) and, with ``train``, kept for backward and later micro-batches (in ``cd``)."""
         if torch.compiler.is_compiling():
             return None
+        lam, gam, s = self._params()[:3]
+        W = self._w()
+        acc = cd if train else (torch.float64 if W.dtype == torch.float64 else torch.float32)
         try:
-            key = (self.randlora_lambda._version, self.randlora_gamma._version, self.weight._version,
-                   id(self.weight), id(self.randlora_lambda), id(self.randlora_gamma), cd,
+            key = (lam._version, gam._version, self.weight._version, id(self.weight), id(lam), id(gam),
+                   lam.data_ptr(), gam.data_ptr(), self.weight.data_ptr(), cd, acc, s,
                    self.weight.device, self._bank.A.data_ptr())
         except RuntimeError:  # inference tensors have no version counter
             return None
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        W = self._w()
-        Weff = (W.to(torch.float32 if W.dtype != torch.float64 else W.dtype) + self.delta_weight()).to(cd)
+        self._cache = None  # free the stale one before building
+        A, B = self._views()
+        Weff = build_weight(W, lam, gam, A, B, s, self.out_features < self.in_features, cd, acc)
         self._cache = (key, Weff)
         return Weff
 
@@ -148,16 +193,23 @@ class RandLoraLinear(nn.Module):
         W = self._w()
         if self.merged:
             if self.disabled:
-                return self._plain(x, (W.float() - self.delta_weight(torch.float32)).to(W.dtype))
+                acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+                return self._plain(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
             return self._plain(x, W)
         if self.disabled:
             return self._plain(x, W)
+        lam, gam, s, dmod = self.randlora_lambda, self.randlora_gamma, self.scaling, self.dropout
+        if self.active != self.adapter_name:  # a named adapter is active
+            p = self._params()
+            if p is None:  # ... that this layer does not have: base layer only
+                return self._plain(x, W)
+            lam, gam, s, dmod = p
         if torch.is_autocast_enabled(x.device.type):
             cd, out_dtype = torch.get_autocast_dtype(x.device.type), None
         else:
             cd, out_dtype = W.dtype, x.dtype
         A, B = self._views()
-        drop = self.training and isinstance(self.dropout, nn.Dropout)
+        drop = self.training and isinstance(dmod, nn.Dropout)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cd)
             if not torch.is_grad_enabled() and not drop:
@@ -166,28 +218,34 @@ class RandLoraLinear(nn.Module):
                     b = self.bias.to(cd) if self.bias is not None else None
                     y = F.linear(xc, Weff, b)
                     return y if out_dtype is None else y.to(out_dtype)
-            lam, gam, s = self.randlora_lambda, self.randlora_gamma, self.scaling
             if drop:
                 b = self.bias.to(cd) if self.bias is not None else None
-                y = F.linear(xc, W.to(cd), b) + randlora_linear(self.dropout(xc), None, None, lam, gam, A, B, s,
+                y = F.linear(xc, W.to(cd), b) + randlora_linear(dmod(xc), None, None, lam, gam, A, B, s,
                                                                 self.path)
             else:
-                y = randlora_linear(xc, W, self.bias, lam, gam, A, B, s, self.path)
+                weff = None
+                if torch.is_grad_enabled() and keep_pays(xc.numel() // self.in_features, self.out_features,
+                                                         self.in_features, lam.numel(), self.path, self.keep,
+                                                         xc.requires_grad):
+                    weff = self._eval_weight(cd, train=True)
+                y = randlora_linear(xc, W, self.bias, lam, gam, A, B, s, self.path, weff=weff)
         return y if out_dtype is None else y.to(out_dtype)
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge_(self, safe: bool = False) -> None:
-        """Fold ``s·ΔW`` into the weight (accumulated in float32, cast back to the weight's dtype)."""
+    def merge_(self, safe: bool = False, name: str | None = None) -> None:
+        """Fold ``s·ΔW`` of adapter ``name`` (default: the active one) into the weight (accumulated in
+        float32, cast back to the weight's dtype)."""
         if self.merged:
             raise StateError("layer is already merged; call randlora.unmerge(model) first")
         W = self._w()
         acc = torch.float64 if W.dtype == torch.float64 else torch.float32
-        new = W.to(acc) + self.delta_weight(acc)
+        name = self.active if name is None else name
+        new = W.to(acc) + self.delta_weight(acc, name)
         if safe and not torch.isfinite(new).all():
             raise StateError("merging would make the weight non-finite")
         W.copy_(new.to(W.dtype))
-        self.merged = True
+        self.merged, self.merged_name = True, name
         self._cache = None
 
     @torch.no_grad()
@@ -197,8 +255,8 @@ class RandLoraLinear(nn.Module):
             raise StateError("layer is not merged; nothing to unmerge")
         W = self._w()
         acc = torch.float64 if W.dtype == torch.float64 else torch.float32
-        W.copy_((W.to(acc) - self.delta_weight(acc)).to(W.dtype))
-        self.merged = False
+        W.copy_((W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
+        self.merged, self.merged_name = False, None
         self._cache = None
 
     def extra_repr(self) -> str:
@@ -206,3 +264,36 @@ class RandLoraLinear(nn.Module):
                 f"scaling={self.scaling:g}, bias={self.bias is not None}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", merged" if self.merged else "") + (", disabled" if self.disabled else ""))
+
+
+class NamedAdapter(nn.Module):
+    """A further adapter on a :class:`RandLoraLinear`: its own ``λ`` ``(r, n)``, ``γ`` ``(n, m)``, scale
+    ``s = alpha / r`` and dropout, on the layer's bank views (same ``r``, so the same ``A`` and ``B_i``)."""
+
+    def __init__(self, layer: RandLoraLinear, *, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        ref = layer.randlora_lambda
+        self.n, self.m = layer.n, layer.m
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / layer.r
+        self.randlora_lambda = nn.Parameter(torch.empty(layer.r, layer.n, dtype=ref.dtype, device=ref.device))
+        self.randlora_gamma = nn.Parameter(torch.empty(layer.n, layer.m, dtype=ref.dtype, device=ref.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not ref.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``λ = 0``, ``γ = 1 / max(n, m)``, as for the layer's own adapter."""
+        with torch.no_grad():
+            self.randlora_lambda.zero_()
+            self.randlora_gamma.fill_(1.0 / max(self.n, self.m))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        was_meta = self.randlora_lambda.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.randlora_lambda.is_meta:
+            self.reset_parameters()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, m={self.m}, scaling={self.scaling:g}"

@@ -14,6 +14,8 @@ bfloat16 then divided by the sample std, or the sparse thresholds) bit for bit.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,86 +84,120 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _TAG = {"A": 0x41, "B": 0x42}
-_CHUNK = 1 << 22  # entries per generation chunk: bounds temporaries to ~100 MB
+_CHUNK = 1 << 19  # entries per work item: two uint64 buffers of 4 MB each stay in cache-friendly sizes
+_A_ROW_SHIFT = 32  # A[k, j]    -> index k·2^32 + j
+_B_ROW_SHIFT = 40  # B[p, i, k] -> index p·2^40 + i·2^20 + k
+_B_BASIS_SHIFT = 20
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 output function (in place on a uint64 array)."""
-    z ^= z >> np.uint64(30)
-    z *= _M1
-    z ^= z >> np.uint64(27)
-    z *= _M2
-    z ^= z >> np.uint64(31)
+def _mix64(z: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """SplitMix64 output function, in place on a uint64 array (``tmp``: optional scratch of the same shape)."""
+    if tmp is None:
+        tmp = np.empty_like(z)
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        np.right_shift(z, np.uint64(shift), out=tmp)
+        np.bitwise_xor(z, tmp, out=z)
+        if mult is not None:
+            np.multiply(z, mult, out=z)
     return z
 
 
 def _tensor_key(seed: int, tensor: str) -> np.uint64:
+    """``key = mix64(seed XOR (tag << 56))``, tag ``0x41`` ('A') or ``0x42`` ('B')."""
     with np.errstate(over="ignore"):
         z = np.array([(seed & 0xFFFFFFFFFFFFFFFF) ^ (_TAG[tensor] << 56)], dtype=np.uint64)
         return _mix64(z)[0]
 
 
 def _dense_from_bits(h: np.ndarray) -> np.ndarray:
-    """Top 16 bits -> uniform on (-sqrt 3, sqrt 3) (variance 1), rounded to bfloat16, as float32."""
+    """Top 16 bits ``u`` -> ``bf16(sqrt(3) · ((u + 0.5) / 2^15 - 1))`` (float32 arithmetic, round to nearest even)."""
     u = (h >> np.uint64(48)).astype(np.float32)
     x = (u + np.float32(0.5)) * np.float32(2.0**-15) - np.float32(1.0)  # exact in float32
     x *= np.float32(math.sqrt(3.0))
     return torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
 
 
-def _ternary_from_bits(h: np.ndarray, s: float) -> np.ndarray:
-    """``-1`` if ``h < t``, ``+1`` if ``h >= 2^64 - t``, else 0, with ``t = floor(2^64 / (2s))``."""
-    t = np.uint64(min(int(2.0**64 / (2.0 * s)), 2**63))
-    out = np.zeros(h.shape, dtype=np.int8)
-    out[h < t] = -1
-    out[h >= np.uint64(2**64 - int(t))] = 1
-    return out
+# the 65536 possible dense values, indexed by the top 16 bits of the hash
+_DENSE_LUT: np.ndarray = _dense_from_bits(np.arange(1 << 16, dtype=np.uint64) << np.uint64(48))
 
 
-def _portable_ternary_or_dense(mode: str, s: float | None, h: np.ndarray) -> np.ndarray:
-    if mode == "dense":
-        return _dense_from_bits(h)
-    # ternary in {-1, 0, 1} has variance 1/s: scale by sqrt(s) for unit variance
-    return _ternary_from_bits(h, s).astype(np.float32) * np.float32(math.sqrt(s))
+def _ternary_threshold(s: float) -> int:
+    """``t = floor(2^64 / (2s))`` (computed in float64, then truncated): ``P(-1) = P(+1) = t / 2^64``."""
+    return min(int(2.0**64 / (2.0 * s)), 2**63)
 
 
-def _portable_entries(seed: int, tensor: str, index: np.ndarray, mode: str, s: float | None) -> np.ndarray:
-    """Entries at the given 64-bit coordinate indices: ``mix64(key + (index + 1) * golden)``."""
-    key = _tensor_key(seed, tensor)
+def _fill(dest: np.ndarray, row_part: np.ndarray, col_part: np.ndarray, mode: str, s: float | None) -> None:
+    """``dest[a, b] = value(mix64(row_part[a] + col_part[b]))`` for a contiguous float32 ``dest``."""
+    z = np.empty(dest.shape, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        z = (index + np.uint64(1)) * _GOLDEN + key
-        _mix64(z)
-    return _portable_ternary_or_dense(mode, s, z)
+        np.add(row_part[:, None], col_part[None, :], out=z)
+        tmp = np.empty_like(z)
+        _mix64(z, tmp)
+    if mode == "dense":
+        np.right_shift(z, np.uint64(48), out=tmp)
+        np.take(_DENSE_LUT, tmp.view(np.int64), out=dest)
+        return
+    t = _ternary_threshold(s)  # type: ignore[arg-type]
+    lo, hi = np.empty(z.shape, dtype=np.bool_), np.empty(z.shape, dtype=np.bool_)
+    np.less(z, np.uint64(t), out=lo)
+    np.greater_equal(z, np.uint64(2**64 - t), out=hi)
+    np.subtract(hi, lo, out=dest, dtype=np.float32)
+    # ternary in {-1, 0, 1} has variance 2t/2^64 ~ 1/s: scale by sqrt(s) for (very nearly) unit variance
+    dest *= np.float32(math.sqrt(s))  # type: ignore[arg-type]
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _generate_rows(dest: np.ndarray, row_index: np.ndarray, col_index: np.ndarray, key: np.uint64, mode: str,
+                   s: float | None) -> None:
+    """Fill ``dest`` (rows × cols) with entries at 64-bit indices ``row_index[a] + col_index[b]`` (disjoint bits).
+
+    ``mix64(key + (index + 1)·golden)`` is computed as ``row_index·golden + (col_index·golden + golden + key)``
+    (mod 2^64), so each row costs one broadcast add. Chunks run on a thread pool (NumPy releases the GIL);
+    every entry is a pure function of its index, so the thread count cannot change a bit.
+    """
+    with np.errstate(over="ignore"):
+        row_part = row_index * _GOLDEN
+        col_part = col_index * _GOLDEN + _GOLDEN + key
+    rows, cols = dest.shape
+    step = max(1, _CHUNK // max(cols, 1))
+    spans = [(a, min(rows, a + step)) for a in range(0, rows, step)]
+
+    def work(span: tuple[int, int]) -> None:
+        a, b = span
+        _fill(dest[a:b], row_part[a:b], col_part, mode, s)
+
+    if len(spans) == 1 or _workers() == 1:
+        for span in spans:
+            work(span)
+        return
+    with ThreadPoolExecutor(max_workers=_workers()) as ex:
+        list(ex.map(work, spans))
 
 
 def portable(seed: int, mode: str, shape: BankShape) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable bases. Entry coordinates: ``A[k, j]`` has index ``k·2^32 + j``;
-    ``B[p, i, k]`` has index ``p·2^40 + i·2^20 + k``."""
+    ``B[p, i, k]`` has index ``p·2^40 + i·2^20 + k`` (see README "Portable bases")."""
     r, M, m, n = shape.r, shape.M, shape.m, shape.n
-    if r >= 2**20 or n >= 2**20 or M >= 2**24 or m >= 2**32:
-        raise ConfigError(f"bank {shape} is too large for the portable recipe's coordinate encoding")
+    if r >= 2**_B_BASIS_SHIFT or n >= 2**(_B_ROW_SHIFT - _B_BASIS_SHIFT) or M >= 2**24 or m >= 2**_A_ROW_SHIFT:
+        raise ConfigError(f"bank {shape} is too large for the portable recipe's coordinate encoding "
+                          "(needs r < 2^20, n_g < 2^20, M_g < 2^24, m_g < 2^32)")
     s = None if mode == "dense" else sparsity(mode, shape)
-    k = np.arange(r, dtype=np.uint64)[:, None] << np.uint64(32)
-    j = np.arange(m, dtype=np.uint64)[None, :]
-    A = _portable_entries(seed, "A", k | j, mode, s).reshape(r, m)
-
-    B = np.empty((M, n, r), dtype=np.float32)
-    inner = (np.arange(n, dtype=np.uint64)[:, None] << np.uint64(20)) | np.arange(r, dtype=np.uint64)[None, :]
-    rows = max(1, _CHUNK // (n * r))
-    for p0 in range(0, M, rows):
-        p = np.arange(p0, min(M, p0 + rows), dtype=np.uint64)[:, None, None] << np.uint64(40)
-        B[p0 : p0 + p.shape[0]] = _portable_entries(seed, "B", p | inner[None], mode, s)
-    return torch.from_numpy(np.ascontiguousarray(A)), torch.from_numpy(B)
+    A = np.empty((r, m), dtype=np.float32)
+    _generate_rows(A, np.arange(r, dtype=np.uint64) << np.uint64(_A_ROW_SHIFT), np.arange(m, dtype=np.uint64),
+                   _tensor_key(seed, "A"), mode, s)
+    B = np.empty((M, n * r), dtype=np.float32)
+    inner = (np.arange(n, dtype=np.uint64)[:, None] << np.uint64(_B_BASIS_SHIFT)) | np.arange(r, dtype=np.uint64)
+    _generate_rows(B, np.arange(M, dtype=np.uint64) << np.uint64(_B_ROW_SHIFT), inner.reshape(-1),
+                   _tensor_key(seed, "B"), mode, s)
+    return torch.from_numpy(A), torch.from_numpy(B).view(M, n, r)
 
 
-def _exact_dense_variance() -> float:
-    u = np.arange(1 << 16, dtype=np.uint64) << np.uint64(48)
-    v = _dense_from_bits(u).astype(np.float64)
-    return float(np.mean(v * v))
-
-
-DENSE_VARIANCE: float = _exact_dense_variance()
-"""Exact variance of a portable dense entry (the 65536 equally likely bfloat16 values)."""
+DENSE_VARIANCE: float = float(np.mean(_DENSE_LUT.astype(np.float64) ** 2))
+"""Exact variance of a portable dense entry (the mean of the 65536 equally likely bfloat16 values squared;
+the values are symmetric about 0, so the mean is exactly 0)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,4 +247,8 @@ def generate(recipe: str, seed: int, mode: str, shape: BankShape) -> tuple[torch
     A, B = RECIPES[recipe](seed, mode, shape)
     if tuple(A.shape) != (shape.r, shape.m) or tuple(B.shape) != (shape.M, shape.n, shape.r):
         raise ConfigError(f"recipe {recipe!r} returned A{tuple(A.shape)}, B{tuple(B.shape)} for {shape}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        # e.g. "peft" divides by the sample std: undefined for a single entry or all-zero sparse draws
+        raise ConfigError(f"recipe {recipe!r} made non-finite {mode} bases for {shape} (seed {seed}); the bank is "
+                          "too small for it: use recipe='portable', another seed, or target larger layers")
     return A, B

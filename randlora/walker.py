@@ -15,7 +15,7 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
-from .layer import RandLoraLinear
+from .layer import DEFAULT, RandLoraLinear
 from .recipes import MODES, RECIPES, bank_shape
 
 __all__ = [
@@ -26,6 +26,9 @@ __all__ = [
     "merge",
     "unmerge",
     "disabled",
+    "use",
+    "adapter_names",
+    "active_adapter",
     "adapted_layers",
     "bank_of",
     "config_of",
@@ -83,12 +86,17 @@ class InjectReport:
 # selection
 # ------------------------------------------------------------------------------------------------
 def _is_conv1d(mod: nn.Module) -> bool:
-    """GPT-2 style ``Conv1D``: a 2-D weight stored as ``(in, out)``, recognised by class name."""
-    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
+    """GPT-2 style ``Conv1D``: a 2-D weight stored as ``(in, out)``, recognised by class name or by a
+    ``fan_in_fan_out = True`` attribute (duck typing; transformers is never imported)."""
+    if isinstance(mod, RandLoraLinear):
+        return False
+    if type(mod).__name__ != "Conv1D" and getattr(mod, "fan_in_fan_out", None) is not True:
+        return False
+    return isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2
 
 
 def _is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or _is_conv1d(mod)
+    return isinstance(mod, (nn.Linear, RandLoraLinear)) or _is_conv1d(mod)
 
 
 def _name_matcher(spec: str | Sequence[str]):
@@ -156,14 +164,25 @@ def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, ex
             raise TargetError(f"targets match modules that are not linear layers: {kinds}. "
                               "Name the nn.Linear modules inside them instead (e.g. 'q_proj').")
     if exclude is not None:
+        if not isinstance(exclude, (str, list, tuple)) or (
+            not isinstance(exclude, str) and not all(isinstance(e, str) for e in exclude)
+        ):
+            raise TargetError(f"exclude must be a list of names or a regex string, got {exclude!r}")
         try:
             ex = _name_matcher(exclude)
         except re.error as e:
             raise TargetError(f"exclude {exclude!r} is not a valid regular expression ({e})") from None
-        chosen = [n for n in chosen if not ex(n)]
+        before_exclude, chosen = chosen, [n for n in chosen if not ex(n)]
     if layers is not None:
-        if isinstance(layers, int):
+        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
             layers = [layers]
+        if not isinstance(layers, (list, tuple, range)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
+        ):
+            raise TargetError(f"layers must be an int or a list of block indices (ints), got {layers!r}")
+        if len(layers) == 0:
+            raise TargetError("layers is empty: pass block indices such as layers=[0, 1], or layers=None for all")
+        layers = [int(i) for i in layers]
         idx = {_layer_index(n) for n in chosen} - {None}
         missing = sorted(set(layers) - idx)
         if missing:
@@ -171,8 +190,24 @@ def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, ex
                               f"{sorted(idx) or 'none'}); pass indices from that list")
         chosen = [n for n in chosen if _layer_index(n) in set(layers)]
     if not chosen:
+        if exclude is not None and before_exclude:
+            raise TargetError(f"exclude {exclude!r} removes every layer targets {targets!r} selects "
+                              f"({before_exclude[:5]}); narrow exclude")
         wanted = [targets] if isinstance(targets, str) else list(targets)
-        raise TargetError(f"targets {targets!r} match no layer of the model; {_close_names(model, wanted)}")
+        hint = ""
+        if isinstance(targets, str) and targets != "all-linear":
+            hint = (f". A single string is a regular expression that must match the FULL module name "
+                    f"(e.g. '.*{targets}'); a list such as [{targets!r}] matches names ending with it")
+        raise TargetError(f"targets {targets!r} match no layer of the model; {_close_names(model, wanted)}{hint}")
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
+    by_name = dict(named)
+    shared = [aliases[id(by_name[n])] for n in chosen if len(aliases[id(by_name[n])]) > 1]
+    if shared:
+        raise TargetError(f"target module {shared[0][0]!r} is registered under several names {shared[0]}; "
+                          "an adapter would only replace one of them. Give each place its own module "
+                          "(copy.deepcopy) or exclude it")
     return chosen
 
 
@@ -191,9 +226,27 @@ def bank_of(model: nn.Module) -> BasisBank | None:
     return b if isinstance(b, BasisBank) else None
 
 
-def config_of(model: nn.Module) -> AdapterConfig:
+def config_of(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    """The settings of adapter ``name`` (default: the active one)."""
     bank = _require(model)
-    return bank.config  # type: ignore[attr-defined]
+    return bank.adapters[_adapter(bank, name)]  # type: ignore[attr-defined]
+
+
+def _adapter(bank: BasisBank, name: str | None) -> str:
+    """``name`` checked against the model's adapters (None: the active one)."""
+    if name is None:
+        return bank.active  # type: ignore[attr-defined]
+    if name not in bank.adapters:  # type: ignore[attr-defined]
+        raise StateError(f"the model has no adapter {name!r}; its adapters are {list(bank.adapters)}. "
+                         f"Add one with randlora.inject(model, targets, name={name!r})")
+    return name
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) is None or hasattr(
+            nn.ModuleDict(), name):
+        raise ConfigError(f"adapter name must be an identifier such as 'default' or 'task_a' (letters, digits, _; "
+                          f"no dots), got {name!r}")
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
@@ -251,17 +304,27 @@ def inject(
     bias: str = "none",
     layers: Sequence[int] | None = None,
     exclude: str | Sequence[str] | None = None,
+    name: str | None = None,
 ) -> InjectReport:
     """Replace the selected linear layers by :class:`RandLoraLinear` in place and freeze the rest.
 
     Each layer gets ``ΔW = Σ_i B_i diag(λ_i) A diag(γ_i)`` scaled by ``alpha / r`` (default alpha ``20·r``).
-    Everything is validated before any module is swapped.
+    Everything is validated before any module is swapped. ``name`` names the adapter (default
+    ``"default"``); on a model that already has one, ``name=`` adds a further adapter on (some of) the same
+    layers, sharing the same bank (same ``seed``, ``recipe``, ``bases``, ``r``); :func:`use` activates it.
     """
     _check_module(model)
     alpha = _validate(r, alpha, dropout, seed, bases, recipe, bias)
+    r, seed, dropout = int(r), int(seed), float(dropout)  # numpy scalars -> plain (JSON-able settings)
+    if name is not None:
+        _check_name(name)
+    if name is not None and bank_of(model) is not None:
+        return _add_named(model, targets, name, r=r, alpha=alpha, dropout=dropout, seed=seed, bases=bases,
+                          recipe=recipe, bias=bias, layers=layers, exclude=exclude)
     if bank_of(model) is not None or any(True for _ in adapted_layers(model)):
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
-                         "randlora.merge(model) before injecting again")
+                         "randlora.merge(model) before injecting again, or pass name='...' to add a second "
+                         "adapter on the same bank")
     taken = [a for a in (BANK_ATTR, *BasisBank.NAMES) if hasattr(model, a)]
     if taken:
         raise StateError(f"the model already has attributes {taken} that randlora needs for its bank; "
@@ -270,11 +333,19 @@ def inject(
     mods = {n: model.get_submodule(n) for n in names}
     shapes, fan = [], []
     dtypes, devices = set(), set()
+    owners: dict[int, str] = {}
     for n, mod in mods.items():
         W = mod.weight
         if not W.is_floating_point():
             raise ConfigError(f"layer {n} has a {W.dtype} weight; RandLora needs floating-point weights "
                               "(dequantise it or exclude it)")
+        if W.dim() != 2 or 0 in W.shape:
+            raise TargetError(f"layer {n} has a weight of shape {tuple(W.shape)}; RandLora needs a 2-D weight "
+                              "with no zero-size dimension. Exclude it (exclude=[...])")
+        if id(W) in owners:
+            raise TargetError(f"layers {owners[id(W)]} and {n} share one (tied) weight tensor: merging would add "
+                              "both updates to it. Target only one of them (exclude=[...])")
+        owners[id(W)] = n
         ffo = _is_conv1d(mod)
         if ffo:
             fan.append(n)
@@ -289,14 +360,23 @@ def inject(
     bank = BasisBank(seed=seed, mode=bases, recipe=recipe, shape=shape, dtype=bank_dtype, device=devices.pop())
     bank.config = AdapterConfig(targets=names, r=r, alpha=alpha, dropout=float(dropout), seed=seed, bases=bases,
                                 recipe=recipe, bias=bias, fan_in_fan_out=fan)
+    name = DEFAULT if name is None else name
+    bank.adapters, bank.active = {name: bank.config}, name
     new = {n: RandLoraLinear(mod, bank, r=r, alpha=alpha, dropout=dropout, fan_in_fan_out=n in fan)
            for n, mod in mods.items()}
+    for layer in new.values():
+        layer.adapter_name = layer.active = name
     # all validation is done: from here on nothing can fail half-way
     bank.grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for n, layer in new.items():
         _set_submodule(model, n, layer)
+        # the wrapper owns weight/bias now; the kept original must not hold them as well (under FSDP2 it
+        # would keep every adapted weight whole on every rank). _restore hands them back.
+        layer.base_layer.weight = None
+        if getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias = None
     bank.attach(model)
     setattr(model, BANK_ATTR, bank)
     for layer in new.values():
@@ -313,6 +393,84 @@ def inject(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+
+
+def _add_named(model: nn.Module, targets, name: str, *, r: int, alpha: float, dropout: float, seed: int,
+               bases: str, recipe: str, bias: str, layers, exclude) -> InjectReport:
+    """A further adapter ``name`` on already adapted layers, reading the model's bank."""
+    bank = _require(model)
+    first = next(iter(bank.adapters))
+    if name in bank.adapters:
+        raise StateError(f"the model already has an adapter {name!r}; pick another name, load into it with "
+                         f"randlora.load_state_dict(model, sd, name={name!r}), or randlora.eject(model) first")
+    if any(l.merged for _, l in adapted_layers(model)):
+        raise StateError("the model is merged; call randlora.unmerge(model) before adding an adapter")
+    cfg0 = bank.config
+    diff = [f"{k}={v!r} (adapter {first!r}: {getattr(cfg0, k)!r})"
+            for k, v in (("seed", seed), ("recipe", recipe), ("bases", bases), ("r", r), ("bias", bias))
+            if v != getattr(cfg0, k)]
+    if diff:
+        raise ConfigError(f"adapter {name!r} shares the model's bank, so its seed, recipe, bases, r and bias must "
+                          f"equal those of adapter {first!r}; differs: {', '.join(diff)}. Pass the same values, "
+                          "or eject/merge the model and inject afresh")
+    names = select(model, targets, layers=layers, exclude=exclude)
+    plain = [n for n in names if not isinstance(model.get_submodule(n), RandLoraLinear)]
+    if plain:
+        raise TargetError(f"adapter {name!r} can only go on layers adapter {first!r} adapted (it reads their "
+                          f"bank), but targets also select {plain[:5]}; narrow targets or exclude them")
+    new = {n: model.get_submodule(n) for n in names}
+    for l in new.values():
+        l.add_adapter(name, alpha=alpha, dropout=dropout)
+        l.active = bank.active  # unchanged: a new adapter is off until use(model, name)
+    bank.adapters[name] = AdapterConfig(
+        targets=names, r=r, alpha=alpha, dropout=dropout, seed=seed, bases=bases, recipe=recipe, bias=bias,
+        fan_in_fan_out=[n for n, l in new.items() if l.fan_in_fan_out])
+    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
+            for n, l in new.items()]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+
+
+def _drop_named(model: nn.Module, name: str) -> None:
+    """Remove the further adapter ``name`` again (not the layers' own one)."""
+    bank = _require(model)
+    for _, l in adapted_layers(model):
+        extra = l._modules.get("randlora_extra")
+        if extra is not None and name in extra:
+            del extra[name]
+            if len(extra) == 0:
+                del l.randlora_extra
+        if l.active == name:
+            l.active = l.adapter_name
+    bank.adapters.pop(name, None)
+    if bank.active == name:
+        bank.active = next(iter(bank.adapters))
+
+
+def use(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the active one: forward, :func:`merge`, :func:`state_dict` default to it.
+
+    Layers that do not carry ``name`` compute their base layer only while it is active.
+    """
+    bank = _require(model)
+    name = _adapter(bank, name)
+    layers = [l for _, l in adapted_layers(model)]
+    if any(l.merged for l in layers):
+        raise StateError("the model is merged; call randlora.unmerge(model) before switching adapters")
+    for l in layers:
+        l.active = name
+    bank.active = name
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(_require(model).adapters)  # type: ignore[attr-defined]
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The name of the active adapter."""
+    return _require(model).active  # type: ignore[attr-defined]
 
 
 def _restore(model: nn.Module) -> None:
@@ -340,26 +498,38 @@ def eject(model: nn.Module) -> None:
     _restore(model)
 
 
-def merge(model: nn.Module, *, unload: bool = True, safe: bool = False) -> None:
+def _merge_is_finite(layer: RandLoraLinear, name: str | None = None) -> bool:
+    d = layer.delta_weight(name=name)
+    return bool(torch.isfinite((layer._w().to(d.dtype) + d).to(layer.weight.dtype)).all())
+
+
+def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: str | None = None) -> None:
     """Fold ``s·ΔW`` into every adapted weight (float32 accumulation, cast back to the weight's dtype).
+
+    ``name`` picks the adapter to fold in (default: the active one); with ``unload=True`` the others go.
 
     ``unload=True`` puts the original modules back (same keys and types as before :func:`inject`);
     ``unload=False`` keeps the wrappers in a merged state (see :func:`unmerge`). ``safe=True`` refuses,
     leaving every weight untouched, if any merged weight would be non-finite.
     """
-    _require(model)
-    layers = list(adapted_layers(model))
-    if any(l.merged for _, l in layers):
+    name = _adapter(_require(model), name)
+    every = list(adapted_layers(model))
+    if any(l.merged for _, l in every):
         raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
                          "randlora.eject(model) to drop the wrappers")
+    layers = [(n, l) for n, l in every if l._params(name) is not None]
+    for _, l in layers:
+        l._views()  # raises (device mismatch) before any weight changes
     if safe:
         with torch.no_grad():
-            bad = [n for n, l in layers if not torch.isfinite(l._w().to(torch.float32) + l.delta_weight()).all()]
+            # checked after the cast back to the weight's dtype: float16 can overflow where float32 did not
+            bad = [n for n, l in layers if not _merge_is_finite(l, name)]
         if bad:
-            raise StateError(f"merging would make the weights of {bad[:5]} non-finite (λ/γ hold inf/nan?); "
+            raise StateError(f"merging would make the weights of {bad[:5]} non-finite (λ/γ hold inf/nan, or the "
+                             "sum overflows the weight's dtype); "
                              "nothing was merged. Reload a good adapter or call randlora.eject(model).")
     for _, layer in layers:
-        layer.merge_()
+        layer.merge_(name=name)
     if unload:
         _restore(model)
 

@@ -1,0 +1,345 @@
+"""Read and write ``peft`` RandLora adapter folders without importing ``peft``.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<path>.randlora_lambda`` ``(r, n)`` / ``.randlora_gamma`` ``(n, m)``, trained biases
+(``<path>.base_layer.bias`` on adapted layers, ``<path>.bias`` elsewhere) and, with ``save_projection``,
+the shared bases ``base_model.randlora_A`` ``(r, 1, m_g)`` / ``base_model.randlora_B`` ``(M_g, n_g, r)``
+(peft also writes one copy of them per adapted layer). This library's layer math uses the peer's exact
+pairing of ``B`` columns with ``(k, i)`` rows, so ``λ``/``γ`` load unchanged with ``recipe="peft"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, TargetError
+from .bank import _checksum
+from .recipes import BankShape, bank_shape, generate
+from .walker import AdapterConfig, _is_conv1d, _is_linear, _require, adapted_layers, bank_of, config_of, eject, inject
+
+__all__ = ["load_peft", "save_peft", "read_peft", "is_peft_folder", "PEFT_CONFIG", "PEFT_WEIGHTS"]
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+SHARED = ("base_model.randlora_A", "base_model.randlora_B")
+_PEFT_VERSION_WRITTEN = "0.21.2"  # the peft release whose layout this module follows
+
+
+def is_peft_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a peft ``adapter_config.json``."""
+    return Path(path).is_dir() and (Path(path) / PEFT_CONFIG).is_file()
+
+
+def _mode(cfg: dict) -> str:
+    # the peer checks very_sparse first: it wins when both flags are set
+    if cfg.get("very_sparse"):
+        return "very_sparse"
+    return "sparse" if cfg.get("sparse") else "dense"
+
+
+def _check_config(cfg: dict, folder: Path) -> None:
+    problems = []
+    if cfg.get("peft_type") != "RANDLORA":
+        raise CheckpointError(f"{folder} holds a peft adapter of type {cfg.get('peft_type')!r}, not RANDLORA; "
+                              "only RandLora adapters can be read")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg['modules_to_save']!r} (whole trained modules are not an adapter; "
+                        "load them with the model's own load_state_dict)")
+    if cfg.get("target_parameters"):
+        problems.append(f"target_parameters={cfg['target_parameters']!r} (only linear modules are supported)")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        problems.append(f"r={r!r} (must be a positive int)")
+    if cfg.get("bias", "none") not in ("none", "all", "randlora_only"):
+        problems.append(f"bias={cfg.get('bias')!r}")
+    if problems:
+        raise ConfigError(f"the peft adapter in {folder} uses settings this library does not support: "
+                          + "; ".join(problems))
+
+
+def read_peft(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
+    """Read a peft RandLora folder (never unpickles).
+
+    Returns ``(tensors, settings, raw_config)`` with tensors under this library's keys:
+    ``<path>.randlora_lambda`` / ``.randlora_gamma`` / ``<path>.bias`` and, when the folder holds bases,
+    ``randlora_A`` ``(r, m_g)`` and ``randlora_B`` ``(M_g, n_g, r)``. ``settings.targets`` lists the
+    adapted module paths (read from the tensor keys, so ``layers_to_transform`` needs no re-evaluation);
+    ``settings.recipe`` is ``"peft"``. ``settings.fan_in_fan_out`` is filled in when the adapter is applied.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; a peft adapter is a folder with {PEFT_CONFIG} and "
+                              f"{PEFT_WEIGHTS} (for this library's own .safetensors file use randlora.load)")
+    cpath, wpath = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not cpath.is_file():
+        raise CheckpointError(f"{folder} has no {PEFT_CONFIG}; is it a peft adapter folder?")
+    if not wpath.is_file():
+        other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        hint = (f" It holds {other}: pickled weights are never loaded; save them again with "
+                "safe_serialization=True" if other else "")
+        raise CheckpointError(f"{folder} has no {PEFT_WEIGHTS}.{hint}")
+    try:
+        cfg = json.loads(cpath.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cpath} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cpath} does not hold a JSON object")
+    _check_config(cfg, folder)
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise CheckpointError(f"{wpath} is not a readable .safetensors file ({type(e).__name__}: {e})") from None
+
+    tensors: dict[str, torch.Tensor] = {}
+    per_layer_bases: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for k, t in raw.items():
+        if k in SHARED:
+            continue
+        if not k.startswith(PREFIX):
+            unexpected.append(k)
+            continue
+        path, _, leaf = k[len(PREFIX):].rpartition(".")
+        if leaf in ("randlora_lambda", "randlora_gamma"):
+            tensors[f"{path}.{leaf}"] = t
+        elif leaf in ("randlora_A", "randlora_B"):
+            per_layer_bases.setdefault(leaf, t)
+        elif leaf == "bias":
+            owner = path[: -len(".base_layer")] if path.endswith(".base_layer") else path
+            tensors[f"{owner}.bias"] = t
+        else:
+            unexpected.append(k)
+    if unexpected:
+        raise CheckpointError(f"{wpath} holds tensors that are not RandLora adapter weights: {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''} (modules_to_save or another adapter "
+                              "type?); only randlora_lambda/gamma, biases and bases are supported")
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".randlora_lambda", ".randlora_gamma"))})
+    if not layers:
+        raise CheckpointError(f"{wpath} holds no randlora_lambda/randlora_gamma tensors")
+    r = cfg["r"]
+    for p in layers:
+        lam, gam = tensors.get(f"{p}.randlora_lambda"), tensors.get(f"{p}.randlora_gamma")
+        if lam is None or gam is None:
+            raise CheckpointError(f"{wpath}: layer {p} has only one of randlora_lambda / randlora_gamma")
+        if lam.dim() != 2 or gam.dim() != 2 or lam.shape[0] != r or lam.shape[1] != gam.shape[0]:
+            raise CheckpointError(f"{wpath}: layer {p} has randlora_lambda {tuple(lam.shape)} and randlora_gamma "
+                                  f"{tuple(gam.shape)}; expected (r={r}, n) and (n, m)")
+    A = raw.get(SHARED[0], per_layer_bases.get("randlora_A"))
+    B = raw.get(SHARED[1], per_layer_bases.get("randlora_B"))
+    if (A is None) != (B is None):
+        raise CheckpointError(f"{wpath} holds only one of randlora_A / randlora_B")
+    if A is not None:
+        if A.dim() != 3 or A.shape[0] != r or A.shape[1] != 1 or B.dim() != 3 or B.shape[2] != r:
+            raise CheckpointError(f"{wpath}: bases have shapes A{tuple(A.shape)}, B{tuple(B.shape)}; expected "
+                                  f"(r, 1, m_g) and (M_g, n_g, r) with r={r}")
+        tensors["randlora_A"] = A.reshape(r, -1).to(torch.float32)
+        tensors["randlora_B"] = B.to(torch.float32)
+    alpha = cfg.get("randlora_alpha", 640)
+    settings = AdapterConfig(
+        targets=layers, r=r, alpha=float(alpha), dropout=float(cfg.get("randlora_dropout", 0.0) or 0.0),
+        seed=int(cfg.get("projection_prng_key", 0) or 0), bases=_mode(cfg), recipe="peft",
+        bias=cfg.get("bias", "none") or "none", fan_in_fan_out=[],
+    )
+    return tensors, settings, cfg
+
+
+def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict) -> list[str]:
+    """The adapter's layer paths must all be linear modules of ``model``; Conv1D needs ``fan_in_fan_out``."""
+    mods = dict(model.named_modules())
+    missing = [p for p in settings.targets if p not in mods]
+    if missing:
+        have = [n for n, m in mods.items() if n and _is_linear(m)][:3]
+        raise TargetError(f"the peft adapter adapts modules the model does not have: {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}. Linear modules here are named like {have}; "
+                          "apply it to the model it was trained on (peft keys are relative to the model passed "
+                          "to get_peft_model)")
+    bad = [p for p in settings.targets if not _is_linear(mods[p])]
+    if bad:
+        raise TargetError(f"the peft adapter adapts modules that are not linear layers here: "
+                          f"{[(p, type(mods[p]).__name__) for p in bad[:5]]}")
+    conv = [p for p in settings.targets if _is_conv1d(mods[p])]
+    if conv and not cfg.get("fan_in_fan_out", False):
+        raise ConfigError(f"layers {conv[:3]} are Conv1D (weights stored (in, out)) but the adapter config has "
+                          "fan_in_fan_out=false; set \"fan_in_fan_out\": true in adapter_config.json if the "
+                          "adapter was trained on these Conv1D layers")
+    return conv
+
+
+def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Apply a peft RandLora adapter folder to a plain model (``inject`` with ``recipe="peft"``, then load).
+
+    Bases come from the folder when it holds them, else they are regenerated with the peer's recipe from
+    ``projection_prng_key``. All or nothing: on any error the model is left as it was. Returns the model.
+    """
+    from .checkpoint import FP, load_state_dict
+
+    tensors, settings, cfg = read_peft(folder)
+    if bank_of(model) is not None:
+        from .errors import StateError
+
+        raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
+                         "randlora.merge(model) before loading another")
+    _check_layers(model, settings, cfg)
+    targets = "|".join(re.escape(p) for p in settings.targets)
+    inject(model, targets, r=settings.r, alpha=settings.alpha, dropout=settings.dropout, seed=settings.seed,
+           bases=settings.bases, recipe="peft", bias=settings.bias)
+    try:
+        bank = _require(model)
+        bank.config.targets = list(settings.targets)
+        if "randlora_A" in tensors:
+            want = (tuple(bank.A.shape), tuple(bank.B.shape))
+            got = (tuple(tensors["randlora_A"].shape), tuple(tensors["randlora_B"].shape))
+            if want != got:
+                raise CheckpointError(f"the folder's bases have shapes A{got[0]}, B{got[1]} but the adapted layers "
+                                      f"need A{want[0]}, B{want[1]} (peft sizes them by the element-wise largest "
+                                      "(out, in) of its targets); was it saved for another model?")
+        else:
+            tensors[FP] = bank.fingerprint.to_tensor()  # regenerated by the peer's recipe: nothing to verify
+        _load_biases_strictly(model, tensors, folder)
+        load_state_dict(model, tensors)
+    except BaseException:
+        eject(model)
+        raise
+    return model
+
+
+def _load_biases_strictly(model: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
+    names = {n for n, _ in model.named_parameters()}
+    stray = [k for k in tensors if k.endswith(".bias") and k not in names]
+    if stray:
+        raise CheckpointError(f"the adapter in {folder} holds biases the model does not have: {stray[:5]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def _peft_matches(entry_list: list[str], name: str) -> bool:
+    return name in entry_list or any(name.endswith("." + e) for e in entry_list)
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """Exact module paths as a list when peft's list matching selects exactly them, else a full-match regex."""
+    chosen = set(names)
+    clash = [n for n, _ in model.named_modules() if n and n not in chosen and _peft_matches(names, n)]
+    if not clash:
+        return sorted(names)
+    return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: bool = True,
+              duplicate_bases: bool = False, name: str | None = None) -> Path:
+    """Write the adapter as a peft RandLora folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    ``save_projection=True`` stores the bases (float32, peft's shapes: this library's bank padded with
+    zeros up to the peer's element-wise-max sizing; no layer reads the padding). Without them peft
+    regenerates bases from ``projection_prng_key`` with its own recipe, so that needs ``recipe="peft"``.
+    ``duplicate_bases=True`` also writes peft's per-layer copies of the bases (peft does; they only
+    silence its "missing adapter keys" warning and cost one bank per layer). ``name`` picks the adapter
+    (default: the active one). Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    bank = _require(model)
+    cfg = config_of(model, name)
+    params = {n: l._params(name) for n, l in adapted_layers(model)}
+    layers = [(n, l) for n, l in adapted_layers(model) if params[n] is not None]
+    if not save_projection and cfg.recipe != "peft":
+        raise ConfigError(f"this adapter's bases come from recipe={cfg.recipe!r}; without saved bases peft would "
+                          "regenerate different ones (its own torch-generator recipe) and compute other weights. "
+                          "Use save_peft(..., save_projection=True), or train with inject(..., recipe='peft')")
+    conv = [n for n, l in layers if l.fan_in_fan_out]
+    if conv and len(conv) != len(layers):
+        raise ConfigError(f"the adapter mixes Conv1D layers ({conv[:3]}) with nn.Linear layers; peft has a single "
+                          "fan_in_fan_out setting per adapter, so it cannot be written as one peft folder")
+    shape = bank_shape("peft", cfg.r, [(l.out_features, l.in_features) for _, l in layers])
+    if cfg.recipe == "peft" and shape != bank.shape:
+        raise ConfigError(f"the bank {bank.shape} differs from the one peft would build ({shape}) for these layers")
+    if not save_projection and _checksum(*generate("peft", cfg.seed, cfg.bases, shape)) != bank.checksum:
+        raise ConfigError("this model's bases were loaded from a file and are not the ones peft regenerates from "
+                          f"projection_prng_key={cfg.seed}; peft would compute other weights. Use "
+                          "save_peft(..., save_projection=True)")
+
+    tensors: dict[str, torch.Tensor] = {}
+    adapted = {n for n, _ in layers}
+    for n, _ in layers:
+        lam, gam = params[n][0], params[n][1]  # type: ignore[index]
+        tensors[f"{PREFIX}{n}.randlora_lambda"] = lam.detach().to("cpu", torch.float32).clone()
+        tensors[f"{PREFIX}{n}.randlora_gamma"] = gam.detach().to("cpu", torch.float32).clone()
+    for name, p in model.named_parameters():
+        if p.requires_grad and (name == "bias" or name.endswith(".bias")):
+            owner = name[: -len(".bias")] if name != "bias" else ""
+            key = f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{name}"
+            tensors[key] = p.detach().to("cpu").clone()
+    if save_projection:
+        A, B = _padded_bases(bank.A, bank.B, shape)
+        tensors[SHARED[0]], tensors[SHARED[1]] = A, B
+        if duplicate_bases:
+            for n in sorted(adapted):
+                tensors[f"{PREFIX}{n}.randlora_A"] = A.clone()
+                tensors[f"{PREFIX}{n}.randlora_B"] = B.clone()
+    alpha = cfg.alpha
+    config = {
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "bias": cfg.bias,
+        "fan_in_fan_out": bool(conv),
+        "inference_mode": True,
+        "init_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "modules_to_save": None,
+        "peft_type": "RANDLORA",
+        "peft_version": _PEFT_VERSION_WRITTEN,
+        "projection_prng_key": cfg.seed,
+        "r": cfg.r,
+        "randlora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "randlora_dropout": cfg.dropout,
+        "revision": None,
+        "save_projection": bool(save_projection),
+        "sparse": cfg.bases == "sparse",
+        "target_modules": _target_modules(model, sorted(adapted)),
+        "task_type": None,
+        "very_sparse": cfg.bases == "very_sparse",
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(folder / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return folder
+
+
+def _padded_bases(A: torch.Tensor, B: torch.Tensor, shape: BankShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` as ``(r, 1, m_g)`` and ``B`` as ``(M_g, n_g, r)`` at peft's sizes, float32, zero padded."""
+    r, m, M, n = A.shape[0], A.shape[1], B.shape[0], B.shape[1]
+    if m > shape.m or M > shape.M or n > shape.n:
+        raise ConfigError(f"the bank A({r}, {m}), B({M}, {n}, {r}) is larger than peft's sizing {shape}")
+    Ap = torch.zeros(shape.r, 1, shape.m, dtype=torch.float32)
+    Bp = torch.zeros(shape.M, shape.n, shape.r, dtype=torch.float32)
+    Ap[:, 0, :m] = A.detach().to("cpu", torch.float32)
+    Bp[:M, :n] = B.detach().to("cpu", torch.float32)
+    return Ap, Bp

@@ -1,0 +1,432 @@
+"""The fused op against a float64 reference built from the definition, route by route.
+
+Reference: ``ΔW = s · Σ_i B_i diag(λ_i) A diag(γ_i)`` with ``B_i`` = columns ``i, n+i, …, (r-1)n+i`` of
+the flattened bank view (transposed when ``O < I``); ``y = x (W + ΔW)ᵀ + b``; gradients by autograd on
+that float64 expression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import randlora
+from randlora import ops
+from randlora.ops import RandLoraFunction, backward_costs, forward_costs, keep_pays, plan
+
+FWD = ("weight", "activation")
+BWD = [("fused", "G"), ("fused", "act"), ("act", "G"), ("act", "act")]
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def make(O, I, r, T, *, dtype=torch.float64, bias=True, seed=0, pad=3):
+    """Random op inputs; ``A``/``B`` are strided views of larger 'bank' tensors, like the real bank's."""
+    g = torch.Generator().manual_seed(seed)
+    m, M = min(O, I), max(O, I)
+    n = math.ceil(m / r)
+    A_bank = torch.randn(r, m + pad, generator=g, dtype=dtype)
+    B_bank = torch.randn(M + pad, (n + 1) * r, generator=g, dtype=dtype)
+    A, B = A_bank[:, :m], B_bank[:M, : n * r]
+    x = torch.randn(T, I, generator=g, dtype=dtype)
+    W = torch.randn(O, I, generator=g, dtype=dtype) / math.sqrt(I)
+    b = torch.randn(O, generator=g, dtype=dtype) if bias else None
+    lam = torch.randn(r, n, generator=g, dtype=dtype)
+    gam = torch.randn(n, m, generator=g, dtype=dtype) / math.sqrt(n)
+    s = 0.7
+    return dict(x=x, W=W, b=b, lam=lam, gam=gam, A=A, B=B, s=s, A_bank=A_bank, B_bank=B_bank)
+
+
+def ref_delta(lam, gam, A, B, s, O, I):
+    """``s · Σ_i B_i diag(λ_i) A diag(γ_i)`` in float64, straight from the definition."""
+    r, n = lam.shape
+    P = 0
+    for i in range(n):
+        Bi = B.double()[:, i::n]  # columns i, n+i, ..., (r-1)n+i
+        P = P + Bi @ torch.diag(lam[:, i].double()) @ A.double() @ torch.diag(gam[i].double())
+    P = s * P
+    return P if I <= O else P.t()
+
+
+def ref_forward(x, W, b, lam, gam, A, B, s):
+    T, I = x.shape
+    O = W.shape[0] if W is not None else None
+    if O is None:
+        m, M = A.shape[1], B.shape[0]
+        O = M if I == m and M != m else m
+    Weff = ref_delta(lam, gam, A, B, s, O, I)
+    if W is not None:
+        Weff = W.double() + Weff
+    y = x.double() @ Weff.t()
+    return y if b is None else y + b.double()
+
+
+def grads(fn, leaves, gy):
+    out = fn()
+    return torch.autograd.grad(out, [t for t in leaves if t.requires_grad], gy, allow_unused=True)
+
+
+@contextlib.contextmanager
+def forced(fwd=None, bwd=None):
+    """Force the op's routes (the cost model would otherwise choose them by shape)."""
+    real = ops.plan
+
+    def fake(*a, **k):
+        p = real(*a, **k)
+        if fwd is not None:
+            p["forward"] = fwd
+        if bwd is not None:
+            xr, sr = bwd
+            p["backward"] = (xr if k.get("need_x", True) else None,
+                             sr if k.get("need_S", True) else None)
+        return p
+
+    ops.plan = fake
+    try:
+        yield
+    finally:
+        ops.plan = real
+
+
+def check_routes(O, I, r, T, *, bias=True, with_W=True, need_x=True, need_W=False, fwd="weight",
+                 bwd=("fused", "G"), kept=False, seed=0):
+    d = make(O, I, r, T, bias=bias, seed=seed)
+    x = d["x"].requires_grad_(need_x)
+    W = d["W"].requires_grad_(need_W) if with_W else None
+    b = d["b"]
+    lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
+    weff = None
+    if kept:
+        weff = ops.build_weight(W, lam, gam, d["A"], d["B"], d["s"], O < I, torch.float64)
+    with forced(fwd, bwd):
+        y = RandLoraFunction.apply(x, W, b, lam, gam, d["A"], d["B"], d["s"], "auto", weff)
+        gy = torch.randn_like(y)
+        leaves = [x, lam, gam] + ([W] if with_W else [])
+        got = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], gy)
+    y_ref = ref_forward(x, W, b, lam, gam, d["A"], d["B"], d["s"])
+    want = torch.autograd.grad(y_ref, [t for t in leaves if t.requires_grad], gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# routes against the reference
+# ------------------------------------------------------------------------------------------------
+SHAPES = [(12, 12, 4), (20, 8, 3), (8, 20, 3), (9, 9, 16), (1, 7, 2), (7, 1, 2)]
+
+
+@pytest.mark.parametrize("O,I,r", SHAPES)
+@pytest.mark.parametrize("fwd", FWD)
+@pytest.mark.parametrize("bwd", BWD)
+def test_every_route_matches_reference(O, I, r, fwd, bwd):
+    check_routes(O, I, r, T=11, fwd=fwd, bwd=bwd)
+
+
+@pytest.mark.parametrize("O,I,r", SHAPES)
+@pytest.mark.parametrize("sr", ["G", "act"])
+def test_kept_weight_route_matches_reference(O, I, r, sr):
+    check_routes(O, I, r, T=11, kept=True, bwd=("kept", sr))
+
+
+@pytest.mark.parametrize("fwd", FWD)
+@pytest.mark.parametrize("bwd", BWD)
+def test_delta_only_no_bias_and_no_input_grad(fwd, bwd):
+    check_routes(16, 10, 3, T=9, with_W=False, bias=False, fwd=fwd, bwd=bwd)
+    check_routes(10, 16, 3, T=9, with_W=False, bias=False, fwd=fwd, bwd=bwd)
+    check_routes(16, 10, 3, T=9, need_x=False, fwd=fwd, bwd=bwd)
+    check_routes(10, 16, 3, T=9, need_x=False, bias=False, fwd=fwd, bwd=bwd)
+
+
+@pytest.mark.parametrize("bwd", BWD + [("kept", "G")])
+def test_weight_gradient_when_weight_trains(bwd):
+    kept = bwd[0] == "kept"
+    check_routes(14, 9, 4, T=7, need_W=True, fwd="weight", bwd=bwd, kept=kept)
+    check_routes(9, 14, 4, T=7, need_W=True, fwd="activation" if not kept else None, bwd=bwd, kept=kept)
+
+
+@settings(max_examples=25, deadline=None)
+@given(O=st.integers(1, 24), I=st.integers(1, 24), r=st.integers(1, 9), T=st.integers(1, 40),
+       route=st.sampled_from([(f, b) for f in FWD for b in BWD]), auto=st.booleans(), seed=st.integers(0, 99))
+def test_hypothesis_shapes(O, I, r, T, route, auto, seed):
+    fwd, bwd = (None, None) if auto else route
+    check_routes(O, I, r, T, fwd=fwd, bwd=bwd, seed=seed)
+
+
+@pytest.mark.parametrize("fwd", FWD)
+@pytest.mark.parametrize("bwd", BWD)
+@pytest.mark.parametrize("O,I", [(6, 4), (4, 6)])
+def test_gradcheck(fwd, bwd, O, I):
+    d = make(O, I, 2, 5)
+    x = d["x"].requires_grad_()
+    W = d["W"].requires_grad_()
+    b = d["b"].requires_grad_()
+    lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
+    with forced(fwd, bwd):
+        assert torch.autograd.gradcheck(
+            lambda *t: RandLoraFunction.apply(*t, d["A"], d["B"], d["s"], "auto"), (x, W, b, lam, gam))
+        assert torch.autograd.gradcheck(
+            lambda *t: RandLoraFunction.apply(t[0], None, None, *t[1:], d["A"], d["B"], d["s"], "auto"),
+            (x, lam, gam))
+
+
+def test_gradcheck_kept():
+    d = make(5, 7, 2, 4)
+    x = d["x"].requires_grad_()
+    lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
+
+    def f(x, lam, gam):  # the kept update is built from the (perturbed) parameters, as the layer does
+        weff = ops.build_weight(d["W"], lam, gam, d["A"], d["B"], d["s"], True, torch.float64)
+        return RandLoraFunction.apply(x, d["W"], d["b"], lam, gam, d["A"], d["B"], d["s"], "auto", weff)
+
+    assert torch.autograd.gradcheck(f, (x, lam, gam))
+
+
+@pytest.mark.parametrize("path", ["weight", "activation"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_its_dtype(path, dtype):
+    d = make(24, 16, 4, 32, dtype=torch.float32)
+    x, W = d["x"].to(dtype).requires_grad_(), d["W"].to(dtype)
+    lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
+    y = randlora.randlora_linear(x, W, None, lam, gam, d["A"], d["B"], d["s"], path)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    assert lam.grad.dtype == torch.float32 and gam.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    y_ref = ref_forward(x.detach(), W, None, lam.detach(), gam.detach(), d["A"], d["B"], d["s"])
+    torch.testing.assert_close(y.double(), y_ref, rtol=3e-2, atol=3e-2 * y_ref.abs().max().item())
+    lr, gr = lam.detach().double().requires_grad_(), gam.detach().double().requires_grad_()
+    ref_forward(x.detach(), W, None, lr, gr, d["A"], d["B"], d["s"]).square().sum().backward()
+    for got, want in ((lam.grad, lr.grad), (gam.grad, gr.grad)):
+        assert (got.double() - want).norm() <= 3e-2 * want.norm()
+
+
+# ------------------------------------------------------------------------------------------------
+# cost model
+# ------------------------------------------------------------------------------------------------
+def test_cost_model_choices():
+    d, nr = 1024, 1024
+    assert plan(64, d, d, nr)["forward"] == "activation"
+    assert plan(8192, d, d, nr)["forward"] == "weight"
+    assert plan(64, d, d, nr)["backward"] == ("act", "act")
+    assert plan(8192, d, d, nr)["backward"] == ("fused", "G")
+    assert plan(8192, d, d, nr, kept=True)["backward"] == ("kept", "G")
+    assert plan(8192, d, d, nr, path="activation")["forward"] == "activation"
+    assert plan(64, d, d, nr, path="weight")["backward"][1] == "G"
+    # keeping W + s·ΔW: pays at large T, refused when it would outweigh the saved input
+    assert keep_pays(8192, d, d, nr) and not keep_pays(64, d, d, nr)
+    assert not keep_pays(8192, d, d, nr, policy="never") and keep_pays(64, d, d, nr, policy="always")
+    assert not keep_pays(8192, d, d, nr, path="activation")
+    assert not keep_pays(8192, d, d, nr, need_x=False)  # nothing to save on ∂x
+
+
+@pytest.mark.parametrize("O,I,r,T", [(48, 32, 4, 20), (32, 48, 4, 20), (40, 40, 8, 100)])
+@pytest.mark.parametrize("route", [(f, b) for f in FWD for b in BWD])
+def test_cost_model_counts_the_multiply_adds(O, I, r, T, route):
+    """Counted matmul work of the op minus the frozen layer's equals the model's prediction."""
+    d = make(O, I, r, T)
+    x, W = d["x"].requires_grad_(), d["W"]
+    lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
+    fwd, bwd = route
+    def addmm_(self_shape, a, b, out_shape=None, **kw):  # the op accumulates into y in place
+        return 2 * a[0] * a[1] * b[1]
+
+    inplace = {torch.ops.aten.addmm_: addmm_}
+    with forced(fwd, bwd), FlopCounterMode(display=False, custom_mapping=inplace) as fc:
+        y = RandLoraFunction.apply(x, W, None, lam, gam, d["A"], d["B"], d["s"], "auto")
+        y.backward(torch.ones_like(y))
+    n = lam.shape[1]
+    nr, m = n * r, min(O, I)
+    tr = O < I
+    pred = 2 * T * O * I + forward_costs(T, O, I, nr, True)[fwd] \
+        + backward_costs(T, O, I, nr, tr, True, True, True, False)[bwd] + 2 * nr * m  # + the two reductions
+    assert fc.get_total_flops() == 2 * pred
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: what backward keeps
+# ------------------------------------------------------------------------------------------------
+def _saved(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("path", ["auto", "weight", "activation"])
+@pytest.mark.parametrize("O,I", [(40, 24), (24, 40)])
+def test_backward_keeps_no_token_by_rank_tensor_and_no_bases_copy(path, O, I):
+    T, r = 64, 5
+    bank_model = nn.Sequential(nn.Linear(I, O))
+    randlora.inject(bank_model, targets=["0"], r=r)
+    layer = bank_model[0]
+    layer.set_keep("never")
+    with torch.no_grad():
+        layer.randlora_lambda.normal_()
+    layer.set_path(path)
+    x = torch.randn(T, I, requires_grad=True)
+    _, saved = _saved(lambda: layer(x))
+    nr = layer.n * r
+    bank = bank_model.randlora_bank
+    shared = {bank.A.untyped_storage().data_ptr(), bank.B.untyped_storage().data_ptr()}
+    for t in saved:
+        if t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            continue
+        assert t.numel() < T * nr, f"saved a {tuple(t.shape)} tensor"
+        if t.numel() >= r * layer.m:  # anything bases-sized must be the bank itself
+            own = {p.untyped_storage().data_ptr() for p in (layer.weight, layer.randlora_lambda, layer.randlora_gamma)}
+            assert t.untyped_storage().data_ptr() in shared | own
+
+
+def test_kept_weight_is_the_only_extra_saved_tensor():
+    layer_model = nn.Sequential(nn.Linear(24, 40))
+    randlora.inject(layer_model, targets=["0"], r=4)
+    layer = layer_model[0]
+    layer.set_keep("always")
+    x = torch.randn(64, 24, requires_grad=True)
+    _, saved = _saved(lambda: layer(x))
+    big = [t for t in saved if t.numel() >= 40 * 24 and t.untyped_storage().data_ptr() not in
+           {x.untyped_storage().data_ptr(), layer.weight.untyped_storage().data_ptr(),
+            layer_model.randlora_bank.B.untyped_storage().data_ptr()}]
+    assert len(big) == 1 and big[0] is layer._cache[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer: keep / reuse across micro-batches, and the eval cache
+# ------------------------------------------------------------------------------------------------
+def _model(O=40, I=24, r=4, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(I, O), nn.Tanh(), nn.Linear(O, I))
+    randlora.inject(model, targets=["0", "2"], r=r)
+    with torch.no_grad():
+        for _, layer in _layers(model):
+            layer.randlora_lambda.normal_(0, 1e-3)  # s = alpha/r = 160: keep s·ΔW comparable to W
+            layer.randlora_gamma.uniform_(0.5, 1.5)
+    return model
+
+
+def _layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, randlora.RandLoraLinear)]
+
+
+def _ref_model_out(model, x):
+    h = x.double()
+    for mod in model:
+        if isinstance(mod, randlora.RandLoraLinear):
+            A, B = mod._views()
+            W = mod.weight.double() + ref_delta(mod.randlora_lambda, mod.randlora_gamma, A, B, mod.scaling,
+                                                mod.out_features, mod.in_features)
+            h = h @ W.t() + mod.bias.double()
+        else:
+            h = mod(h)
+    return h
+
+
+@pytest.mark.parametrize("keep", ["always", "never", "auto"])
+def test_keep_policies_give_the_same_gradients(keep):
+    model = _model()
+    for _, layer in _layers(model):
+        layer.set_keep(keep)
+    x = torch.randn(64, 24, requires_grad=True)
+    y = model(x)
+    y.square().sum().backward()
+    ref = _model()
+    xr = x.detach().double().requires_grad_()
+    lams = [layer.randlora_lambda for _, layer in _layers(ref)]
+    _ref_model_out(ref, xr).square().sum().backward()
+    torch.testing.assert_close(y.double(), _ref_model_out(ref, x.detach()).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+    for (_, layer), lr in zip(_layers(model), lams):
+        torch.testing.assert_close(layer.randlora_lambda.grad.double(), lr.grad.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_micro_batches_reuse_the_kept_update_until_the_step():
+    model = _model()
+    layer = _layers(model)[0][1]
+    layer.set_keep("always")
+    opt = torch.optim.SGD(randlora.trainable_parameters(model), lr=1e-6)
+    model(torch.randn(8, 24)).sum().backward()
+    first = layer._cache[1]
+    model(torch.randn(8, 24)).sum().backward()  # second micro-batch: same λ/γ, same kept update
+    assert layer._cache[1] is first
+    opt.step()
+    model(torch.randn(8, 24)).sum().backward()
+    assert layer._cache[1] is not first
+    A, B = layer._views()
+    want = layer.weight.double() + ref_delta(layer.randlora_lambda, layer.randlora_gamma, A, B, layer.scaling,
+                                             40, 24)
+    torch.testing.assert_close(layer._cache[1].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_cache_hits_and_invalidates():
+    model = _model()
+    model.eval()
+    layer = _layers(model)[0][1]
+    x = torch.randn(16, 24)
+    calls = []
+    real = ops.build_weight
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    import randlora.layer as layer_mod
+    layer_mod.build_weight = counting
+    try:
+        with torch.no_grad():
+            y1 = model(x)
+            y2 = model(x)
+            assert len(calls) == 2  # one build per layer, then hits
+            torch.testing.assert_close(y1.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            assert torch.equal(y1, y2)
+            layer.randlora_gamma.mul_(1.5)  # version counter bumps: rebuilt
+            y3 = model(x)
+            assert len(calls) == 3
+            torch.testing.assert_close(y3.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            layer.randlora_lambda.add_(0.25)
+            torch.testing.assert_close(model(x).double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            assert len(calls) == 4
+        model.train()
+        assert all(m._cache is None for _, m in _layers(model))
+    finally:
+        layer_mod.build_weight = real
+
+
+def test_set_keep_rejects_bad_values():
+    model = _model()
+    layer = _layers(model)[0][1]
+    with pytest.raises(randlora.ConfigError, match="keep must be one of"):
+        layer.set_keep("sometimes")
+    assert layer.keep == "auto"
+
+
+@pytest.mark.parametrize("path", ["weight", "activation"])
+def test_scratch_buffers_never_leak_into_results(path):
+    """The op reuses per-thread scratch buffers for S and W + s·ΔW: outputs and grads must not alias them."""
+    model = _model()
+    for _, layer in _layers(model):
+        layer.set_path(path)
+        layer.set_keep("never")
+    x = torch.randn(32, 24, requires_grad=True)
+    y1 = model[0](x)
+    keep = y1.detach().clone()
+    y2 = model[2](torch.tanh(y1))  # a second layer of another shape reuses the buffers
+    y2.square().sum().backward()
+    assert torch.equal(y1.detach(), keep)
+    gx = x.grad.clone()
+    model(torch.randn(32, 24)).sum().backward()  # more calls: earlier gradients stay as they were
+    assert torch.equal(x.grad, gx)
+    torch.testing.assert_close(y1.double(), _ref_model_out(nn.Sequential(model[0]), x.detach()), rtol=1e-5, atol=1e-5)
+    ops.release_workspace()
