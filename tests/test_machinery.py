@@ -4,6 +4,8 @@ low-precision weights, and meta-device initialisation."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import warnings
 
 import pytest
@@ -74,6 +76,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+                    reason="torch.compile's default backend (inductor) needs a C++ compiler on the CPU")
 def test_compiled_model_matches_eager_forward_and_backward(fresh_dynamo):
     torch.manual_seed(0)
     model = Net(d=16, h=24)
