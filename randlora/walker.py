@@ -115,7 +115,14 @@ def _layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+# last name components that mark an output head in models without ``get_output_embeddings()``
+HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score", "qa_outputs", "text_projection",
+                        "visual_projection", "output_projection"})
+
+
+def _output_heads(model: nn.Module) -> list[nn.Module]:
+    """The output head(s) ``"all-linear"`` leaves out: ``get_output_embeddings()`` when the model has one,
+    else the linear layers named like a head (``HEAD_NAMES``), else the last linear layer."""
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         try:
@@ -123,12 +130,10 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         except Exception:  # noqa: BLE001 - models without a head may raise
             head = None
         if isinstance(head, nn.Module):
-            return head
-    last = None
-    for _, mod in model.named_modules():
-        if _is_linear(mod):
-            last = mod
-    return last
+            return [head]
+    linear = [(n, m) for n, m in model.named_modules() if n and _is_linear(m)]
+    named = [m for n, m in linear if n.rsplit(".", 1)[-1] in HEAD_NAMES]
+    return named or [m for _, m in linear[-1:]]
 
 
 def _close_names(model: nn.Module, wanted: Sequence[str]) -> str:
@@ -150,8 +155,8 @@ def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, ex
         raise TargetError(f"targets must be a list of names, a regex string or 'all-linear', got {targets!r}")
     named = [(n, m) for n, m in model.named_modules() if n]
     if targets == "all-linear":
-        head = _output_head(model)
-        chosen = [n for n, m in named if _is_linear(m) and m is not head]
+        heads = _output_heads(model)
+        chosen = [n for n, m in named if _is_linear(m) and not any(m is h for h in heads)]
     else:
         try:
             match = _name_matcher(targets)

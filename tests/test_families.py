@@ -77,8 +77,8 @@ FAMILIES = {
     "vit": (_vit, lambda g: {"pixel_values": _pixels(g), "labels": torch.randint(0, 3, (4,), generator=g)},
             ["q_proj", "v_proj"], "classifier", "logits"),
     "clip": (_clip, lambda g: {"input_ids": _tokens(g), "pixel_values": _pixels(g), "return_loss": True},
-             # CLIP has no get_output_embeddings(): the rule falls back to the last linear layer
-             ["q_proj", "v_proj"], "text_projection", "logits_per_image"),
+             # CLIP has no get_output_embeddings(): both projection heads are left out by name
+             ["q_proj", "v_proj"], ("text_projection", "visual_projection"), "logits_per_image"),
 }
 
 
@@ -132,10 +132,11 @@ def test_all_linear_leaves_the_output_head(family):
     linear = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     rep = randlora.inject(model, "all-linear", r=4)
-    assert head in linear and head not in rep.names
-    assert sorted(rep.names) == sorted(n for n in linear if n != head)
+    heads = (head,) if isinstance(head, str) else head
+    assert all(h in linear and h not in rep.names for h in heads)
+    assert sorted(rep.names) == sorted(n for n in linear if n not in heads)
     if model.get_output_embeddings() is not None:
-        assert model.get_output_embeddings() is model.get_submodule(head)
+        assert model.get_output_embeddings() is model.get_submodule(heads[0])
         assert type(model.get_submodule(head)) is nn.Linear
 
 
