@@ -70,6 +70,7 @@ class RandLoraLinear(nn.Module):
         object.__setattr__(self, "_bank", bank)
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_cache", None)
+        object.__setattr__(self, "_last_step", None)
         if not W.is_meta:
             self.reset_parameters()
 
@@ -224,10 +225,19 @@ class RandLoraLinear(nn.Module):
                                                                 self.path)
             else:
                 weff = None
-                if torch.is_grad_enabled() and keep_pays(xc.numel() // self.in_features, self.out_features,
-                                                         self.in_features, lam.numel(), self.path, self.keep,
-                                                         xc.requires_grad):
-                    weff = self._eval_weight(cd, train=True)
+                if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                    # same parameter versions as the previous training call: gradient accumulation
+                    try:
+                        step = (lam._version, gam._version, self.weight._version, id(lam))
+                    except RuntimeError:
+                        step = None
+                    reuse = step is not None and step == self._last_step
+                    object.__setattr__(self, "_last_step", step)
+                    if keep_pays(xc.numel() // self.in_features, self.out_features, self.in_features, lam.numel(),
+                                 self.path, self.keep, xc.requires_grad, reuse):
+                        weff = self._eval_weight(cd, train=True)
+                    else:
+                        self._cache = None  # stale after a step; do not hold it through this one
                 y = randlora_linear(xc, W, self.bias, lam, gam, A, B, s, self.path, weff=weff)
         return y if out_dtype is None else y.to(out_dtype)
 

@@ -43,6 +43,9 @@ KEEP_POLICIES = ("auto", "always", "never")
 # A kept ``W + s·ΔW`` may use at most this many times the memory of the layer's saved input
 # (``T × I``, which backward keeps anyway); see :func:`keep_pays`.
 KEEP_MEMORY_RATIO = 0.75
+# ... and when micro-batches of one step reuse it (measured on one 1024 × 1024 layer, T = 1024, 4 micro-batches:
+# 3.39× the frozen layer without keeping, 2.28× keeping and reusing).
+KEEP_REUSE_RATIO = 3.0
 
 
 _WS = threading.local()
@@ -189,11 +192,13 @@ def plan(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "au
 
 
 def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str = "auto",
-              need_x: bool = True) -> bool:
+              need_x: bool = True, reuse: bool = False) -> bool:
     """Whether to build ``W + s·ΔW`` once and keep it for backward (and for further micro-batches).
 
     ``"auto"``: when that lowers the step's multiply-adds AND the kept ``O × I`` matrix is no larger than
     ``KEEP_MEMORY_RATIO`` times the ``T × I`` input that backward saves anyway (``O <= ratio · T``).
+    ``reuse``: gradient accumulation was detected (the parameters did not change since the previous
+    call), so the build is shared by the micro-batches: the memory bound is ``KEEP_REUSE_RATIO``.
     """
     if policy not in KEEP_POLICIES:
         raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {policy!r}")
@@ -201,11 +206,12 @@ def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str =
         return False
     if policy == "always":
         return True
-    if O > KEEP_MEMORY_RATIO * T:
+    if O > (KEEP_REUSE_RATIO if reuse else KEEP_MEMORY_RATIO) * T:
         return False
     a = plan(T, O, I, nr, path=path, need_x=need_x)
     b = plan(T, O, I, nr, path=path, need_x=need_x, kept=True)
-    return b["forward_cost"] + b["backward_cost"] + max(O, I) * nr * min(O, I) < a["forward_cost"] + a["backward_cost"]
+    build = 0 if reuse else max(O, I) * nr * min(O, I)  # shared by the micro-batches when reused
+    return b["forward_cost"] + b["backward_cost"] + build < a["forward_cost"] + a["backward_cost"]
 
 
 # ------------------------------------------------------------------------------------------------
