@@ -13,6 +13,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -237,10 +238,18 @@ def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = T
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass a file path such as {path / 'adapter.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    On any failure the temporary file is removed and an existing ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -248,7 +257,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = T
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig]:

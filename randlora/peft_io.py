@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, TargetError
 from .bank import _checksum
+from .checkpoint import atomic_write
 from .recipes import BankShape, bank_shape, generate
 from .walker import AdapterConfig, _is_conv1d, _is_linear, _require, adapted_layers, bank_of, config_of, eject, inject
 
@@ -237,20 +237,6 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: bool = True,
               duplicate_bases: bool = False, name: str | None = None) -> Path:
     """Write the adapter as a peft RandLora folder that ``peft.PeftModel.from_pretrained`` loads.
@@ -328,8 +314,8 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return folder
 
 

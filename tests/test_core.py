@@ -12,41 +12,10 @@ from torch import nn
 
 import randlora
 from randlora.walker import adapted_layers
+from models import TARGETS, Net, randomize
 from reference import layer_delta, n_bases, reference_linear
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down_proj(torch.tanh(self.up_proj(x + self.q_proj(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 12, h: int = 20, n_layers: int = 2, out: int = 5) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([Block(d, h) for _ in range(n_layers)])
-        self.lm_head = nn.Linear(d, out)
-
-    def forward(self, x):
-        for blk in self.layers:
-            x = blk(x)
-        return self.lm_head(x)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            layer.randlora_lambda.copy_(torch.randn(layer.randlora_lambda.shape, generator=g))
-            layer.randlora_gamma.copy_(torch.randn(layer.randlora_gamma.shape, generator=g) / layer.m)
-
-
-TARGETS = ["q_proj", "up_proj", "down_proj"]
 
 
 def test_trainable_count_and_freezing():

@@ -22,33 +22,11 @@ from torch import nn
 import randlora
 from randlora.walker import adapted_layers, bank_of
 
+from models import TARGETS, Net
+
 WORLD = 2
 TIMEOUT_S = 120
-TARGETS = ["q_proj", "up_proj", "down_proj"]
 STEPS, LR = 2, 1e-3
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down_proj(torch.tanh(self.up_proj(x + self.q_proj(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 12, h: int = 20, n_layers: int = 2, out: int = 5) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([Block(d, h) for _ in range(n_layers)])
-        self.lm_head = nn.Linear(d, out)
-
-    def forward(self, x):
-        for blk in self.layers:
-            x = blk(x)
-        return self.lm_head(x)
 
 
 def build() -> nn.Module:

@@ -28,6 +28,8 @@ from randlora import CheckpointError, ConfigError, FingerprintMismatch, RandLora
 from randlora.checkpoint import read_file
 from randlora.walker import adapted_layers
 
+from models import randomize
+
 
 # ------------------------------------------------------------------------------------------------
 # the "nothing changed" helper
@@ -92,18 +94,10 @@ def toy(d: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> Toy:
     return Toy(d).to(dtype)
 
 
-def randomize(model: nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            layer.randlora_lambda.copy_(torch.randn(layer.randlora_lambda.shape, generator=g))
-            layer.randlora_gamma.copy_(torch.randn(layer.randlora_gamma.shape, generator=g) / layer.m)
-
-
 def injected(model: nn.Module, **kw) -> nn.Module:
     kw.setdefault("r", 4)
     randlora.inject(model, TARGETS, **kw)
-    randomize(model)
+    randomize(model, 1)
     return model
 
 
@@ -197,7 +191,7 @@ def _inject_again(m, tmp):
 def _inject_first(m, tmp):
     kw = {"name": "default"} if "name" in inspect.signature(randlora.inject).parameters else {}
     randlora.inject(m, TARGETS, r=4, **kw)
-    randomize(m)
+    randomize(m, 1)
 
 
 def _drop(key_pattern: str, sd: dict) -> dict:

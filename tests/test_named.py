@@ -13,44 +13,13 @@ from torch import nn
 
 import randlora
 from randlora.walker import adapted_layers
+from models import TARGETS, Net
+from models import randomize as _randomize
 from reference import reference_delta
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down_proj(torch.tanh(self.up_proj(x + self.q_proj(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 12, h: int = 20, n_layers: int = 2, out: int = 5) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([Block(d, h) for _ in range(n_layers)])
-        self.lm_head = nn.Linear(d, out)
-
-    def forward(self, x):
-        for blk in self.layers:
-            x = blk(x)
-        return self.lm_head(x)
-
-
-TARGETS = ["q_proj", "up_proj", "down_proj"]
-
-
 def randomize(model: nn.Module, name: str, seed: int) -> None:
-    """Random λ/γ for adapter ``name`` (so the adapters differ and ΔW is full rank)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            p = layer._params(name)
-            if p is not None:
-                p[0].copy_(torch.randn(p[0].shape, generator=g))
-                p[1].copy_(torch.randn(p[1].shape, generator=g) / layer.m)
+    _randomize(model, seed, name)
 
 
 def reference_forward(base: nn.Module, adapted: nn.Module, name: str | None, x: torch.Tensor) -> torch.Tensor:
