@@ -214,6 +214,9 @@ class MiniLoRA(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.s = alpha / r
 
+    def delta_weight(self) -> torch.Tensor:
+        return self.s * self.lora_B @ self.lora_A
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.s * (x @ self.lora_A.t() @ self.lora_B.t())
 

@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import load_docstrings  # noqa: E402
-from finetune import HERE, Tokens, load_encoder, release_memory, tokenize  # noqa: E402
+from finetune import HERE, MiniLoRA, Tokens, load_encoder, release_memory, tokenize  # noqa: E402
 
 import randlora  # noqa: E402
 
@@ -81,24 +81,6 @@ class VeraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
-
-
-class MiniLoRA(nn.Module):
-    """Fallback when peft is missing: ``ΔW = (alpha / k) B A``, ``A`` Kaiming-uniform, ``B = 0``."""
-
-    def __init__(self, base: nn.Linear, k: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base
-        self.lora_A = nn.Parameter(torch.empty(k, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, k))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.s = alpha / k
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.s * self.lora_B @ self.lora_A
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.s * (x @ self.lora_A.t() @ self.lora_B.t())
 
 
 def target_names(enc: nn.Module) -> list[str]:
