@@ -82,6 +82,15 @@ class InjectReport:
         return "\n".join(lines)
 
 
+def _report(model: nn.Module, layers, bank: BasisBank) -> InjectReport:
+    """The report of ``(name, layer)`` pairs: shapes, bases, trainable counts, totals of the model."""
+    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
+            for n, l in layers]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+
+
 # ------------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------------
@@ -393,11 +402,7 @@ def inject(
         for name, p in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 p.requires_grad_(True)
-    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
-            for n, l in new.items()]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+    return _report(model, new.items(), bank)
 
 
 def _add_named(model: nn.Module, targets, name: str, *, r: int, alpha: float, dropout: float, seed: int,
@@ -430,11 +435,7 @@ def _add_named(model: nn.Module, targets, name: str, *, r: int, alpha: float, dr
     bank.adapters[name] = AdapterConfig(
         targets=names, r=r, alpha=alpha, dropout=dropout, seed=seed, bases=bases, recipe=recipe, bias=bias,
         fan_in_fan_out=[n for n, l in new.items() if l.fan_in_fan_out])
-    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
-            for n, l in new.items()]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+    return _report(model, new.items(), bank)
 
 
 def _drop_named(model: nn.Module, name: str) -> None:
@@ -574,8 +575,4 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def summary(model: nn.Module) -> str:
     """A per-layer table (shape, bases, trainable count), totals and the percentage of the model."""
     bank = _require(model)
-    rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
-            for n, l in adapted_layers(model)]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return repr(InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr()))
+    return repr(_report(model, adapted_layers(model), bank))
