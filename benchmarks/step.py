@@ -28,7 +28,7 @@ from _common import have, machine, markdown_table, median, peak_rss_mb, run_work
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 TARGET_LABEL = {"qv": "q_proj,v_proj", "all": "all 7 linear"}
 TRAIN_KINDS = ("randlora", "randlora-keep", "peft-randlora", "peft-lora", "full")
-EVAL_KINDS = ("eval-plain", "eval-randlora")
+EVAL_KINDS = ("eval-plain", "eval-randlora", "eval-randlora-cached")
 BATCH = 4
 
 
@@ -53,7 +53,7 @@ def adapt(model, cfg):
     import torch
 
     kind, targets, r = cfg["kind"], TARGETS[cfg["targets"]], cfg["r"]
-    if kind in ("randlora", "randlora-keep", "eval-randlora"):
+    if kind in ("randlora", "randlora-keep", "eval-randlora", "eval-randlora-cached"):
         import randlora
 
         randlora.inject(model, targets, r=r, alpha=640.0)
@@ -63,7 +63,7 @@ def adapt(model, cfg):
             for m in model.modules():
                 if isinstance(m, randlora.RandLoraLinear):
                     m.set_keep(cfg["keep"])
-        if kind == "eval-randlora":
+        if kind.startswith("eval-randlora"):
             with torch.no_grad():
                 for m in model.modules():
                     if isinstance(m, randlora.RandLoraLinear):
@@ -98,18 +98,27 @@ def worker(cfg):
         torch.cuda.reset_peak_memory_stats()
     times, cpu = [], []
     if cfg["kind"].startswith("eval"):
+        import contextlib
+
         model.eval()
 
         def fwd():
             with torch.no_grad():
                 model(ids)
 
-        for i in range(1 + max(cfg["steps"], 5)):  # a forward is cheap: take at least 5 after the warm-up
-            c = time.process_time()
-            t = timed(fwd, sync)
-            if i:
-                times.append(t)
-                cpu.append(time.process_time() - c)
+        if cfg["kind"] == "eval-randlora-cached":
+            import randlora
+
+            ctx = randlora.cached(model)  # s·ΔW kept between calls, checked against λ/γ on every call
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            for i in range(1 + max(cfg["steps"], 5)):  # a forward is cheap: take at least 5 after the warm-up
+                c = time.process_time()
+                t = timed(fwd, sync)
+                if i:
+                    times.append(t)
+                    cpu.append(time.process_time() - c)
     else:
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-5)
@@ -179,13 +188,18 @@ def summarize(rows, no_eval=False):
     ev = [row for row in rows if row["kind"] == "eval-randlora"]
     if ev and not no_eval:
         tok = ev[0]["tokens"]
-        plain, mine = S[("eval-plain", "all", tok)], S[("eval-randlora", "all", tok)]
+        plain = S[("eval-plain", "all", tok)]
+        rows_ev = [["plain model", tok, f"{plain['t'] * 1e3:.0f} ms", f"{plain['cpu'] * 1e3:.0f} ms",
+                    f"{plain['mem']:.0f} MB", "1.00×", "1.00×"]]
+        for kind, label in (("eval-randlora", "randlora, unmerged"),
+                            ("eval-randlora-cached", "randlora, unmerged, inside cached()")):
+            mine = S.get((kind, "all", tok))
+            if mine is not None:
+                rows_ev.append([label, tok, f"{mine['t'] * 1e3:.0f} ms", f"{mine['cpu'] * 1e3:.0f} ms",
+                                f"{mine['mem']:.0f} MB", ratio(mine, plain, "t"), ratio(mine, plain, "cpu")])
         text += "\n\n" + markdown_table(
             ["eval() forward, all 7 linear", "tokens", "time", "CPU time", "peak RSS", "time / plain", "CPU / plain"],
-            [["plain model", tok, f"{plain['t'] * 1e3:.0f} ms", f"{plain['cpu'] * 1e3:.0f} ms", f"{plain['mem']:.0f} MB",
-              "1.00×", "1.00×"],
-             ["randlora, unmerged", tok, f"{mine['t'] * 1e3:.0f} ms", f"{mine['cpu'] * 1e3:.0f} ms",
-              f"{mine['mem']:.0f} MB", ratio(mine, plain, "t"), ratio(mine, plain, "cpu")]])
+            rows_ev)
     return text
 
 

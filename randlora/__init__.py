@@ -4,7 +4,22 @@
 layers (one bank per model), only the diagonals ``λ`` (``r × n``) and ``γ`` (``n × min(O, I)``) train.
 """
 
+# Checked before anything else is imported. 2.13 is the oldest torch the suite runs on, and the code uses
+# APIs an old torch lacks (torch.get_autocast_dtype, torch.distributed.tensor): fail here, with the fix,
+# rather than with an AttributeError in the middle of training.
+import re as _re
+
+import torch as _torch
+
+_MIN_TORCH = (2, 13)
+_found = _re.match(r"(\d+)\.(\d+)", str(_torch.__version__))
+if _found is None or tuple(int(v) for v in _found.groups()) < _MIN_TORCH:
+    raise ImportError(f"randlora needs torch >= {_MIN_TORCH[0]}.{_MIN_TORCH[1]} (found {_torch.__version__}); "
+                      f"pip install 'torch>={_MIN_TORCH[0]}.{_MIN_TORCH[1]}'")
+del _re, _torch, _found
+
 from .bank import BasisBank, Fingerprint
+from .cache import cached
 from .checkpoint import load, load_state_dict, save, state_dict
 from .errors import (
     CheckpointError,
@@ -14,6 +29,7 @@ from .errors import (
     StateError,
     TargetError,
 )
+from .export import save_lora, to_lora
 from .layer import RandLoraLinear
 from .peft_io import load_peft, read_peft, save_peft
 from .ops import RandLoraFunction, randlora_linear
@@ -50,6 +66,7 @@ __all__ = [
     "__version__",
     "active_adapter",
     "adapter_names",
+    "cached",
     "disabled",
     "eject",
     "inject",
@@ -60,9 +77,11 @@ __all__ = [
     "randlora_linear",
     "read_peft",
     "save",
+    "save_lora",
     "save_peft",
     "state_dict",
     "summary",
+    "to_lora",
     "trainable_parameters",
     "unmerge",
     "use",

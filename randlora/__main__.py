@@ -23,7 +23,7 @@ import torch
 from .bank import Fingerprint, _checksum
 from .checkpoint import FP, read_file
 from .errors import CheckpointError, FingerprintMismatch, RandLoraError
-from .ops import delta_weight
+from .ops import acc_dtype, delta_weight
 from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, read_peft
 from .recipes import bank_shape, generate
 from .walker import AdapterConfig
@@ -151,7 +151,7 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         m, M = min(O, I), max(O, I)
         n = -(-m // cfg.r)
         W = t.t() if p in ffo else t
-        acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(W.dtype)
         new = W.to(acc) + delta_weight(tensors[f"{p}.randlora_lambda"], tensors[f"{p}.randlora_gamma"],
                                        A[:, :m], B2[:M, : n * cfg.r], s, O < I, acc)
         new = new.to(t.dtype)
@@ -261,14 +261,43 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print an adapter's settings, layers, parameter counts, fingerprint")
     i.add_argument("adapter", help="a randlora .safetensors adapter or a peft adapter folder")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    e = sub.add_parser("export-lora", help="write a plain peft LoRA folder (truncated SVD of each layer's update)")
+    e.add_argument("adapter", help="a randlora .safetensors adapter or a peft RandLora adapter folder")
+    e.add_argument("--base", required=True, help="the base model's .safetensors weight file (for the layer shapes)")
+    e.add_argument("--out", required=True, help="the LoRA folder to write (must not exist or be empty)")
+    k = e.add_mutually_exclusive_group(required=True)
+    k.add_argument("--rank", help="LoRA rank of every layer (an int, or 'full' for exact)")
+    k.add_argument("--energy", type=float, help="keep this fraction in (0, 1] of each layer's squared norm")
+    e.add_argument("--prefix", default="", help="prepended to the adapter's module paths to find them in --base")
+    e.add_argument("--method", default="auto", choices=["auto", "svd", "lowrank"], help="SVD algorithm")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="factor dtype (default: the weights')")
+    e.add_argument("--overwrite", action="store_true", help="replace the adapter files of a non-empty --out")
     return p
+
+
+def _export_lora(args: argparse.Namespace) -> None:
+    """``export-lora``: :func:`randlora.export.export_file`, then the per-layer table."""
+    from .export import export_file
+
+    rank = args.rank
+    if rank is not None and rank != "full":
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise RandLoraError(f"--rank must be a positive int or 'full', got {args.rank!r}") from None
+    exp = export_file(args.adapter, args.base, args.out, rank, args.energy, prefix=args.prefix, method=args.method,
+                      dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite)
+    print(exp)
+    print(f"wrote a LoRA adapter (r={max(exp.ranks.values())}) to {args.out} in {exp.seconds:.2f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m randlora`` / ``randlora``; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        if args.cmd == "merge":
+        if args.cmd == "export-lora":
+            _export_lora(args)
+        elif args.cmd == "merge":
             r = merge_file(args.base, args.adapter, args.out, prefix=args.prefix)
             print(f"merged {r['layers']} layers ({r['format']} adapter)"
                   + (f" and {r['biases']} biases" if r["biases"] else "") + f" into {args.out}")

@@ -99,6 +99,8 @@ class BasisBank:
     ) -> None:
         self.seed, self.mode, self.recipe, self.shape = int(seed), mode, recipe, shape
         self._checksum: int | None = None
+        # bumped whenever this library rewrites the bases in place, so caches built from them can tell
+        self.generation = 0
         device = torch.device(device if device is not None else "cpu")
         # built on the meta device: fill from the seed on first use after ``to_empty``
         self._pending = device.type == "meta"
@@ -164,6 +166,7 @@ class BasisBank:
             self.owner._buffers["randlora_A"].copy_(A)
             self.owner._buffers["randlora_B"].copy_(B)
         self._pending = False
+        self.generation += 1
 
     def load_(self, A: torch.Tensor, B: torch.Tensor, checksum: int) -> None:
         """Take bases from a checkpoint (shapes already checked)."""
@@ -172,6 +175,7 @@ class BasisBank:
             self.owner._buffers["randlora_B"].copy_(B)
         self._pending = False
         self._checksum = checksum
+        self.generation += 1
 
     @property
     def checksum(self) -> int:

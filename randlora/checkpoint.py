@@ -7,6 +7,7 @@ biases, ``randlora_fingerprint`` (see :class:`randlora.bank.Fingerprint`) and, w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ __all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "FORMAT
 FORMAT = "randlora"
 BASES = ("randlora_A", "randlora_B")
 FP = "randlora_fingerprint"
+DIGEST = "sha256"  # metadata key: checksum of all stored tensors (files from 0.1.0 have none and are not checked)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -143,8 +145,6 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
         if all(has_bases):
             ck = int(state[FP][-1]) if FP in state else _checksum(state["randlora_A"], state["randlora_B"])
             bank.load_(state["randlora_A"], state["randlora_B"], ck)
-    for _, layer in adapted_layers(model):
-        layer._cache = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,12 +234,24 @@ def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = T
         bt, bm = _encode_bases(*_file_bases(bank))
         tensors.update(bt)
         meta.update(bm)
+    meta[DIGEST] = _digest(tensors)
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass a file path such as {path / 'adapter.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every stored tensor (name, dtype, shape, bytes) in name order: any flipped byte of
+    ``λ``, ``γ``, biases, fingerprint or encoded bases changes it."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -276,6 +288,9 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapter
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a randlora adapter (no randlora metadata); "
                               "for a peft adapter folder use randlora.load_peft")
+    if DIGEST in meta and _digest(tensors) != meta[DIGEST]:
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum stored when it was saved "
+                              "(a flipped or truncated byte); nothing was loaded. Use an intact copy of the file")
     try:
         config = AdapterConfig(**json.loads(meta["config"]))
     except (TypeError, ValueError) as e:

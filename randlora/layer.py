@@ -10,7 +10,7 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, StateError
-from .ops import KEEP_POLICIES, PATHS, build_weight, delta_weight, keep_pays, randlora_linear
+from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, keep_pays, randlora_linear
 
 __all__ = ["RandLoraLinear", "NamedAdapter"]
 
@@ -55,7 +55,7 @@ class RandLoraLinear(nn.Module):
         self.n = math.ceil(self.m / self.r)
         self.weight = W
         self.bias = getattr(base, "bias", None)
-        pdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        pdtype = acc_dtype(W.dtype)
         self.randlora_lambda = nn.Parameter(torch.empty(self.r, self.n, dtype=pdtype, device=W.device))
         self.randlora_gamma = nn.Parameter(torch.empty(self.n, self.m, dtype=pdtype, device=W.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -69,8 +69,7 @@ class RandLoraLinear(nn.Module):
         self.merged_name: str | None = None
         object.__setattr__(self, "_bank", bank)
         object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_cache", None)
-        object.__setattr__(self, "_last_step", None)
+        object.__setattr__(self, "_delta_cache", None)  # a DeltaCache while inside randlora.cached(...)
         if not W.is_meta:
             self.reset_parameters()
 
@@ -89,19 +88,15 @@ class RandLoraLinear(nn.Module):
         with torch.no_grad():
             self.randlora_lambda.zero_()
             self.randlora_gamma.fill_(1.0 / max(self.n, self.m))
-        self._cache = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         was_meta = self.randlora_lambda.is_meta
         out = super()._apply(fn, recurse)
-        self._cache = None
+        if self._delta_cache is not None:
+            self._delta_cache.clear()
         if was_meta and not self.randlora_lambda.is_meta:
             self.reset_parameters()  # to_empty: start from the initial state, not garbage
         return out
-
-    def train(self, mode: bool = True) -> "RandLoraLinear":
-        self._cache = None
-        return super().train(mode)
 
     def set_path(self, path: str) -> None:
         """Force the op's path: ``"auto"`` (cost model), ``"weight"`` or ``"activation"``."""
@@ -156,7 +151,7 @@ class RandLoraLinear(nn.Module):
         """``s·ΔW`` of adapter ``name`` (default: the active one) as an ``(O, I)`` tensor, in float32
         (float64 for float64 weights) unless ``dtype``."""
         if dtype is None:
-            dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            dtype = acc_dtype(self.weight.dtype)
         p = self._params(name)
         if p is None:
             raise StateError(f"this layer has no adapter {name or self.active!r}; it has {self.adapter_names()}")
@@ -165,79 +160,60 @@ class RandLoraLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def _plain(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        b = self.bias
-        return F.linear(x, W, b)
+        return F.linear(x, W, self.bias)
 
-    def _eval_weight(self, cd: torch.dtype, train: bool = False) -> torch.Tensor | None:
-        """``W + s·ΔW`` (no grad), cached until a parameter's version changes: for gradient-free calls
-        (accumulated in float32) and, with ``train``, kept for backward and later micro-batches (in ``cd``)."""
+    def _prebuilt(self, lam: torch.Tensor, gam: torch.Tensor, s: float, cd: torch.dtype, T: int,
+                  need_x: bool) -> torch.Tensor | None:
+        """``W + s·ΔW`` in ``cd`` to hand to the op (forward with one matmul, kept for ``∂x``), or None to
+        let the op choose its route.
+
+        A pure function of this call: grad mode, shapes, the layer's ``path``/``keep`` settings and
+        whether it sits inside :func:`randlora.cached`. Never of earlier calls, so a recomputed forward
+        (activation checkpointing) saves exactly what the first one saved.
+        """
         if torch.compiler.is_compiling():
             return None
-        lam, gam, s = self._params()[:3]
-        W = self._w()
-        acc = cd if train else (torch.float64 if W.dtype == torch.float64 else torch.float32)
-        try:
-            key = (lam._version, gam._version, self.weight._version, id(self.weight), id(lam), id(gam),
-                   lam.data_ptr(), gam.data_ptr(), self.weight.data_ptr(), cd, acc, s,
-                   self.weight.device, self._bank.A.data_ptr())
-        except RuntimeError:  # inference tensors have no version counter
+        cache = self._delta_cache
+        if torch.is_grad_enabled():
+            if not keep_pays(T, self.out_features, self.in_features, lam.numel(), self.path, self.keep, need_x,
+                             reuse=cache is not None):
+                return None
+        elif cache is None or self.path == "activation":
             return None
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        self._cache = None  # free the stale one before building
         A, B = self._views()
-        Weff = build_weight(W, lam, gam, A, B, s, self.out_features < self.in_features, cd, acc)
-        self._cache = (key, Weff)
-        return Weff
+        tr = self.out_features < self.in_features
+        if cache is None:
+            return build_weight(self._w(), lam, gam, A, B, s, tr, cd)
+        acc = acc_dtype(self.weight.dtype)
+        bank = self._bank
+        D = cache.delta(lam, gam, s, (bank.A, bank.B, bank.generation),
+                        lambda: delta_weight(lam.detach(), gam.detach(), A, B, s, tr, acc))
+        with torch.no_grad():
+            return (self._w().to(acc) + D).to(cd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self._w()
         if self.merged:
             if self.disabled:
-                acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+                acc = acc_dtype(self.weight.dtype)
                 return self._plain(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
             return self._plain(x, W)
-        if self.disabled:
+        p = None if self.disabled else self._params()
+        if p is None:  # adapters off, or the active named adapter is not on this layer
             return self._plain(x, W)
-        lam, gam, s, dmod = self.randlora_lambda, self.randlora_gamma, self.scaling, self.dropout
-        if self.active != self.adapter_name:  # a named adapter is active
-            p = self._params()
-            if p is None:  # ... that this layer does not have: base layer only
-                return self._plain(x, W)
-            lam, gam, s, dmod = p
+        lam, gam, s, dmod = p
         if torch.is_autocast_enabled(x.device.type):
             cd, out_dtype = torch.get_autocast_dtype(x.device.type), None
         else:
             cd, out_dtype = W.dtype, x.dtype
         A, B = self._views()
-        drop = self.training and isinstance(dmod, nn.Dropout)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cd)
-            if not torch.is_grad_enabled() and not drop:
-                Weff = self._eval_weight(cd)
-                if Weff is not None:
-                    b = self.bias.to(cd) if self.bias is not None else None
-                    y = F.linear(xc, Weff, b)
-                    return y if out_dtype is None else y.to(out_dtype)
-            if drop:
+            if self.training and isinstance(dmod, nn.Dropout):
                 b = self.bias.to(cd) if self.bias is not None else None
-                y = F.linear(xc, W.to(cd), b) + randlora_linear(dmod(xc), None, None, lam, gam, A, B, s,
-                                                                self.path)
+                y = F.linear(xc, W.to(cd), b) + randlora_linear(dmod(xc), None, None, lam, gam, A, B, s, self.path)
             else:
-                weff = None
-                if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                    # same parameter versions as the previous training call: gradient accumulation
-                    try:
-                        step = (lam._version, gam._version, self.weight._version, id(lam))
-                    except RuntimeError:
-                        step = None
-                    reuse = step is not None and step == self._last_step
-                    object.__setattr__(self, "_last_step", step)
-                    if keep_pays(xc.numel() // self.in_features, self.out_features, self.in_features, lam.numel(),
-                                 self.path, self.keep, xc.requires_grad, reuse):
-                        weff = self._eval_weight(cd, train=True)
-                    else:
-                        self._cache = None  # stale after a step; do not hold it through this one
+                weff = self._prebuilt(lam, gam, s, cd, xc.numel() // self.in_features, xc.requires_grad)
                 y = randlora_linear(xc, W, self.bias, lam, gam, A, B, s, self.path, weff=weff)
         return y if out_dtype is None else y.to(out_dtype)
 
@@ -249,14 +225,13 @@ class RandLoraLinear(nn.Module):
         if self.merged:
             raise StateError("layer is already merged; call randlora.unmerge(model) first")
         W = self._w()
-        acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(W.dtype)
         name = self.active if name is None else name
         new = W.to(acc) + self.delta_weight(acc, name)
         if safe and not torch.isfinite(new).all():
             raise StateError("merging would make the weight non-finite")
         W.copy_(new.to(W.dtype))
         self.merged, self.merged_name = True, name
-        self._cache = None
 
     @torch.no_grad()
     def unmerge_(self) -> None:
@@ -264,10 +239,9 @@ class RandLoraLinear(nn.Module):
         if not self.merged:
             raise StateError("layer is not merged; nothing to unmerge")
         W = self._w()
-        acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(W.dtype)
         W.copy_((W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
         self.merged, self.merged_name = False, None
-        self._cache = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, n={self.n}, "

@@ -33,6 +33,7 @@ __all__ = [
     "forward_costs",
     "backward_costs",
     "release_workspace",
+    "acc_dtype",
     "PATHS",
     "KEEP_POLICIES",
 ]
@@ -40,16 +41,20 @@ __all__ = [
 PATHS = ("auto", "weight", "activation")
 KEEP_POLICIES = ("auto", "always", "never")
 
-# A kept ``W + s·ΔW`` may use at most this many times the memory of the layer's saved input
-# (``T × I``, which backward keeps anyway); see :func:`keep_pays`. At 1.0 the all-linear Llama step at
-# 1024 tokens went from 0.95x to 0.77x the peer's time for +150 MB peak RSS (0.93x LoRA's).
+# A kept ``W + s·ΔW`` may use at most this many times the memory of the layer's saved input (``T × I``,
+# which backward keeps anyway); see :func:`keep_pays` and docs/performance.md for the measured trade-off.
 KEEP_MEMORY_RATIO = 1.0
-# ... and when micro-batches of one step reuse it (measured on one 1024 × 1024 layer, T = 1024, 4 micro-batches:
-# 3.39× the frozen layer without keeping, 2.28× keeping and reusing).
+# ... and this many times when the layer caches ``s·ΔW`` (inside ``randlora.cached``): the build is then
+# shared by the calls of an evaluation loop or of the micro-batches of an accumulation step.
 KEEP_REUSE_RATIO = 3.0
 
 
 _WS = threading.local()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype updates are accumulated in for weights of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _workspace(role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor | None:
@@ -198,8 +203,9 @@ def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str =
 
     ``"auto"``: when that lowers the step's multiply-adds AND the kept ``O × I`` matrix is no larger than
     ``KEEP_MEMORY_RATIO`` times the ``T × I`` input that backward saves anyway (``O <= ratio · T``).
-    ``reuse``: gradient accumulation was detected (the parameters did not change since the previous
-    call), so the build is shared by the micro-batches: the memory bound is ``KEEP_REUSE_RATIO``.
+    ``reuse``: the layer caches ``s·ΔW`` (an explicit setting, see :func:`randlora.cached`), so the build
+    is shared by several calls: it is not counted, and the memory bound is ``KEEP_REUSE_RATIO``.
+    A pure function of its arguments: the same call always takes the same route.
     """
     if policy not in KEEP_POLICIES:
         raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {policy!r}")

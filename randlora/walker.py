@@ -369,6 +369,11 @@ def inject(
     if len(devices) > 1:
         raise ConfigError(f"target layers sit on several devices {sorted(map(str, devices))}; move the model to "
                           "one device before injecting")
+    largest = max(max(sh) for sh in shapes)
+    if r > largest:
+        raise ConfigError(f"r={r} is larger than the largest side of every targeted layer ({largest}): the bank "
+                          f"would hold r-sized bases no layer can use (and a huge r runs out of memory). Pass r <= "
+                          f"{largest}; smaller r means more bases (n = ceil(min(O, I) / r)) and more trainable values")
     bank_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     shape = bank_shape(recipe, r, shapes)
     bank = BasisBank(seed=seed, mode=bases, recipe=recipe, shape=shape, dtype=bank_dtype, device=devices.pop())

@@ -1,6 +1,6 @@
 """Bad input is refused with a clear ``RandLoraError`` and leaves the model exactly as it was.
 
-``CASES`` is the table of bad inputs (mirrored in README.md, section "Errors"): each row names the
+``CASES`` is the table of bad inputs (mirrored in docs/errors.md, section "Bad inputs"): each row names the
 bad input, the call, the error class and words the message must contain (the offending value and
 the fix). One test per row runs the call on a fresh model and then checks, with :func:`snapshot`,
 that the refused call changed nothing: same module objects, same parameter objects and
@@ -117,7 +117,7 @@ def saved(tmp: Path, model: nn.Module | None = None, name: str = "adapter.safete
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Case:
-    what: str                                   # the bad input, as in README
+    what: str                                   # the bad input, as in docs/errors.md
     call: Callable[[nn.Module, Path], Any]       # the refused call
     error: type[RandLoraError]
     says: tuple[str, ...]                        # the message must contain each (offending input, fix)
@@ -203,6 +203,18 @@ def _corrupt_bases(m, tmp):
     sd["randlora_A"] = sd["randlora_A"].clone()
     sd["randlora_A"][0, 0] += 0.5
     return randlora.load_state_dict(m, sd)
+
+
+def _flipped(tmp: Path, key_part: str) -> Path:
+    """A saved adapter file with one byte of the first tensor whose name contains ``key_part`` flipped."""
+    path = saved(tmp)
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    meta = json.loads(bytes(data[8:header]))
+    key = next(k for k in sorted(meta) if key_part in k)
+    data[header + meta[key]["data_offsets"][0]] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _truncated(tmp: Path) -> Path:
@@ -303,6 +315,8 @@ CASES: list[Case] = [
     Case("r < 0", _inject(r=-3), ConfigError, ("r must be a positive int", "-3")),
     Case("r not an int (2.5)", _inject(r=2.5), ConfigError, ("r must be a positive int", "2.5")),
     Case("r a bool", _inject(r=True), ConfigError, ("r must be a positive int", "True")),
+    Case("r larger than every targeted layer's largest side", _inject(r=100_000), ConfigError,
+         ("r=100000", "r <= 8")),
     Case("alpha = 0", _inject(alpha=0), ConfigError, ("alpha must be a positive", "got 0")),
     Case("alpha < 0", _inject(alpha=-8.0), ConfigError, ("alpha must be a positive", "-8.0")),
     Case("alpha = inf", _inject(alpha=float("inf")), ConfigError, ("alpha", "finite", "inf")),
@@ -381,6 +395,11 @@ CASES: list[Case] = [
     Case("load_state_dict into a model without adapter", lambda m, tmp: randlora.load_state_dict(m, donor_sd()),
          StateError, ("no RandLora adapter", "randlora.inject")),
     # -- files -----------------------------------------------------------------------------------
+    Case("a file with a flipped byte in λ", lambda m, tmp: randlora.load(m, _flipped(tmp, "randlora_lambda")),
+         CheckpointError, ("corrupt", "checksum")),
+    Case("a file with a flipped byte in λ, into an injected model",
+         lambda m, tmp: randlora.load(m, _flipped(tmp, "randlora_lambda")), CheckpointError, ("corrupt", "checksum"),
+         prep=lambda m, tmp: injected(m)),
     Case("a truncated file", lambda m, tmp: randlora.load(m, _truncated(tmp)), CheckpointError,
          ("not a readable .safetensors file", "truncated")),
     Case("a file one byte short", lambda m, tmp: randlora.load(m, _cut(tmp, 1)), CheckpointError,
@@ -425,10 +444,11 @@ def test_bad_input_is_refused_and_changes_nothing(case: Case, tmp_path: Path) ->
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_table_size_and_readme_mirror() -> None:
+def test_table_size_and_docs_mirror() -> None:
     assert len(CASES) >= 25
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text(encoding="utf-8")
+    assert "\n## Bad inputs\n" in doc, "docs/errors.md lost its '## Bad inputs' section"
+    section = doc.split("\n## Bad inputs\n", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| bad input")]
     for case in CASES:
         assert any(f"| {case.what} | `{case.error.__name__}` |" in row for row in rows), case.what

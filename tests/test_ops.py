@@ -290,12 +290,17 @@ def test_kept_weight_is_the_only_extra_saved_tensor():
     randlora.inject(layer_model, targets=["0"], r=4)
     layer = layer_model[0]
     layer.set_keep("always")
+    with torch.no_grad():
+        layer.randlora_lambda.normal_(0, 1e-2)
     x = torch.randn(64, 24, requires_grad=True)
     _, saved = _saved(lambda: layer(x))
     big = [t for t in saved if t.numel() >= 40 * 24 and t.untyped_storage().data_ptr() not in
            {x.untyped_storage().data_ptr(), layer.weight.untyped_storage().data_ptr(),
             layer_model.randlora_bank.B.untyped_storage().data_ptr()}]
-    assert len(big) == 1 and big[0] is layer._cache[1]
+    assert len(big) == 1 and tuple(big[0].shape) == (40, 24)
+    A, B = layer._views()
+    want = layer.weight.double() + ref_delta(layer.randlora_lambda, layer.randlora_gamma, A, B, layer.scaling, 40, 24)
+    torch.testing.assert_close(big[0].double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,56 +352,77 @@ def test_keep_policies_give_the_same_gradients(keep):
         torch.testing.assert_close(layer.randlora_lambda.grad.double(), lr.grad.double(), rtol=1e-4, atol=1e-4)
 
 
-def test_micro_batches_reuse_the_kept_update_until_the_step():
+def test_cached_micro_batches_share_one_build_until_the_values_change():
     model = _model()
     layer = _layers(model)[0][1]
     layer.set_keep("always")
-    opt = torch.optim.SGD(randlora.trainable_parameters(model), lr=1e-6)
-    model(torch.randn(8, 24)).sum().backward()
-    first = layer._cache[1]
-    model(torch.randn(8, 24)).sum().backward()  # second micro-batch: same λ/γ, same kept update
-    assert layer._cache[1] is first
-    opt.step()
-    model(torch.randn(8, 24)).sum().backward()
-    assert layer._cache[1] is not first
-    A, B = layer._views()
-    want = layer.weight.double() + ref_delta(layer.randlora_lambda, layer.randlora_gamma, A, B, layer.scaling,
-                                             40, 24)
-    torch.testing.assert_close(layer._cache[1].double(), want, rtol=1e-5, atol=1e-5)
+    opt = torch.optim.AdamW(randlora.trainable_parameters(model), lr=1e-3, fused=True)
+    xs = [torch.randn(8, 24) for _ in range(3)]
+    with randlora.cached(model) as names:
+        assert names == ["0", "2"]
+        cache = layer._delta_cache
+        for x in xs:  # three micro-batches: one build
+            model(x).sum().backward()
+        assert cache.builds == 1
+        got = layer.randlora_gamma.grad.clone()
+        opt.step()  # fused AdamW: no version counter moves, the values do
+        model(xs[0]).sum().backward()
+        assert cache.builds == 2
+    assert layer._delta_cache is None  # freed on exit
+    ref = _model()
+    for x in xs:
+        _ref_model_out(ref, x).sum().backward()
+    torch.testing.assert_close(got.double(), _layers(ref)[0][1].randlora_gamma.grad.double(), rtol=1e-4, atol=1e-4)
 
 
-def test_eval_cache_hits_and_invalidates():
+def test_cache_follows_values_not_versions():
+    """Inside ``cached``: hits while λ/γ are unchanged; ``.data`` writes, in-place ops and weight swaps are
+    all seen; hits and misses give bit-identical outputs; outside, nothing is kept."""
     model = _model()
     model.eval()
     layer = _layers(model)[0][1]
     x = torch.randn(16, 24)
-    calls = []
-    real = ops.build_weight
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    import randlora.layer as layer_mod
-    layer_mod.build_weight = counting
-    try:
-        with torch.no_grad():
-            y1 = model(x)
-            y2 = model(x)
-            assert len(calls) == 2  # one build per layer, then hits
+    with torch.no_grad():
+        y0 = model(x)
+        assert layer._delta_cache is None
+        torch.testing.assert_close(y0.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+        with randlora.cached(model):
+            cache = layer._delta_cache
+            y1, y2 = model(x), model(x)
+            assert cache.builds == 1 and torch.equal(y1, y2)
             torch.testing.assert_close(y1.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
-            assert torch.equal(y1, y2)
-            layer.randlora_gamma.mul_(1.5)  # version counter bumps: rebuilt
+            layer.randlora_gamma.data.mul_(1.5)  # no version bump
             y3 = model(x)
-            assert len(calls) == 3
+            assert cache.builds == 2
             torch.testing.assert_close(y3.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
             layer.randlora_lambda.add_(0.25)
             torch.testing.assert_close(model(x).double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
-            assert len(calls) == 4
-        model.train()
-        assert all(m._cache is None for _, m in _layers(model))
-    finally:
-        layer_mod.build_weight = real
+            assert cache.builds == 3
+            layer.weight.data = layer.weight.data * 0.5  # storage swap of the frozen weight: W is never cached
+            y5 = model(x)
+            assert cache.builds == 3
+            torch.testing.assert_close(y5.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            layer.weight.data.add_(1.0)  # in place, through .data
+            torch.testing.assert_close(model(x).double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            cache.clear()  # a miss computes exactly what a hit returns
+            assert torch.equal(model(x), y6 := model(x)) and cache.builds == 4
+        assert layer._delta_cache is None
+        torch.testing.assert_close(model(x).double(), y6.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_budget_and_bad_budget():
+    model = _model()  # two layers of 40 x 24 float32: 3840 bytes each
+    with randlora.cached(model, max_bytes=4000) as names:
+        assert names == ["0"] and model[2]._delta_cache is None
+    with randlora.cached(model, max_bytes=0) as names:
+        assert names == []
+    for bad in (-1, 1.5, True, "1GB"):
+        with pytest.raises(randlora.ConfigError, match="max_bytes"):
+            with randlora.cached(model, max_bytes=bad):
+                pass
+    with pytest.raises(randlora.StateError, match="no RandLora adapter"):
+        with randlora.cached(nn.Linear(2, 2)):
+            pass
 
 
 def test_set_keep_rejects_bad_values():
@@ -427,27 +453,22 @@ def test_scratch_buffers_never_leak_into_results(path):
     ops.release_workspace()
 
 
-def test_auto_keep_turns_on_for_gradient_accumulation():
-    """One micro-batch per step: not kept (T too small for the memory bound); a second micro-batch with the
-    same parameters: kept and reused; after the optimizer step: dropped again."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_route_is_a_function_of_the_call_alone(cached):
+    """Micro-batches, optimiser steps and earlier calls never change what a call saves for backward (what
+    activation checkpointing requires); only the explicit settings do."""
     model = _model()
     layer = _layers(model)[0][1]
+    T = 32  # T < O = 40 <= 3T: the window where a history-dependent rule changed its mind
+    opt = torch.optim.SGD(randlora.trainable_parameters(model), lr=1e-3)
+    metas = []
+    with randlora.cached(model) if cached else contextlib.nullcontext():
+        for step in range(3):
+            for _ in range(2):
+                _, saved = _saved(lambda: layer(torch.randn(T, 24, requires_grad=True)))
+                metas.append([(tuple(t.shape), t.dtype) for t in saved])
+            opt.step()
+    assert all(m == metas[0] for m in metas)
     nr = layer.n * layer.r
-    T = 32
-    assert not keep_pays(T, 40, 24, nr) and keep_pays(T, 40, 24, nr, reuse=True)
-    opt = torch.optim.SGD(randlora.trainable_parameters(model), lr=1e-6)
-    xs = [torch.randn(T, 24) for _ in range(3)]
-    model(xs[0]).sum().backward()
-    assert layer._cache is None
-    model(xs[1]).sum().backward()
-    kept = layer._cache[1]
-    model(xs[2]).sum().backward()
-    assert layer._cache[1] is kept
-    got = layer.randlora_gamma.grad.clone()
-    opt.step()
-    model(xs[0]).sum().backward()
-    assert layer._cache is None  # a new step: the stale update is not held
-    ref = _model()
-    for x in xs:
-        _ref_model_out(ref, x).sum().backward()
-    torch.testing.assert_close(got.double(), _layers(ref)[0][1].randlora_gamma.grad.double(), rtol=1e-4, atol=1e-4)
+    kept = sum(shape == (40, 24) for shape, _ in metas[0]) == 3  # W, the B view, and W + s·ΔW if kept
+    assert kept == keep_pays(T, 40, 24, nr, reuse=cached)

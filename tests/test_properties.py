@@ -60,11 +60,13 @@ WIDE_DTYPES = (torch.float32, torch.float64)
 def setups(draw, dtypes: tuple[torch.dtype, ...] = EXACT_DTYPES) -> dict:
     depth = draw(st.integers(1, 3))
     dims = draw(st.lists(st.sampled_from(SIZES), min_size=depth + 1, max_size=depth + 1))
+    targets = sorted(draw(st.sets(st.integers(0, depth - 1), min_size=1)))
+    largest = max(max(dims[i], dims[i + 1]) for i in targets)  # inject refuses r above it
     return {
         "dims": dims,
         "biases": draw(st.lists(st.booleans(), min_size=depth, max_size=depth)),
-        "targets": sorted(draw(st.sets(st.integers(0, depth - 1), min_size=1))),
-        "r": draw(st.integers(1, 6)),
+        "targets": targets,
+        "r": draw(st.integers(1, min(6, largest))),
         "alpha": draw(st.sampled_from([None, 1.0, 8.0])),
         "bases": draw(st.sampled_from(MODES)),
         "recipe": draw(st.sampled_from(["portable", "peft"])),

@@ -1,0 +1,506 @@
+"""Export to a plain LoRA adapter: a truncated SVD of each adapted layer's update ``s·ΔW``.
+
+Serving stacks with multi-adapter batching load LoRA adapters only. :func:`to_lora` factors every
+adapted layer's ``s·ΔW`` (``O × I``) as ``lora_B @ lora_A`` with ``lora_A`` ``(k, I)`` and ``lora_B``
+``(O, k)`` (the singular values split evenly between them), for a fixed rank ``k`` or the smallest ``k``
+keeping a fraction of the update's energy (squared Frobenius norm). :func:`save_lora` writes a standard
+peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``) with ``lora_alpha = r`` so the scale is
+one; layers of another rank go into ``rank_pattern`` / ``alpha_pattern`` (also scale one). peft is never
+imported. :func:`export_file` does the same from an adapter file and the base weight file, without
+model code (the ``export-lora`` command).
+
+A RandLora update is full rank, so a rank-``k`` LoRA drops the part of ``ΔW`` beyond its top ``k``
+singular directions: each layer reports its relative reconstruction error
+``‖s·ΔW − B A‖_F / ‖s·ΔW‖_F`` (measured on the written factors, after the cast to their dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+from .errors import CheckpointError, ConfigError, StateError
+
+__all__ = ["LoraLayer", "LoraExport", "to_lora", "save_lora", "export_file", "METHODS"]
+
+PREFIX = "base_model.model."
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+METHODS = ("auto", "svd", "lowrank")
+# svd_lowrank settings: oversampling columns and power iterations. With 4 iterations the randomized
+# factors' error stayed within 0.6 % of the optimal truncation's on trained-like RandLora updates, whose
+# spectra decay slowly (benchmarks/export.py measures it per rank).
+_OVERSAMPLE = 16
+_NITER = 4
+# ``method="auto"`` uses the randomized SVD while ``k + oversampling`` is at most this fraction of
+# ``min(O, I)``: at 0.27 it was still 1.8x faster than the full SVD, at 0.5 0.8-0.9x (benchmarks/export.py).
+_LOWRANK_MAX_FRACTION = 0.3
+_PEFT_VERSION_WRITTEN = "0.21.2"  # the peft release whose LoRA layout this module follows
+_BIAS_MODES = {"none": "none", "all": "all", "randlora_only": "lora_only"}
+
+
+@dataclass
+class LoraLayer:
+    """One layer's LoRA factors: ``lora_B @ lora_A`` approximates the layer's ``s·ΔW`` (``O × I``).
+
+    ``error`` is ``‖s·ΔW − lora_B lora_A‖_F / ‖s·ΔW‖_F`` (0 for a zero update) and ``energy`` the fraction
+    of ``‖s·ΔW‖_F²`` the kept singular values hold. ``fan_in_fan_out`` marks a GPT-2 style ``Conv1D``
+    layer (its weight is stored ``(I, O)``; the factors are still ``(k, I)`` and ``(O, k)``, as peft's).
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    error: float
+    energy: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(O, I)`` of the layer."""
+        return (self.lora_B.shape[0], self.lora_A.shape[1])
+
+
+@dataclass
+class LoraExport:
+    """The result of :func:`to_lora` / :func:`export_file`: LoRA factors per adapted layer.
+
+    ``biases`` holds trained biases (``<path>.bias`` -> tensor) and ``bias`` peft's matching LoRA ``bias``
+    setting (``"none"``, ``"all"`` or ``"lora_only"``). ``module_names`` are the model's module paths,
+    used to write ``target_modules`` so that peft selects exactly the exported layers.
+    """
+
+    layers: dict[str, LoraLayer]
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    bias: str = "none"
+    module_names: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {p: l.rank for p, l in self.layers.items()}
+
+    @property
+    def max_error(self) -> float:
+        """The largest per-layer relative reconstruction error."""
+        return max((l.error for l in self.layers.values()), default=0.0)
+
+    @property
+    def parameters(self) -> int:
+        """Number of LoRA parameters (``k·(O + I)`` summed over layers)."""
+        return sum(l.lora_A.numel() + l.lora_B.numel() for l in self.layers.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``adapter_model.safetensors`` under peft's keys (CPU, contiguous)."""
+        sd: dict[str, torch.Tensor] = {}
+        for p, l in self.layers.items():
+            sd[f"{PREFIX}{p}.lora_A.weight"] = l.lora_A.detach().to("cpu").contiguous()
+            sd[f"{PREFIX}{p}.lora_B.weight"] = l.lora_B.detach().to("cpu").contiguous()
+        for k, t in self.biases.items():
+            owner = k[: -len(".bias")] if k != "bias" else ""
+            key = f"{PREFIX}{owner}.base_layer.bias" if owner in self.layers else f"{PREFIX}{k}"
+            sd[key] = t.detach().to("cpu").contiguous()
+        return sd
+
+    def adapter_config(self) -> dict:
+        """The ``adapter_config.json`` contents: ``r`` is the largest rank, ``lora_alpha = r`` (scale one);
+        layers of another rank get ``rank_pattern`` / ``alpha_pattern`` entries with ``alpha = rank``."""
+        if not self.layers:
+            raise StateError("the export holds no layer")
+        r = max(self.ranks.values())
+        paths = sorted(self.layers)
+        names = set(self.module_names) | set(paths)
+        targets = _target_modules(names, paths)
+        rank_pattern = {}
+        for p in paths:
+            k = self.layers[p].rank
+            if k != r:
+                rank_pattern[_pattern_key(names, p)] = k
+        ffo = {l.fan_in_fan_out for l in self.layers.values()}
+        if len(ffo) > 1:
+            conv = [p for p in paths if self.layers[p].fan_in_fan_out]
+            raise ConfigError(f"the adapter mixes Conv1D layers ({conv[:3]}) with nn.Linear layers; peft has a single "
+                              "fan_in_fan_out setting per adapter, so it cannot be written as one LoRA folder")
+        return {
+            "alpha_pattern": dict(rank_pattern),
+            "auto_mapping": None,
+            "base_model_name_or_path": None,
+            "bias": self.bias,
+            "exclude_modules": None,
+            "fan_in_fan_out": ffo.pop(),
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "layer_replication": None,
+            "layers_pattern": None,
+            "layers_to_transform": None,
+            "lora_alpha": r,
+            "lora_bias": False,
+            "lora_dropout": 0.0,
+            "modules_to_save": None,
+            "peft_type": "LORA",
+            "peft_version": _PEFT_VERSION_WRITTEN,
+            "r": r,
+            "rank_pattern": rank_pattern,
+            "revision": None,
+            "target_modules": targets,
+            "target_parameters": None,
+            "task_type": None,
+            "use_dora": False,
+            "use_rslora": False,
+        }
+
+    def __repr__(self) -> str:
+        w = max([len("layer")] + [len(p) for p in self.layers])
+        lines = [f"{'layer':<{w}}  {'O':>6}  {'I':>6}  {'rank':>5}  {'energy':>8}  {'rel. error':>10}"]
+        for p, l in self.layers.items():
+            O, I = l.shape
+            lines.append(f"{p:<{w}}  {O:>6}  {I:>6}  {l.rank:>5}  {l.energy:>8.4f}  {l.error:>10.3e}")
+        lines.append(f"{len(self.layers)} layers, {self.parameters:,} LoRA parameters, largest relative error "
+                     f"{self.max_error:.3e}" + (f", {len(self.biases)} trained biases" if self.biases else ""))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# naming (peft's target_modules / rank_pattern matching)
+# ------------------------------------------------------------------------------------------------
+def _target_modules(names: set[str], paths: list[str]) -> list[str] | str:
+    """Exact module paths as a list when peft's list matching (equal, or ends with ``.entry``) selects
+    exactly them, else a full-match regular expression."""
+    chosen = set(paths)
+    clash = [n for n in names if n and n not in chosen and any(n.endswith("." + p) for p in paths)]
+    if not clash:
+        return list(paths)
+    return "(" + "|".join(re.escape(p) for p in paths) + ")"
+
+
+def _pattern_key(names: set[str], path: str) -> str:
+    """A ``rank_pattern`` key selecting ``path`` only. peft matches keys as ``(.*\\.)?(key)$``: the plain
+    path (what peft itself writes) unless another module's name ends with it; then an anchored regex."""
+    if any(n != path and n.endswith("." + path) for n in names) or re.escape(path) != path.replace(".", r"\."):
+        return "^" + re.escape(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# the factorisation
+# ------------------------------------------------------------------------------------------------
+def _check_choice(rank, energy, method) -> None:
+    if (rank is None) == (energy is None):
+        raise ConfigError(f"pass exactly one of rank (an int > 0 or 'full') and energy (a fraction in (0, 1]); got "
+                          f"rank={rank!r}, energy={energy!r}")
+    if rank is not None and rank != "full" and (
+            isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0):
+        raise ConfigError(f"rank must be a positive int or 'full' (each layer's min(O, I): exact), got {rank!r}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)
+                               or not 0 < energy <= 1 or math.isnan(energy)):
+        raise ConfigError(f"energy must be a number in (0, 1] (the fraction of each layer's squared Frobenius "
+                          f"norm to keep, e.g. 0.9), got {energy!r}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _choose_rank(S: torch.Tensor, energy: float) -> int:
+    """The smallest ``k`` whose top ``k`` singular values hold at least ``energy`` of ``Σ σ²`` (1 if all zero)."""
+    e = S.double() ** 2
+    cs = torch.cumsum(e, 0)
+    total = float(cs[-1])
+    if total == 0.0:
+        return 1
+    k = int(torch.searchsorted(cs, torch.tensor([energy * total], dtype=torch.float64)).item()) + 1
+    return min(k, S.numel())
+
+
+def factor(D: torch.Tensor, *, rank: int | str | None = None, energy: float | None = None, method: str = "auto",
+           dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+    """Truncated SVD of one ``(O, I)`` update: ``(lora_A (k, I), lora_B (O, k), k, error, energy kept)``.
+
+    Args:
+        D: the update ``s·ΔW`` (float32 or float64; the SVD runs in its dtype).
+        rank: a fixed rank (capped at ``min(O, I)``) or ``"full"``; or
+        energy: the fraction of ``‖D‖_F²`` to keep (the smallest rank that does).
+        method: ``"svd"`` (``torch.linalg.svd``), ``"lowrank"`` (``torch.svd_lowrank``, randomized;
+            fixed rank only) or ``"auto"`` (randomized when the rank is small against ``min(O, I)``).
+        dtype: the factors' dtype (default ``D``'s); ``error`` is measured after this cast.
+
+    Returns:
+        ``(lora_A, lora_B, k, error, energy_kept)`` with ``error = ‖D − B A‖_F / ‖D‖_F``.
+
+    Raises:
+        ConfigError: bad ``rank``/``energy``/``method``, or ``method="lowrank"`` with ``energy``.
+    """
+    _check_choice(rank, energy, method)
+    if not D.is_floating_point() or D.dim() != 2:
+        raise ConfigError(f"expected a 2-D floating-point update, got {D.dtype} of shape {tuple(D.shape)}")
+    D = D.detach()
+    O, I = D.shape
+    m = min(O, I)
+    if energy is not None and method == "lowrank":
+        raise ConfigError("method='lowrank' needs a fixed rank: choosing a rank by energy needs every singular "
+                          "value (use method='svd' or 'auto')")
+    k = None if energy is not None else (m if rank == "full" else min(int(rank), m))
+    lowrank = k is not None and k < m and (
+        method == "lowrank" or (method == "auto" and k + _OVERSAMPLE <= _LOWRANK_MAX_FRACTION * m))
+    if lowrank:
+        q = min(k + _OVERSAMPLE, m)
+        # a fixed test matrix (same factors on every call) without disturbing the caller's random stream
+        with torch.random.fork_rng(devices=[D.device] if D.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(D, q=q, niter=_NITER)
+        Vh = V.mT
+    else:
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    if k is None:
+        k = _choose_rank(S, float(energy))  # type: ignore[arg-type]
+    root = S[:k].clamp_min(0).sqrt()
+    out = D.dtype if dtype is None else dtype
+    B = (U[:, :k] * root).to(out).contiguous()
+    A = (root[:, None] * Vh[:k]).to(out).contiguous()
+    acc = D.dtype
+    norm = float(torch.linalg.matrix_norm(D))
+    if norm == 0.0:
+        err = 0.0 if float(torch.linalg.matrix_norm(B.to(acc) @ A.to(acc))) == 0.0 else math.inf
+        kept = 1.0
+    else:
+        err = float(torch.linalg.matrix_norm(D - B.to(acc) @ A.to(acc))) / norm
+        kept = min(1.0, float((S[:k].double() ** 2).sum()) / norm**2)
+    return A, B, k, err, kept
+
+
+def _export(items: Iterable[tuple[str, Callable[[], torch.Tensor], bool, torch.dtype]], *, rank, energy, method,
+            dtype) -> dict[str, LoraLayer]:
+    layers: dict[str, LoraLayer] = {}
+    for path, delta, ffo, wdtype in items:
+        D = delta()
+        if not bool(torch.isfinite(D).all()):
+            raise StateError(f"layer {path}: its update s·ΔW holds inf/nan (λ/γ are non-finite or overflow); "
+                             "nothing was exported. Reload a good adapter")
+        A, B, k, err, kept = factor(D, rank=rank, energy=energy, method=method,
+                                    dtype=wdtype if dtype is None else dtype)
+        del D
+        layers[path] = LoraLayer(lora_A=A, lora_B=B, rank=k, error=err, energy=kept, fan_in_fan_out=ffo)
+    return layers
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None (the weights' "
+                          f"dtype), got {dtype!r}")
+
+
+def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | None = None, *, name: str | None = None,
+            method: str = "auto", dtype: torch.dtype | None = None,
+            svd_dtype: torch.dtype = torch.float32) -> LoraExport:
+    """LoRA factors of every adapted layer's ``s·ΔW`` by a truncated SVD (the model is not changed).
+
+    Args:
+        model: a model adapted by :func:`randlora.inject` (or loaded with :func:`randlora.load`).
+        rank: the LoRA rank of every layer (capped at the layer's ``min(O, I)``, which is exact), or
+            ``"full"`` for ``min(O, I)`` everywhere (exact up to rounding).
+        energy: instead of ``rank``, the fraction in ``(0, 1]`` of each layer's ``‖s·ΔW‖_F²`` to keep: each
+            layer gets the smallest rank that keeps it.
+        name: the adapter to export (default: the active one).
+        method: ``"auto"`` (randomized ``torch.svd_lowrank`` when the rank is small against ``min(O, I)``,
+            else ``torch.linalg.svd``), ``"svd"`` or ``"lowrank"``.
+        dtype: the factors' dtype (default: each layer's weight dtype).
+        svd_dtype: the dtype ``s·ΔW`` is built and factored in (``torch.float32`` or ``torch.float64``).
+
+    Returns:
+        A :class:`LoraExport` (factors, ranks, per-layer relative errors; ``print`` it for a table).
+
+    Raises:
+        StateError: the model has no RandLora adapter, no layer carries adapter ``name``, or an update is
+            non-finite.
+        ConfigError: bad ``rank``, ``energy``, ``method``, ``dtype`` or ``svd_dtype``.
+    """
+    import time
+
+    from .walker import _adapter, _require, adapted_layers
+
+    _check_choice(rank, energy, method)
+    _check_dtype(dtype)
+    if svd_dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype!r}")
+    bank = _require(model)
+    adapter = _adapter(bank, name)
+    chosen = [(p, l) for p, l in adapted_layers(model) if l._params(adapter) is not None]
+    if not chosen:
+        raise StateError(f"no adapted layer carries adapter {adapter!r}")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        items = [(p, (lambda l=l: l.delta_weight(svd_dtype, adapter)), l.fan_in_fan_out, l.weight.dtype)
+                 for p, l in chosen]
+        layers = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
+    biases = {n: p.detach().clone() for n, p in model.named_parameters()
+              if p.requires_grad and (n == "bias" or n.endswith(".bias"))}
+    cfg = bank.adapters[adapter]
+    bias = _BIAS_MODES.get(cfg.bias, "all") if biases else "none"
+    out = LoraExport(layers=layers, biases=biases, bias=bias,
+                     module_names=[n for n, _ in model.named_modules() if n])
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def _check_folder(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder; pass a new folder path for the LoRA adapter")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise CheckpointError(f"{folder} exists and is not empty; pass a new folder, empty it, or pass "
+                              "overwrite=True (--overwrite) to replace its adapter files")
+
+
+def save_lora(model_or_export: nn.Module | LoraExport, folder: str | os.PathLike, rank: int | str | None = None,
+              energy: float | None = None, *, name: str | None = None, method: str = "auto",
+              dtype: torch.dtype | None = None, overwrite: bool = False) -> LoraExport:
+    """Write a peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically per file.
+
+    Args:
+        model_or_export: an adapted model (exported with :func:`to_lora` and ``rank``/``energy``/``name``/
+            ``method``/``dtype``), or a :class:`LoraExport` already made.
+        folder: the output folder; it must not exist or be empty unless ``overwrite``.
+        rank, energy, name, method, dtype: as for :func:`to_lora` (only with a model).
+        overwrite: replace the adapter files of a non-empty folder.
+
+    Returns:
+        The :class:`LoraExport` written (ranks and per-layer relative errors).
+
+    Raises:
+        CheckpointError: ``folder`` is a file, or a non-empty folder without ``overwrite``.
+        ConfigError: bad export settings, settings passed with a :class:`LoraExport`, or Conv1D and
+            ``nn.Linear`` layers mixed (peft has one ``fan_in_fan_out`` per adapter).
+        StateError: as for :func:`to_lora`.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    _check_folder(folder, overwrite)
+    if isinstance(model_or_export, LoraExport):
+        if rank is not None or energy is not None or name is not None or dtype is not None or method != "auto":
+            raise ConfigError("rank/energy/name/method/dtype apply when exporting a model; a LoraExport is already "
+                              "factored: pass the model instead, or call to_lora again")
+        exp = model_or_export
+    elif isinstance(model_or_export, nn.Module):
+        exp = to_lora(model_or_export, rank, energy, name=name, method=method, dtype=dtype)
+    else:
+        raise ConfigError(f"expected an adapted torch.nn.Module or a LoraExport, got {type(model_or_export).__name__}")
+    config = exp.adapter_config()  # validates before anything is written
+    tensors = exp.state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / LORA_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / LORA_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return exp
+
+
+# ------------------------------------------------------------------------------------------------
+# from files (no model code)
+# ------------------------------------------------------------------------------------------------
+def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike | None = None,
+                rank: int | str | None = None, energy: float | None = None, *, prefix: str = "",
+                method: str = "auto", dtype: torch.dtype | None = None, overwrite: bool = False) -> LoraExport:
+    """Export an adapter file (or peft RandLora folder) to LoRA without model code.
+
+    The layers' shapes come from the header of the base model's safetensors weight file
+    (``<prefix><path>.weight``; no tensor is read: the update does not depend on ``W``); the bases come from
+    the adapter when it holds them, else they are regenerated from its seed and recipe and verified against
+    its fingerprint. ``s·ΔW`` is built in float32 from bases in the weight file's dtype, as
+    :func:`randlora.inject` builds them, so the result equals :func:`to_lora` on the adapted model.
+
+    Args:
+        adapter: this library's ``.safetensors`` adapter or a peft RandLora adapter folder.
+        base: the base model's ``.safetensors`` weight file.
+        out: the LoRA folder to write (None: only return the export).
+        rank, energy, method, dtype: as for :func:`to_lora` (``dtype`` default: the weight file's dtype).
+        prefix: prepended to the adapter's module paths to find them in ``base`` (the written keys keep the
+            adapter's paths).
+        overwrite: as for :func:`save_lora`.
+
+    Returns:
+        The :class:`LoraExport`.
+
+    Raises:
+        CheckpointError: unreadable files, layers missing from ``base`` or of the wrong shape, an existing
+            non-empty ``out``; FingerprintMismatch when the regenerated bases are not the adapter's.
+        ConfigError: bad ``rank``/``energy``/``method``/``dtype``.
+    """
+    import time
+
+    from .__main__ import _DTYPES, _bases, _header, _layers, read_adapter
+    from .ops import delta_weight
+
+    _check_choice(rank, energy, method)
+    _check_dtype(dtype)
+    if out is not None:
+        _check_folder(Path(out), overwrite)
+    base = Path(base)
+    tensors, cfg, info = read_adapter(adapter)
+    _, header = _header(base)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    layers = _layers(tensors)
+    if not layers:
+        raise CheckpointError(f"{adapter} holds no adapted layer (no randlora_lambda tensors)")
+    ffo = set(cfg.fan_in_fan_out) if info["format"] == "randlora" else (
+        set(layers) if info["fan_in_fan_out"] else set())
+    missing = [p for p in layers if f"{prefix}{p}.weight" not in entries]
+    if missing:
+        some = [k for k in entries if k.endswith(".weight")][:3]
+        raise CheckpointError(f"{base} has no tensors {[prefix + p + '.weight' for p in missing[:3]]} for the "
+                              f"adapter's layers; its weights are named like {some}. Use --prefix to map the "
+                              "adapter's module paths onto the file's keys")
+    shapes, wdtypes = {}, {}
+    for p in layers:
+        e = entries[f"{prefix}{p}.weight"]
+        if len(e["shape"]) != 2 or e["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{prefix}{p}.weight in {base} is {e['dtype']} {e['shape']}; a 2-D floating-point "
+                                  "weight is needed")
+        d0, d1 = e["shape"]
+        O, I = (d1, d0) if p in ffo else (d0, d1)
+        n = -(-min(O, I) // cfg.r)
+        gam = tensors[f"{p}.randlora_gamma"]
+        if tuple(gam.shape) != (n, min(O, I)):
+            raise CheckpointError(f"{prefix}{p}.weight has shape {e['shape']} but the adapter's randlora_gamma for it "
+                                  f"is {tuple(gam.shape)} (expected ({n}, {min(O, I)})); wrong base model?")
+        shapes[p] = (O, I)
+        wdtypes[p] = _DTYPES[e["dtype"]]
+    A, B = _bases(tensors, cfg, info, list(shapes.values()))
+    kinds = set(wdtypes.values())
+    bank_dtype = kinds.pop() if len(kinds) == 1 else torch.float32  # as randlora.inject sizes the bank
+    A, B = A.to(bank_dtype), B.to(bank_dtype)
+    B2 = B.view(B.shape[0], -1)
+    s = cfg.alpha / cfg.r
+
+    def delta(p: str) -> torch.Tensor:
+        O, I = shapes[p]
+        m, M = min(O, I), max(O, I)
+        n = -(-m // cfg.r)
+        return delta_weight(tensors[f"{p}.randlora_lambda"], tensors[f"{p}.randlora_gamma"], A[:, :m],
+                            B2[:M, : n * cfg.r], s, O < I, torch.float32)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        items = [(p, (lambda p=p: delta(p)), p in ffo, wdtypes[p]) for p in layers]
+        factored = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
+    biases = {k: t for k, t in tensors.items() if k == "bias" or k.endswith(".bias")}
+    names: set[str] = set()
+    for k in entries:
+        if k.startswith(prefix):
+            parts = k[len(prefix):].split(".")[:-1]
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    exp = LoraExport(layers=factored, biases=biases, bias=_BIAS_MODES.get(cfg.bias, "all") if biases else "none",
+                     module_names=sorted(names))
+    exp.seconds = time.perf_counter() - t0
+    if out is not None:
+        save_lora(exp, out, overwrite=overwrite)
+    return exp
