@@ -13,193 +13,110 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .bank import Fingerprint, _checksum
-from .checkpoint import FP, read_file
-from .errors import CheckpointError, FingerprintMismatch, RandLoraError
-from .ops import acc_dtype, delta_weight
-from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, read_peft
-from .recipes import bank_shape, generate
-from .walker import AdapterConfig
+from .bank import FINGERPRINT_KEYS
+from .checkpoint import FP, atomic_write
+from .errors import CheckpointError, RandLoraError
+from .files import layer_paths, read_adapter, read_for_weights
+from .ops import acc_dtype
 
 __all__ = ["main", "merge_file", "read_adapter"]
 
-_COPY_BLOCK = 16 << 20
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
-    """Read this library's adapter file or a peft adapter folder.
-
-    Returns ``(tensors, settings, info)``; ``info["format"]`` is ``"randlora"`` or ``"peft"``, and for peft
-    ``info["fan_in_fan_out"]`` is the folder's flag (it applies to every layer).
-    """
-    path = Path(path)
-    if path.is_file() and path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
-        path = path.parent
-    if path.is_dir():
-        if not is_peft_folder(path):
-            raise CheckpointError(f"{path} is a folder without {PEFT_CONFIG}; pass an adapter .safetensors file "
-                                  "or a peft adapter folder")
-        tensors, cfg, raw = read_peft(path)
-        return tensors, cfg, {"format": "peft", "fan_in_fan_out": bool(raw.get("fan_in_fan_out")), "raw": raw}
-    tensors, cfg = read_file(path)
-    return tensors, cfg, {"format": "randlora"}
-
-
-def _layers(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k[: -len(".randlora_lambda")] for k in tensors if k.endswith(".randlora_lambda"))
-
-
-def _header(path: Path) -> tuple[int, dict]:
-    """``(header length, header dict)`` of a safetensors file, read without loading any tensor."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 << 20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise CheckpointError(f"{path} is not a readable .safetensors weight file ({e})") from None
-    return n, header
-
-
-def _bases(tensors: dict[str, torch.Tensor], cfg: AdapterConfig, info: dict,
-           shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapter's bases: from the adapter when it holds them (checked), else regenerated (verified)."""
-    shape = bank_shape(cfg.recipe, cfg.r, shapes)
-    stored = tensors.get(FP)
-    if "randlora_A" in tensors:
-        A, B = tensors["randlora_A"].float(), tensors["randlora_B"].float()
-        if (tuple(A.shape), tuple(B.shape)) != ((shape.r, shape.m), (shape.M, shape.n, shape.r)):
-            raise CheckpointError(f"the adapter's bases have shapes A{tuple(A.shape)}, B{tuple(B.shape)} but the "
-                                  f"weight file's layers need A({shape.r}, {shape.m}), B({shape.M}, {shape.n}, "
-                                  f"{shape.r}); is it the adapter of another model?")
-        if stored is not None and _checksum(A, B) != int(stored[-1]):
-            raise CheckpointError("the adapter's bases do not match its own checksum: the file is corrupt")
-        return A, B
-    A, B = generate(cfg.recipe, cfg.seed, cfg.bases, shape)
-    if stored is not None:
-        diff = Fingerprint(cfg.seed, cfg.recipe, cfg.bases, shape.r, shape.M, shape.m,
-                           _checksum(A, B)).differences(stored)
-        if diff:
-            raise FingerprintMismatch(f"the adapter was made with other bases than these layers give "
-                                      f"({'; '.join(diff)}); is the weight file the adapter's base model?")
-    elif info["format"] != "peft":
-        raise FingerprintMismatch("the adapter has neither a fingerprint nor bases, so it cannot be verified")
-    return A, B
+_COPY_BLOCK = 16 << 20  # bytes an untouched tensor is copied in at a time, so memory stays flat
 
 
 def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
                prefix: str = "") -> dict:
     """Write ``out``: the safetensors weight file ``base`` with ``adapter`` folded in, streaming.
 
-    ``prefix`` is prepended to the adapter's module paths to find ``<prefix><path>.weight`` in ``base``.
-    Returns a summary (layers merged, biases replaced).
-    """
-    from safetensors import safe_open
+    ``W' = W + s·ΔW`` per adapted weight (float32 accumulation, cast back to the weight's dtype, exactly as
+    :func:`randlora.merge`); trained biases are replaced. ``out`` keeps ``base``'s header and byte layout;
+    untouched tensors are copied as raw bytes and one adapted tensor at a time is decoded. ``out`` is
+    written atomically (an existing file is replaced only once the new one is complete).
 
+    Args:
+        base: the base model's ``.safetensors`` weight file.
+        adapter: this library's ``.safetensors`` adapter or a peft RandLora adapter folder.
+        out: the merged weight file to write (its folder is created).
+        prefix: prepended to the adapter's module paths to find ``<prefix><path>.weight`` in ``base``.
+
+    Returns:
+        A summary: ``{"layers": layers merged, "biases": biases replaced, "format": "randlora" or "peft"}``.
+
+    Raises:
+        CheckpointError: an unreadable adapter or weight file, adapted weights or biases missing from
+            ``base``, weights that are not 2-D floating point or do not fit the adapter's shapes, or stored
+            bases of the wrong shape or failing their checksum.
+        FingerprintMismatch: regenerated bases that are not the ones the adapter was made with.
+    """
     base, out = Path(base), Path(out)
-    tensors, cfg, info = read_adapter(adapter)
-    n_header, header = _header(base)
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    layers = _layers(tensors)
-    ffo = set(cfg.fan_in_fan_out) if info["format"] == "randlora" else (set(layers) if info["fan_in_fan_out"] else set())
-    wkeys = {p: f"{prefix}{p}.weight" for p in layers}
-    missing = [k for k in wkeys.values() if k not in entries]
-    if missing:
-        some = [k for k in entries if k.endswith(".weight")][:3]
-        raise CheckpointError(f"{base} has no tensors {missing[:3]}{' ...' if len(missing) > 3 else ''} for the "
-                              f"adapter's layers; its weights are named like {some}. Use --prefix to map the "
-                              "adapter's module paths onto the file's keys")
-    shapes, dtypes = {}, set()
-    for p, k in wkeys.items():
-        e = entries[k]
-        if len(e["shape"]) != 2 or e["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{k} in {base} is {e['dtype']} {e['shape']}; a 2-D floating-point weight is needed")
-        d0, d1 = e["shape"]
-        O, I = (d1, d0) if p in ffo else (d0, d1)
-        gam = tensors[f"{p}.randlora_gamma"]
-        n = -(-min(O, I) // cfg.r)
-        if tuple(gam.shape) != (n, min(O, I)):
-            raise CheckpointError(f"{k} has shape {e['shape']} but the adapter's randlora_gamma for it is "
-                                  f"{tuple(gam.shape)} (expected ({n}, {min(O, I)})); wrong base model?")
-        shapes[p] = (O, I)
-        dtypes.add(_DTYPES[e["dtype"]])
+    fa = read_for_weights(adapter, base, prefix)
+    bias_keys = _bias_keys(base, fa.entries, fa.tensors, prefix)
+    A, B = fa.bases()
+    by_key = {f"{prefix}{p}.weight": p for p in fa.layers}
+    touched = set(by_key) | set(bias_keys)
+
+    def merged(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key in bias_keys:
+            return fa.tensors[bias_keys[key]].to(t.dtype)
+        p = by_key[key]
+        W = t.t() if p in fa.ffo else t
+        acc = acc_dtype(W.dtype)
+        new = (W.to(acc) + fa.delta(p, A, B, acc)).to(t.dtype)
+        return (new.t() if p in fa.ffo else new).contiguous()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: _stream(base, tmp, 8 + fa.header_size, fa.entries, touched, merged))
+    return {"layers": len(fa.layers), "biases": len(bias_keys), "format": fa.info["format"]}
+
+
+def _bias_keys(base: Path, entries: dict[str, dict], tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, str]:
+    """The weight file's key of each trained bias -> the adapter's key; each must be in the file."""
     bias_keys = {f"{prefix}{k}": k for k in tensors if k.endswith(".bias")}
     nob = [k for k in bias_keys if k not in entries]
     if nob:
         raise CheckpointError(f"{base} has no tensors {nob[:3]} for the adapter's trained biases")
-    A, B = _bases(tensors, cfg, info, list(shapes.values()))
-    bank_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # as randlora.inject sizes the bank
-    A, B = A.to(bank_dtype), B.to(bank_dtype)
-    B2 = B.view(B.shape[0], -1)
-    s = cfg.alpha / cfg.r
-    by_key = {k: p for p, k in wkeys.items()}
+    return bias_keys
 
-    def merged(key: str, t: torch.Tensor) -> torch.Tensor:
-        if key in bias_keys:
-            return tensors[bias_keys[key]].to(t.dtype)
-        p = by_key[key]
-        O, I = shapes[p]
-        m, M = min(O, I), max(O, I)
-        n = -(-m // cfg.r)
-        W = t.t() if p in ffo else t
-        acc = acc_dtype(W.dtype)
-        new = W.to(acc) + delta_weight(tensors[f"{p}.randlora_lambda"], tensors[f"{p}.randlora_gamma"],
-                                       A[:, :m], B2[:M, : n * cfg.r], s, O < I, acc)
-        new = new.to(t.dtype)
-        return (new.t() if p in ffo else new).contiguous()
 
-    touched = set(by_key) | set(bias_keys)
-    order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
-    start = 8 + n_header
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(base, "rb") as src, open(tmp, "wb") as dst, safe_open(str(base), framework="pt") as f:
-            dst.write(src.read(start))  # the header is unchanged: same keys, dtypes, shapes and offsets
-            for k in order:
-                a, b = entries[k]["data_offsets"]
-                if k in touched:
-                    data = merged(k, f.get_tensor(k)).reshape(-1).view(torch.uint8).numpy().tobytes()
-                    if len(data) != b - a:
-                        raise CheckpointError(f"internal error: merged {k} has {len(data)} bytes, expected {b - a}")
-                    dst.write(data)
-                else:
-                    src.seek(start + a)
-                    left = b - a
-                    while left:
-                        chunk = src.read(min(left, _COPY_BLOCK))
-                        if not chunk:
-                            raise CheckpointError(f"{base} is truncated (tensor {k})")
-                        dst.write(chunk)
-                        left -= len(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return {"layers": len(layers), "biases": len(bias_keys), "format": info["format"]}
+def _stream(base: Path, tmp: str, start: int, entries: dict[str, dict], touched: set[str],
+            merged: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Write ``base`` to ``tmp`` in its byte order, the ``touched`` tensors replaced by ``merged``."""
+    from safetensors import safe_open
+
+    with open(base, "rb") as src, open(tmp, "wb") as dst, safe_open(str(base), framework="pt") as f:
+        dst.write(src.read(start))  # the header is unchanged: same keys, dtypes, shapes and offsets
+        for k in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
+            a, b = entries[k]["data_offsets"]
+            if k in touched:
+                data = merged(k, f.get_tensor(k)).reshape(-1).view(torch.uint8).numpy().tobytes()
+                if len(data) != b - a:
+                    raise CheckpointError(f"internal error: merged {k} has {len(data)} bytes, expected {b - a}")
+                dst.write(data)
+            else:
+                _copy_bytes(src, dst, start + a, b - a, f"{base} is truncated (tensor {k})")
+
+
+def _copy_bytes(src, dst, offset: int, size: int, truncated: str) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``src`` to ``dst`` in blocks; ``truncated`` is the error if short."""
+    src.seek(offset)
+    while size:
+        chunk = src.read(min(size, _COPY_BLOCK))
+        if not chunk:
+            raise CheckpointError(truncated)
+        dst.write(chunk)
+        size -= len(chunk)
 
 
 def describe(path: str | os.PathLike) -> dict:
     """What ``inspect`` prints, as a dict."""
     tensors, cfg, info = read_adapter(path)
-    layers = _layers(tensors)
-    rows = []
-    for p in layers:
-        lam, gam = tensors[f"{p}.randlora_lambda"], tensors[f"{p}.randlora_gamma"]
-        rows.append({"layer": p, "lambda": list(lam.shape), "gamma": list(gam.shape),
-                     "params": lam.numel() + gam.numel()})
+    rows = _layer_rows(tensors)
     biases = sorted(k for k in tensors if k.endswith(".bias"))
     d: dict = {
         "path": str(path),
@@ -213,18 +130,27 @@ def describe(path: str | os.PathLike) -> dict:
     }
     if "randlora_A" in tensors:
         d["bases"] = {"A": list(tensors["randlora_A"].shape), "B": list(tensors["randlora_B"].shape)}
-    if FP in tensors:
-        v = tensors[FP].tolist()
-        names = ["version", "seed", "recipe_id", "mode", "r", "M_g", "m_g", "n_g", "checksum"]
-        fp = dict(zip(names, v))
-        fp["checksum"] = f"{v[-1] & 0xFFFFFFFFFFFFFFFF:016x}"
-        d["fingerprint"] = fp
-    else:
-        d["fingerprint"] = None
+    d["fingerprint"] = _fingerprint_fields(tensors[FP]) if FP in tensors else None
     if info["format"] == "peft":
         d["peft_config"] = {k: info["raw"].get(k) for k in ("peft_version", "fan_in_fan_out", "layers_to_transform",
                                                               "save_projection", "target_modules")}
     return d
+
+
+def _layer_rows(tensors: dict[str, torch.Tensor]) -> list[dict]:
+    rows = []
+    for p in layer_paths(tensors):
+        lam, gam = tensors[f"{p}.randlora_lambda"], tensors[f"{p}.randlora_gamma"]
+        rows.append({"layer": p, "lambda": list(lam.shape), "gamma": list(gam.shape),
+                     "params": lam.numel() + gam.numel()})
+    return rows
+
+
+def _fingerprint_fields(t: torch.Tensor) -> dict:
+    v = t.tolist()
+    fp = dict(zip(FINGERPRINT_KEYS, v))
+    fp["checksum"] = f"{v[-1] & 0xFFFFFFFFFFFFFFFF:016x}"
+    return fp
 
 
 def _print_inspect(d: dict) -> None:

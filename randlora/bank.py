@@ -15,16 +15,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import FingerprintMismatch
-from .recipes import MODES, BankShape, generate
+from .errors import ConfigError, FingerprintMismatch
+from .recipes import MODES, BankShape, generate, n_bases
+from .registry import Registry
+from .sparse import SparseCache, SparseIndex, build_index
 
-__all__ = ["BasisBank", "Fingerprint"]
+__all__ = ["BasisBank", "Fingerprint", "FINGERPRINT_KEYS", "bases_checksum", "layer_views"]
 
 FORMAT_VERSION = 1
 
 
 def _recipe_id(recipe: str) -> int:
     return zlib.crc32(recipe.encode()) & 0x7FFFFFFF
+
+
+# The stored fingerprint, one row per entry in tensor order: (key ``inspect`` prints, name in mismatch
+# messages, value). Saved files depend on this order, so a new field can only be appended.
+_FIELDS = (
+    ("version", "version", lambda f: FORMAT_VERSION),
+    ("seed", "seed", lambda f: f.seed),
+    ("recipe_id", "recipe", lambda f: _recipe_id(f.recipe)),
+    ("mode", "bases mode", lambda f: MODES.index(f.mode)),
+    ("r", "r", lambda f: f.r),
+    ("M_g", "M_g", lambda f: f.M),
+    ("m_g", "m_g", lambda f: f.m),
+    ("n_g", "n_g", lambda f: n_bases(f.m, f.r)),
+    ("checksum", "checksum", lambda f: f.checksum),
+)
+FINGERPRINT_KEYS = tuple(key for key, _, _ in _FIELDS)
 
 
 @dataclass(frozen=True)
@@ -41,11 +59,7 @@ class Fingerprint:
 
     def to_tensor(self) -> torch.Tensor:
         """int64 tensor ``[version, seed, crc32(recipe), mode index, r, M_g, m_g, n_g, checksum]``."""
-        return torch.tensor(
-            [FORMAT_VERSION, self.seed, _recipe_id(self.recipe), MODES.index(self.mode), self.r, self.M,
-             self.m, -(-self.m // self.r), self.checksum],
-            dtype=torch.int64,
-        )
+        return torch.tensor([value(self) for _, _, value in _FIELDS], dtype=torch.int64)
 
     def differences(self, t: torch.Tensor) -> list[str]:
         """Names of the fields in which the stored fingerprint tensor ``t`` differs from this one."""
@@ -53,24 +67,42 @@ class Fingerprint:
         mine = self.to_tensor().tolist()
         if len(t) != len(mine) or t[0] != FORMAT_VERSION:
             return [f"format (stored {t[:1]}, expected [{FORMAT_VERSION}])"]
-        names = ["version", "seed", "recipe", "bases mode", "r", "M_g", "m_g", "n_g", "checksum"]
         show = {
             "recipe": lambda v: next((k for k in ("portable", "peft", self.recipe) if _recipe_id(k) == v), v),
             "bases mode": lambda v: MODES[v] if 0 <= v < len(MODES) else v,
         }
         out = []
-        for name, a, b in zip(names, t, mine):
+        for (_, name, _), a, b in zip(_FIELDS, t, mine):
             if a != b:
                 f = show.get(name, lambda v: v)
                 out.append(f"{name}: checkpoint {f(a)!r}, model {f(b)!r}")
         return out
 
 
-def _checksum(A: torch.Tensor, B: torch.Tensor) -> int:
+def bases_checksum(A: torch.Tensor, B: torch.Tensor) -> int:
+    """The first 8 bytes (signed, little-endian) of SHA-256 over the float32 bytes of ``A`` then ``B``."""
     h = hashlib.sha256()
     for t in (A, B):
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+def layer_views(A: torch.Tensor, B: torch.Tensor, O: int, I: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's views of a bank: ``A[:, :m]`` and ``B[:M, :n, :]`` flattened to ``(M, n·r)``, no copy.
+
+    Args:
+        A: the bank's ``(r, m_g)`` basis.
+        B: the bank's ``(M_g, n_g, r)`` basis (contiguous).
+        O: the layer's output width.
+        I: the layer's input width.
+        r: the rank of each basis.
+
+    Returns:
+        ``(A[:, :m], B_flat[:M, :n·r])`` with ``m = min(O, I)``, ``M = max(O, I)``, ``n = ceil(m / r)``;
+        column ``i·r + k`` of ``B_flat`` is ``B[:, i, k]``.
+    """
+    m, M = min(O, I), max(O, I)
+    return A[:, :m], B.view(B.shape[0], -1)[:M, : n_bases(m, r) * r]
 
 
 class BasisBank:
@@ -99,6 +131,9 @@ class BasisBank:
     ) -> None:
         self.seed, self.mode, self.recipe, self.shape = int(seed), mode, recipe, shape
         self._checksum: int | None = None
+        self.registry: Registry | None = None  # the model's adapters (set by inject)
+        # derived index structures of the ternary bases per layer shape (see sparse_index); never saved
+        self._sparse = SparseCache()
         # bumped whenever this library rewrites the bases in place, so caches built from them can tell
         self.generation = 0
         device = torch.device(device if device is not None else "cpu")
@@ -156,7 +191,7 @@ class BasisBank:
         """Generate the bases on the CPU in float32 (and record their checksum)."""
         A, B = generate(self.recipe, self.seed, self.mode, self.shape)
         if self._checksum is None:
-            self._checksum = _checksum(A, B)
+            self._checksum = bases_checksum(A, B)
         return A, B
 
     def regenerate_(self) -> None:
@@ -167,6 +202,7 @@ class BasisBank:
             self.owner._buffers["randlora_B"].copy_(B)
         self._pending = False
         self.generation += 1
+        self._sparse = SparseCache()
 
     def load_(self, A: torch.Tensor, B: torch.Tensor, checksum: int) -> None:
         """Take bases from a checkpoint (shapes already checked)."""
@@ -176,6 +212,7 @@ class BasisBank:
         self._pending = False
         self._checksum = checksum
         self.generation += 1
+        self._sparse = SparseCache()
 
     @property
     def checksum(self) -> int:
@@ -200,10 +237,39 @@ class BasisBank:
 
     def views(self, O: int, I: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A[:, :m], B_flat[:M, :n·r])`` for a layer of shape ``(O, I)``; both are views of the bank."""
-        m, M = min(O, I), max(O, I)
-        n = -(-m // self.shape.r)
-        B2 = self.B.view(self.shape.M, self.shape.n * self.shape.r)
-        return self.A[:, :m], B2[:M, : n * self.shape.r]
+        return layer_views(self.A, self.B, O, I, self.shape.r)
+
+    def sparse_index(self, O: int, I: int) -> SparseIndex:
+        """The sparse route's index structures for a layer of shape ``(O, I)`` (see :mod:`randlora.sparse`).
+
+        Built on first use from :meth:`views` and memoised per ``(max(O, I), min(O, I))``: one copy per bank,
+        shared by every layer of that shape. The memo is dropped whenever the buffers it was built from
+        change (moved, cast, replaced or written in place: device, dtype, address and version are checked
+        here), and by :meth:`regenerate_` / :meth:`load_`. It is not part of any ``state_dict``.
+
+        Args:
+            O: the layer's output width.
+            I: the layer's input width.
+
+        Returns:
+            A :class:`randlora.sparse.SparseIndex`.
+
+        Raises:
+            ConfigError: the bases are dense (every entry non-zero: nothing to skip).
+        """
+        if self.mode == "dense":
+            raise ConfigError("this bank's bases are dense, so the sparse route has nothing to skip; inject with "
+                              "bases='sparse' or bases='very_sparse' to use it")
+        A, B = self.A, self.B
+        stamp = (self.generation, A.device, A.dtype, A.data_ptr(), B.data_ptr(), A._version, B._version)
+        if self._sparse.get("stamp") != stamp:
+            self._sparse = SparseCache(stamp=stamp)
+        key = (max(O, I), min(O, I))
+        idx = self._sparse.get(key)
+        if idx is None:
+            Av, Bv = self.views(O, I)
+            idx = self._sparse[key] = build_index(Av, Bv, self.shape.r)
+        return idx
 
     def extra_repr(self) -> str:
         s = self.shape

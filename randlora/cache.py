@@ -93,9 +93,9 @@ def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[s
         StateError: the model has no adapter.
         ConfigError: ``max_bytes`` is not a non-negative int.
     """
-    from .walker import _require, adapted_layers
+    from .walker import require_bank, adapted_layers
 
-    _require(model)
+    require_bank(model)
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral)
                                   or max_bytes < 0):
         raise ConfigError(f"max_bytes must be a non-negative int (bytes) or None, got {max_bytes!r}")
@@ -104,7 +104,9 @@ def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[s
     chosen, used = [], 0
     for name, layer in layers:
         size = _layer_bytes(layer)
-        if max_bytes is None or used + size <= max_bytes:
+        if layer.quantized:  # no float W to add s·ΔW to: the base layer computes its own part every call
+            layer._delta_cache = None
+        elif max_bytes is None or used + size <= max_bytes:
             layer._delta_cache = DeltaCache()
             chosen.append(name)
             used += size

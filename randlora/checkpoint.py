@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bank import _checksum
+from .bank import bases_checksum
 from .recipes import generate
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
-from .walker import AdapterConfig, _adapter, _drop_named, _require, adapted_layers, bank_of, config_of, inject
+from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, drop_adapter, eject, inject, is_bias_name,
+                     registry_of, require_bank)
 
 __all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "FORMAT"]
 
@@ -41,10 +42,22 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def state_dict(model: nn.Module, *, save_projection: bool = True, name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors (``λ``, ``γ``, trained biases, fingerprint; bases once if ``save_projection``).
 
-    ``name`` picks the adapter (default: the active one); its keys are ``<path>.randlora_lambda`` /
-    ``.randlora_gamma`` whatever its name. On a sharded (FSDP2) model this gathers: call it on every rank.
+    On a sharded (FSDP2) model this gathers: call it on every rank.
+
+    Args:
+        model: a model adapted by :func:`randlora.inject`.
+        save_projection: also return the shared bases, once, as ``randlora_A`` / ``randlora_B`` (then the
+            checkpoint loads into a model whatever its seed and recipe).
+        name: the adapter (default: the active one); its keys are ``<path>.randlora_lambda`` /
+            ``.randlora_gamma`` whatever its name.
+
+    Returns:
+        A dict of name -> tensor (detached; sharded parameters gathered), for :func:`load_state_dict`.
+
+    Raises:
+        StateError: the model has no RandLora adapter, or no adapter ``name``.
     """
-    bank = _require(model)
+    bank = require_bank(model)
     sd: dict[str, torch.Tensor] = {}
     for k, t in _targets(model, name).items():
         sd[k] = _full(t.detach())
@@ -55,14 +68,14 @@ def state_dict(model: nn.Module, *, save_projection: bool = True, name: str | No
 
 
 def _targets(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
-    adapter = _adapter(_require(model), adapter)
+    adapter = registry_of(model).resolve(adapter)
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
         p = layer._params(adapter)
         if p is not None:
             out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = p[0], p[1]
     for name, p in model.named_parameters():
-        if p.requires_grad and (name == "bias" or name.endswith(".bias")):
+        if p.requires_grad and is_bias_name(name):
             out[name] = p
     return out
 
@@ -78,72 +91,132 @@ def _copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
 
 def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
                     name: str | None = None) -> None:
-    """Restore an adapter state dict into adapter ``name`` (default: the active one), all or nothing.
+    """Restore an adapter state dict into adapter ``name``, all or nothing.
 
     Without bases the checkpoint's fingerprint must equal the model bank's; with bases, seed, recipe,
     mode and shapes must agree and the stored bases (verified against their checksum) are copied in.
+    Everything is checked before anything is written: on an error the model is left as it was.
+
+    Args:
+        model: a model adapted by :func:`randlora.inject`, not merged.
+        state: a dict from :func:`state_dict` or :func:`read_file`.
+        strict: refuse missing and unexpected keys (otherwise the keys present are loaded).
+        name: the adapter to load into (default: the active one).
+
+    Returns:
+        None; the adapter's ``λ``, ``γ``, trained biases and (when ``state`` holds them) the bases are replaced.
+
+    Raises:
+        CheckpointError: ``state`` is not a dict of tensors, has wrong keys, dtypes or shapes, or holds bases
+            that do not match its own checksum or fingerprint (a corrupt checkpoint).
+        FingerprintMismatch: ``state`` has no bases and was made with other bases than the model's, or has
+            neither bases nor fingerprint.
+        StateError: the model has no RandLora adapter, no adapter ``name``, or is merged.
     """
-    bank = _require(model)
+    bank = require_bank(model)
+    _check_entries(state)
+    if any(l.merged for _, l in adapted_layers(model)):
+        raise StateError("the model is merged: loading would change the ΔW folded into its weights, and unmerge "
+                         "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
+    dest = _targets(model, name)
+    problems = _layout_problems(state, dest, bank, strict)
+    if problems:
+        raise CheckpointError("cannot load the adapter, nothing was loaded: " + "; ".join(problems)
+                              + ". Inject with the same targets and r as the checkpoint (or load with "
+                              "randlora.load on a plain model).")
+    _verify_bases(state, bank)
+    _copy_state(state, dest, bank)
+
+
+def _has_bases(state: Mapping[str, torch.Tensor]) -> bool:
+    return all(b in state for b in BASES)
+
+
+def _check_entries(state: object) -> None:
+    """``state`` must be a mapping of str names to tensors."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"expected a dict of name -> tensor (from randlora.state_dict), got {type(state).__name__}")
     odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if odd:
         raise CheckpointError(f"checkpoint entries {odd[:5]!r} are not (str name -> torch.Tensor) pairs; nothing "
                               "was loaded. Pass the dict randlora.state_dict / randlora.read_file returns")
-    if any(l.merged for _, l in adapted_layers(model)):
-        raise StateError("the model is merged: loading would change the ΔW folded into its weights, and unmerge "
-                         "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
-    dest = _targets(model, name)
-    problems: list[str] = []
+
+
+def _layout_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bank,
+                     strict: bool) -> list[str]:
+    """Every way the checkpoint's dtypes, keys and shapes do not fit the model, so one error names them all."""
+    return _dtype_problems(state, dest) + _key_problems(state, dest, strict) + _shape_problems(state, dest, bank)
+
+
+def _dtype_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
     if FP in state and (state[FP].dim() != 1 or state[FP].dtype != torch.int64):
         problems.append(f"{FP} must be a 1-D int64 tensor, got {state[FP].dtype} of shape "
                         f"{tuple(state[FP].shape)} (a corrupt checkpoint)")
     ints = sorted(k for k in (set(dest) | set(BASES)) & set(state) if not state[k].is_floating_point())
     if ints:
         problems.append(f"{ints[:5]} hold {state[ints[0]].dtype} values where floating point is required")
+    return problems
+
+
+def _key_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], strict: bool) -> list[str]:
+    if not strict:
+        return []
+    problems = []
     missing = sorted(set(dest) - set(state))
     unexpected = sorted(set(state) - set(dest) - set(BASES) - {FP})
-    if strict and missing:
+    if missing:
         problems.append(f"missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if strict and unexpected:
+    if unexpected:
         problems.append(f"unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    return problems
+
+
+def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bank) -> list[str]:
+    problems = []
     for k in sorted(set(dest) & set(state)):
         if tuple(state[k].shape) != tuple(dest[k].shape):
             problems.append(f"{k}: checkpoint shape {tuple(state[k].shape)}, model {tuple(dest[k].shape)}")
-    has_bases = [b in state for b in BASES]
-    if any(has_bases) and not all(has_bases):
+    if any(b in state for b in BASES) and not _has_bases(state):
         problems.append("the checkpoint holds only one of randlora_A / randlora_B")
-    if all(has_bases):
+    if _has_bases(state):
         for b, t in zip(BASES, (bank.A, bank.B)):
             if tuple(state[b].shape) != tuple(t.shape):
                 problems.append(f"{b}: checkpoint shape {tuple(state[b].shape)}, model bank {tuple(t.shape)}")
-    if problems:
-        raise CheckpointError("cannot load the adapter, nothing was loaded: " + "; ".join(problems)
-                              + ". Inject with the same targets and r as the checkpoint (or load with "
-                              "randlora.load on a plain model).")
+    return problems
+
+
+def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
+    """The checkpoint must name this model's bases (fingerprint), or carry bases that match their checksum."""
+    both = _has_bases(state)
     if FP not in state:
-        if not all(has_bases):
+        if not both:
             raise FingerprintMismatch("the checkpoint has neither a fingerprint nor bases, so it cannot be "
                                       "verified against this model's bases; save it again with this library")
-    else:
-        diff = bank.fingerprint.differences(state[FP])
-        if diff and all(has_bases) and all(d.startswith("checksum") for d in diff):
-            stored = _checksum(state["randlora_A"].float(), state["randlora_B"].float())
-            if stored != int(state[FP][-1]):
-                raise CheckpointError("the checkpoint's bases do not match its own checksum: the file is corrupt")
-        elif diff:
-            bank.check(state[FP])
-        elif all(has_bases) and not (torch.equal(state["randlora_A"].to(bank.A), bank.A)
-                                     and torch.equal(state["randlora_B"].to(bank.B), bank.B)):
-            # the fingerprint names exactly this model's bases, yet the stored ones differ: corrupt
-            raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
-                                  "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
+        return
+    diff = bank.fingerprint.differences(state[FP])
+    if diff and both and all(d.startswith("checksum") for d in diff):
+        # same settings, other values (e.g. bases loaded from another file): intact ones replace the model's
+        stored = bases_checksum(state["randlora_A"].float(), state["randlora_B"].float())
+        if stored != int(state[FP][-1]):
+            raise CheckpointError("the checkpoint's bases do not match its own checksum: the file is corrupt")
+    elif diff:
+        bank.check(state[FP])
+    elif both and not (torch.equal(state["randlora_A"].to(bank.A), bank.A)
+                       and torch.equal(state["randlora_B"].to(bank.B), bank.B)):
+        # the fingerprint names exactly this model's bases, yet the stored ones differ: corrupt
+        raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
+                              "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
+
+
+def _copy_state(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bank) -> None:
+    """Write the checked checkpoint into the adapter's tensors (and the bank, when it holds bases)."""
     with torch.no_grad():
         for k, t in dest.items():
             if k in state:
                 _copy_into(t, state[k])
-        if all(has_bases):
-            ck = int(state[FP][-1]) if FP in state else _checksum(state["randlora_A"], state["randlora_B"])
+        if _has_bases(state):
+            ck = int(state[FP][-1]) if FP in state else bases_checksum(state["randlora_A"], state["randlora_B"])
             bank.load_(state["randlora_A"], state["randlora_B"], ck)
 
 
@@ -154,9 +227,9 @@ def _file_bases(bank) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 bases the fingerprint's checksum names. A bank kept in a low-precision dtype (bf16/fp16
     model) has rounded ternary scales, so those are regenerated from the seed when that gives the checksum."""
     A, B = bank.A, bank.B
-    if A.dtype != torch.float32 and _checksum(A, B) != bank.checksum:
+    if A.dtype != torch.float32 and bases_checksum(A, B) != bank.checksum:
         cA, cB = generate(bank.recipe, bank.seed, bank.mode, bank.shape)
-        if _checksum(cA, cB) == bank.checksum:
+        if bases_checksum(cA, cB) == bank.checksum:
             return cA, cB
     return A, B
 
@@ -222,11 +295,40 @@ def _decode_bases(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
 
 def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = True,
          name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) to one ``.safetensors`` file (settings in its
-    metadata), atomically. On a sharded (FSDP2) model call it on every rank (it gathers)."""
+    """Write an adapter to one ``.safetensors`` file (settings in its metadata), atomically.
+
+    On a sharded (FSDP2) model call it on every rank (it gathers).
+
+    Args:
+        model: a model adapted by :func:`randlora.inject`.
+        path: the file to write; its folder is created, an existing file is replaced only once the new one
+            is complete.
+        save_projection: also store the shared bases (losslessly compacted), so the file loads whatever the
+            seed and recipe; without them the file is small and loads into models with the same bases.
+        name: the adapter (default: the active one).
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: ``path`` is a directory.
+        StateError: the model has no RandLora adapter, or no adapter ``name``.
+    """
     from safetensors.torch import save_file
 
-    bank = _require(model)
+    tensors, meta = _file_contents(model, save_projection, name)
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass a file path such as {path / 'adapter.safetensors'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def _file_contents(model: nn.Module, save_projection: bool, name: str | None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (CPU copies; bases encoded) and the metadata (format, settings, digest) of an adapter file."""
+    bank = require_bank(model)
     sd = state_dict(model, save_projection=False, name=name)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     meta = {"format": FORMAT, "version": "1", "config": json.dumps(config_of(model, name).to_dict())}
@@ -235,12 +337,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = T
         tensors.update(bt)
         meta.update(bm)
     meta[DIGEST] = _digest(tensors)
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass a file path such as {path / 'adapter.safetensors'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return path
+    return tensors, meta
 
 
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -258,8 +355,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     On any failure the temporary file is removed and an existing ``path`` is left as it was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -271,31 +367,44 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
-    """Read one of this library's adapter files (never unpickles): decoded tensors and settings."""
-    from safetensors import safe_open
+def _new_file_beside(path: Path) -> str:
+    """A new empty file ``.<name>.<random>.tmp`` in ``path``'s folder, with the permissions ``open(path, "w")``
+    would give (``0o666`` less the umask): the rename keeps them, and ``mkstemp``'s owner-only mode would
+    hide a merged weight file or a config from the other users of a shared machine."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
+    """Read one of this library's adapter files (never unpickles).
+
+    Args:
+        path: a file written by :func:`save`.
+
+    Returns:
+        ``(tensors, settings)``: the adapter's tensors with the bases decoded to float32 (a dict
+        :func:`load_state_dict` takes), and the :class:`AdapterConfig` it was saved with.
+
+    Raises:
+        CheckpointError: ``path`` is missing, not a safetensors file, not a randlora adapter, fails its
+            checksum, or holds unreadable settings or bases.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise CheckpointError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}); "
-                              "is it truncated, or a pickle/.bin file? Only safetensors adapters are read") from None
+    tensors, meta = _read_safetensors(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a randlora adapter (no randlora metadata); "
                               "for a peft adapter folder use randlora.load_peft")
     if DIGEST in meta and _digest(tensors) != meta[DIGEST]:
         raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum stored when it was saved "
                               "(a flipped or truncated byte); nothing was loaded. Use an intact copy of the file")
-    try:
-        config = AdapterConfig(**json.loads(meta["config"]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has unreadable adapter settings ({e}); the file is corrupt or not from "
-                              "this library: save the adapter again") from None
+    config = _settings(path, meta)
     try:
         _decode_bases(tensors, meta)
     except (ValueError, RuntimeError) as e:
@@ -303,13 +412,50 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapter
     return tensors, config
 
 
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}); "
+                              "is it truncated, or a pickle/.bin file? Only safetensors adapters are read") from None
+    return tensors, meta
+
+
+def _settings(path: Path, meta: dict[str, str]) -> AdapterConfig:
+    try:
+        return AdapterConfig(**json.loads(meta["config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has unreadable adapter settings ({e}); the file is corrupt or not from "
+                              "this library: save the adapter again") from None
+
+
 def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> nn.Module:
-    """Load an adapter file into adapter ``name`` (default: the active one). On a plain model, first injects
-    with the file's settings; on an injected model without adapter ``name``, adds it (same bank); returns
-    the model."""
+    """Load an adapter file, all or nothing.
+
+    On a plain model this first injects with the file's settings; on an injected model without adapter
+    ``name`` it adds that adapter (sharing the bank). On any error the model is left as it was.
+
+    Args:
+        model: a plain model, or one adapted by :func:`randlora.inject`.
+        path: a file written by :func:`save`.
+        name: the adapter to load into (default: the active one, or ``"default"`` on a plain model).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        CheckpointError: an unreadable or corrupt file, or one whose layers do not fit the model.
+        FingerprintMismatch: the file has no bases and was made with other bases than the model's.
+        StateError: the model is merged.
+    """
     tensors, cfg = read_file(path)
     bank = bank_of(model)
-    fresh = bank is None or (name is not None and name not in bank.adapters)
+    fresh = bank is None or (name is not None and name not in bank.registry.adapters)
     if fresh:
         targets = "|".join(re.escape(t) for t in cfg.targets)
         try:
@@ -321,10 +467,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
         load_state_dict(model, tensors, name=name)
     except Exception:
         if fresh and bank is None:
-            from .walker import eject
-
             eject(model)
         elif fresh:
-            _drop_named(model, name)  # type: ignore[arg-type]
+            drop_adapter(model, name)  # type: ignore[arg-type]
         raise
     return model

@@ -31,6 +31,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, StateError
+from .files import read_for_weights
 
 __all__ = ["LoraLayer", "LoraExport", "to_lora", "save_lora", "export_file", "METHODS"]
 
@@ -325,25 +326,25 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     """
     import time
 
-    from .walker import _adapter, _require, adapted_layers
+    from .walker import adapted_layers, is_bias_name, require_bank
 
     _check_choice(rank, energy, method)
     _check_dtype(dtype)
     if svd_dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype!r}")
-    bank = _require(model)
-    adapter = _adapter(bank, name)
+    bank = require_bank(model)
+    adapter = bank.registry.resolve(name)
     chosen = [(p, l) for p, l in adapted_layers(model) if l._params(adapter) is not None]
     if not chosen:
         raise StateError(f"no adapted layer carries adapter {adapter!r}")
     t0 = time.perf_counter()
     with torch.no_grad():
-        items = [(p, (lambda l=l: l.delta_weight(svd_dtype, adapter)), l.fan_in_fan_out, l.weight.dtype)
-                 for p, l in chosen]
+        items = [(p, (lambda l=l: l.delta_weight(svd_dtype, adapter)), l.fan_in_fan_out,
+                  torch.float32 if l.quantized else l.weight.dtype) for p, l in chosen]
         layers = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
     biases = {n: p.detach().clone() for n, p in model.named_parameters()
-              if p.requires_grad and (n == "bias" or n.endswith(".bias"))}
-    cfg = bank.adapters[adapter]
+              if p.requires_grad and is_bias_name(n)}
+    cfg = bank.registry.adapters[adapter]
     bias = _BIAS_MODES.get(cfg.bias, "all") if biases else "none"
     out = LoraExport(layers=layers, biases=biases, bias=bias,
                      module_names=[n for n, _ in model.named_modules() if n])
@@ -437,68 +438,25 @@ def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | 
     """
     import time
 
-    from .__main__ import _DTYPES, _bases, _header, _layers, read_adapter
-    from .ops import delta_weight
+    from .walker import is_bias_name
 
     _check_choice(rank, energy, method)
     _check_dtype(dtype)
     if out is not None:
         _check_folder(Path(out), overwrite)
-    base = Path(base)
-    tensors, cfg, info = read_adapter(adapter)
-    _, header = _header(base)
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    layers = _layers(tensors)
-    if not layers:
-        raise CheckpointError(f"{adapter} holds no adapted layer (no randlora_lambda tensors)")
-    ffo = set(cfg.fan_in_fan_out) if info["format"] == "randlora" else (
-        set(layers) if info["fan_in_fan_out"] else set())
-    missing = [p for p in layers if f"{prefix}{p}.weight" not in entries]
-    if missing:
-        some = [k for k in entries if k.endswith(".weight")][:3]
-        raise CheckpointError(f"{base} has no tensors {[prefix + p + '.weight' for p in missing[:3]]} for the "
-                              f"adapter's layers; its weights are named like {some}. Use --prefix to map the "
-                              "adapter's module paths onto the file's keys")
-    shapes, wdtypes = {}, {}
-    for p in layers:
-        e = entries[f"{prefix}{p}.weight"]
-        if len(e["shape"]) != 2 or e["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{prefix}{p}.weight in {base} is {e['dtype']} {e['shape']}; a 2-D floating-point "
-                                  "weight is needed")
-        d0, d1 = e["shape"]
-        O, I = (d1, d0) if p in ffo else (d0, d1)
-        n = -(-min(O, I) // cfg.r)
-        gam = tensors[f"{p}.randlora_gamma"]
-        if tuple(gam.shape) != (n, min(O, I)):
-            raise CheckpointError(f"{prefix}{p}.weight has shape {e['shape']} but the adapter's randlora_gamma for it "
-                                  f"is {tuple(gam.shape)} (expected ({n}, {min(O, I)})); wrong base model?")
-        shapes[p] = (O, I)
-        wdtypes[p] = _DTYPES[e["dtype"]]
-    A, B = _bases(tensors, cfg, info, list(shapes.values()))
-    kinds = set(wdtypes.values())
-    bank_dtype = kinds.pop() if len(kinds) == 1 else torch.float32  # as randlora.inject sizes the bank
-    A, B = A.to(bank_dtype), B.to(bank_dtype)
-    B2 = B.view(B.shape[0], -1)
-    s = cfg.alpha / cfg.r
-
-    def delta(p: str) -> torch.Tensor:
-        O, I = shapes[p]
-        m, M = min(O, I), max(O, I)
-        n = -(-m // cfg.r)
-        return delta_weight(tensors[f"{p}.randlora_lambda"], tensors[f"{p}.randlora_gamma"], A[:, :m],
-                            B2[:M, : n * cfg.r], s, O < I, torch.float32)
-
+    fa = read_for_weights(adapter, Path(base), prefix)
+    A, B = fa.bases()
     t0 = time.perf_counter()
     with torch.no_grad():
-        items = [(p, (lambda p=p: delta(p)), p in ffo, wdtypes[p]) for p in layers]
+        items = [(p, (lambda p=p: fa.delta(p, A, B, torch.float32)), p in fa.ffo, fa.dtypes[p]) for p in fa.layers]
         factored = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
-    biases = {k: t for k, t in tensors.items() if k == "bias" or k.endswith(".bias")}
+    biases = {k: t for k, t in fa.tensors.items() if is_bias_name(k)}
     names: set[str] = set()
-    for k in entries:
+    for k in fa.entries:
         if k.startswith(prefix):
             parts = k[len(prefix):].split(".")[:-1]
             names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    exp = LoraExport(layers=factored, biases=biases, bias=_BIAS_MODES.get(cfg.bias, "all") if biases else "none",
+    exp = LoraExport(layers=factored, biases=biases, bias=_BIAS_MODES.get(fa.cfg.bias, "all") if biases else "none",
                      module_names=sorted(names))
     exp.seconds = time.perf_counter() - t0
     if out is not None:

@@ -10,11 +10,75 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, StateError
+from .registry import DEFAULT
 from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, keep_pays, randlora_linear
 
-__all__ = ["RandLoraLinear", "NamedAdapter"]
+__all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize"]
 
-DEFAULT = "default"
+
+def _is_torchao(W: torch.Tensor) -> bool:
+    """A torchao quantised weight (a ``TorchAOBaseTensor`` subclass, e.g. int8 weight-only's ``Int8Tensor``)."""
+    return any(c.__name__ == "TorchAOBaseTensor" for c in type(W).__mro__)
+
+
+def is_quantized(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a quantised linear layer that computes its own ``x Wᵀ + b``: bitsandbytes 4-bit
+    (``Linear4bit``: a packed ``Params4bit`` weight with a ``quant_state``) or 8-bit (``Linear8bitLt``: an
+    int8 ``Int8Params`` weight with ``SCB``), or an ``nn.Linear`` holding a torchao quantised weight tensor.
+
+    Duck typing (neither library is imported): an ``nn.Linear`` whose weight is not floating point and
+    carries one of bitsandbytes' attributes, or whose weight's class derives from torchao's
+    ``TorchAOBaseTensor``. A plain integer weight is not a quantised layer (nothing says how to read it) and
+    stays refused.
+    """
+    W = getattr(mod, "weight", None)
+    if not isinstance(mod, nn.Linear) or not isinstance(W, torch.Tensor):
+        return False
+    if _is_torchao(W):
+        return True
+    if W.is_floating_point():
+        return False
+    return hasattr(W, "quant_state") or hasattr(W, "SCB")
+
+
+def dequantize(mod: nn.Module) -> torch.Tensor:
+    """The float32 ``(O, I)`` weight a quantised layer (see :func:`is_quantized`) computes with.
+
+    Imports bitsandbytes for its layers (only reached for such layers); torchao weights dequantise
+    themselves. A fresh tensor; the layer is not changed.
+
+    Raises:
+        StateError: the layer has no quantisation state to read (never quantised, or bitsandbytes missing).
+    """
+    W = mod.weight
+    if _is_torchao(W):
+        with torch.no_grad():
+            return W.dequantize().float()
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as e:  # the layer exists, so this is a broken install
+        raise StateError(f"dequantising a {type(mod).__name__} needs bitsandbytes ({e}); "
+                         "pip install bitsandbytes") from None
+    if hasattr(W, "quant_state"):
+        qs = W.quant_state if W.quant_state is not None else getattr(mod, "quant_state", None)
+        if qs is None:
+            raise StateError(f"the {type(mod).__name__} has no quant_state: it was never quantised (move it to "
+                             "a device first, as bitsandbytes needs)")
+        data = W.data
+        if getattr(qs, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the weight for its CPU kernel on an eval-mode, no-grad call; undo that on
+            # copies with its own inverse (the one its state_dict() applies to the layer itself)
+            import copy
+
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            data, qs = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(qs))
+        return bnbf.dequantize_4bit(data, qs).float()
+    scb = W.SCB if getattr(W, "SCB", None) is not None else getattr(getattr(mod, "state", None), "SCB", None)
+    if scb is None:
+        raise StateError(f"the {type(mod).__name__} has no SCB scales: it was never quantised (move it to a device "
+                         "first, as bitsandbytes needs)")
+    return bnbf.int8_vectorwise_dequant(W.data, scb).float()
 
 
 class RandLoraLinear(nn.Module):
@@ -31,6 +95,19 @@ class RandLoraLinear(nn.Module):
     The base layer's ``weight``/``bias`` Parameters are re-registered here under the same names, so the
     model's ``state_dict`` keys for them do not change; the original module object is kept (unregistered)
     and put back by :func:`randlora.merge` / :func:`randlora.eject`.
+
+    The route a call takes depends only on the call (shapes, dtypes, grad mode) and the explicit settings
+    ``path``, ``keep`` and whether the layer sits inside :func:`randlora.cached`; nothing computed in one
+    call is reused by another outside that block.
+
+    Args:
+        base: the ``nn.Linear`` (or ``Conv1D``) to adapt; its weight becomes this layer's (frozen by
+            :func:`randlora.inject`, not here).
+        bank: the model's :class:`BasisBank`, sized for this layer.
+        r: rank of each basis (the bank's ``r``).
+        alpha: the update's scale is ``alpha / r``.
+        dropout: dropout probability on the adapter's input (training only).
+        fan_in_fan_out: the weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
     """
 
     def __init__(
@@ -46,7 +123,11 @@ class RandLoraLinear(nn.Module):
         super().__init__()
         W = base.weight
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        self.out_features, self.in_features = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
+        if is_quantized(base):  # packed storage: the shape is the module's
+            self.fan_in_fan_out = False
+            self.out_features, self.in_features = int(base.out_features), int(base.in_features)
+        else:
+            self.out_features, self.in_features = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
         self.r = int(r)
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.r
@@ -59,14 +140,13 @@ class RandLoraLinear(nn.Module):
         self.randlora_lambda = nn.Parameter(torch.empty(self.r, self.n, dtype=pdtype, device=W.device))
         self.randlora_gamma = nn.Parameter(torch.empty(self.n, self.m, dtype=pdtype, device=W.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # explicit settings (the op's route is a function of these and of each call, nothing else)
         self.disabled = False
-        self.merged = False
-        self.path = "auto"
+        self.path = "auto"  # "auto" (cost model) | "weight" | "activation"
         self.keep = "auto"  # keep W + s·ΔW from forward for backward: "auto" (cost model) | "always" | "never"
-        # named adapters: this layer's own λ/γ belong to ``adapter_name``; others live in ``randlora_extra``
-        self.adapter_name = DEFAULT
-        self.active = DEFAULT
         self.merged_name: str | None = None
+        # state: the adapter folded into the weight, if any. Which adapter is active, and which one owns
+        # this layer's own λ/γ (the others live in ``randlora_extra``), is the model's registry's to say.
         object.__setattr__(self, "_bank", bank)
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_delta_cache", None)  # a DeltaCache while inside randlora.cached(...)
@@ -79,9 +159,48 @@ class RandLoraLinear(nn.Module):
         return self._bank
 
     @property
+    def merged(self) -> bool:
+        """Whether an adapter's ``s·ΔW`` is folded into the weight (see :meth:`merge_`)."""
+        return self.merged_name is not None
+
+    @property
+    def active(self) -> str:
+        """The model's active adapter (its registry is the one source of truth)."""
+        reg = self._bank.registry
+        return reg.active if reg is not None else DEFAULT
+
+    @property
+    def adapter_name(self) -> str:
+        """The adapter whose ``λ``/``γ`` are this layer's own ``randlora_lambda``/``randlora_gamma``."""
+        reg = self._bank.registry
+        return reg.owner if reg is not None else DEFAULT
+
+    @property
     def base_layer(self) -> nn.Module:
         """The original module (unregistered); its weight/bias are this layer's."""
         return self._base
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is a quantised layer (see :func:`is_quantized`): its own forward
+        computes ``x Wᵀ + b``, and the adapter is added to it; such a layer is never merged in place."""
+        return is_quantized(self._base)
+
+    def train(self, mode: bool = True) -> "RandLoraLinear":
+        # a quantised base runs its own forward, which reads its (unregistered) training flag
+        super().train(mode)
+        if self.quantized:
+            self._base.train(mode)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.quantized:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # weight, bias and the quantisation state (absmax, quant_map, SCB, ...) exactly as the base saves them
+        self._base._save_to_state_dict(destination, prefix, keep_vars)
+        for k, p in self._parameters.items():
+            if k not in ("weight", "bias") and p is not None:
+                destination[prefix + k] = p if keep_vars else p.detach()
 
     def reset_parameters(self) -> None:
         """``λ = 0``, ``γ = 1 / max(n, m)``: the update starts at zero."""
@@ -99,13 +218,23 @@ class RandLoraLinear(nn.Module):
         return out
 
     def set_path(self, path: str) -> None:
-        """Force the op's path: ``"auto"`` (cost model), ``"weight"`` or ``"activation"``."""
+        """Force the op's path: ``"auto"`` (cost model), ``"weight"`` or ``"activation"``.
+
+        Raises:
+            ConfigError: ``path`` is not one of those.
+        """
         if path not in PATHS:
             raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
         self.path = path
 
     def set_keep(self, keep: str) -> None:
-        """Whether training calls build ``W + s·ΔW`` once and keep it (``"auto"``, ``"always"``, ``"never"``)."""
+        """Whether a training call builds ``W + s·ΔW`` in forward and keeps it for backward: ``"auto"`` (when
+        that saves multiply-adds and it is no larger than the saved input, see :func:`randlora.ops.keep_pays`),
+        ``"always"`` or ``"never"``. The choice is made afresh for every call.
+
+        Raises:
+            ConfigError: ``keep`` is not one of those.
+        """
         if keep not in KEEP_POLICIES:
             raise ConfigError(f"keep must be one of {KEEP_POLICIES}, got {keep!r}")
         self.keep = keep
@@ -171,7 +300,7 @@ class RandLoraLinear(nn.Module):
         whether it sits inside :func:`randlora.cached`. Never of earlier calls, so a recomputed forward
         (activation checkpointing) saves exactly what the first one saved.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.quantized:  # no float W to build on
             return None
         cache = self._delta_cache
         if torch.is_grad_enabled():
@@ -191,7 +320,26 @@ class RandLoraLinear(nn.Module):
         with torch.no_grad():
             return (self._w().to(acc) + D).to(cd)
 
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x) + s · dropout(x) ΔWᵀ``: the base's own forward (its own saved tensors), the adapter
+        term from the op with ``W = None`` (it keeps only ``x``, ``λ``, ``γ``)."""
+        y = self._base(x)
+        p = None if self.disabled else self._params()
+        if p is None:
+            return y
+        lam, gam, s, dmod = p
+        if torch.is_autocast_enabled(x.device.type):
+            cd = torch.get_autocast_dtype(x.device.type)
+        else:
+            cd = x.dtype if x.is_floating_point() else lam.dtype
+        A, B = self._views()
+        with torch.autocast(x.device.type, enabled=False):
+            d = randlora_linear(dmod(x.to(cd)), None, None, lam, gam, A, B, s, self.path)
+        return y + d.to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return self._forward_quantized(x)
         W = self._w()
         if self.merged:
             if self.disabled:
@@ -224,6 +372,10 @@ class RandLoraLinear(nn.Module):
         float32, cast back to the weight's dtype)."""
         if self.merged:
             raise StateError("layer is already merged; call randlora.unmerge(model) first")
+        if self.quantized:
+            raise StateError(f"the base is a quantised {type(self._base).__name__}: s·ΔW cannot be folded into its "
+                             "weight without re-quantising it; use randlora.merge(model, dequantize=True) for plain "
+                             "nn.Linear layers, or keep the adapter unmerged")
         W = self._w()
         acc = acc_dtype(W.dtype)
         name = self.active if name is None else name
@@ -231,7 +383,7 @@ class RandLoraLinear(nn.Module):
         if safe and not torch.isfinite(new).all():
             raise StateError("merging would make the weight non-finite")
         W.copy_(new.to(W.dtype))
-        self.merged, self.merged_name = True, name
+        self.merged_name = name
 
     @torch.no_grad()
     def unmerge_(self) -> None:
@@ -241,7 +393,7 @@ class RandLoraLinear(nn.Module):
         W = self._w()
         acc = acc_dtype(W.dtype)
         W.copy_((W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
-        self.merged, self.merged_name = False, None
+        self.merged_name = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, n={self.n}, "

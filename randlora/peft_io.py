@@ -4,7 +4,7 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with ke
 ``base_model.model.<path>.randlora_lambda`` ``(r, n)`` / ``.randlora_gamma`` ``(n, m)``, trained biases
 (``<path>.base_layer.bias`` on adapted layers, ``<path>.bias`` elsewhere) and, with ``save_projection``,
 the shared bases ``base_model.randlora_A`` ``(r, 1, m_g)`` / ``base_model.randlora_B`` ``(M_g, n_g, r)``
-(peft also writes one copy of them per adapted layer). This library's layer math uses the peer's exact
+(peft also writes one copy of them per adapted layer). This library's layer math uses peft's exact
 pairing of ``B`` columns with ``(k, i)`` rows, so ``λ``/``γ`` load unchanged with ``recipe="peft"``.
 """
 
@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, TargetError
-from .bank import _checksum
+from .errors import CheckpointError, ConfigError, StateError, TargetError
+from .bank import bases_checksum
 from .checkpoint import atomic_write
 from .recipes import BankShape, bank_shape, generate
-from .walker import AdapterConfig, _is_conv1d, _is_linear, _require, adapted_layers, bank_of, config_of, eject, inject
+from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, eject, inject, is_bias_name, is_conv1d,
+                     is_linear, require_bank)
 
 __all__ = ["load_peft", "save_peft", "read_peft", "is_peft_folder", "PEFT_CONFIG", "PEFT_WEIGHTS"]
 
@@ -39,7 +40,7 @@ def is_peft_folder(path: str | os.PathLike) -> bool:
 
 
 def _mode(cfg: dict) -> str:
-    # the peer checks very_sparse first: it wins when both flags are set
+    # peft checks very_sparse first: it wins when both flags are set
     if cfg.get("very_sparse"):
         return "very_sparse"
     return "sparse" if cfg.get("sparse") else "dense"
@@ -68,15 +69,37 @@ def _check_config(cfg: dict, folder: Path) -> None:
 def read_peft(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
     """Read a peft RandLora folder (never unpickles).
 
-    Returns ``(tensors, settings, raw_config)`` with tensors under this library's keys:
-    ``<path>.randlora_lambda`` / ``.randlora_gamma`` / ``<path>.bias`` and, when the folder holds bases,
-    ``randlora_A`` ``(r, m_g)`` and ``randlora_B`` ``(M_g, n_g, r)``. ``settings.targets`` lists the
-    adapted module paths (read from the tensor keys, so ``layers_to_transform`` needs no re-evaluation);
-    ``settings.recipe`` is ``"peft"``. ``settings.fan_in_fan_out`` is filled in when the adapter is applied.
-    """
-    from safetensors import safe_open
+    Args:
+        folder: a folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
 
+    Returns:
+        ``(tensors, settings, raw_config)`` with tensors under this library's keys:
+        ``<path>.randlora_lambda`` / ``.randlora_gamma`` / ``<path>.bias`` and, when the folder holds bases,
+        ``randlora_A`` ``(r, m_g)`` and ``randlora_B`` ``(M_g, n_g, r)``. ``settings.targets`` lists the
+        adapted module paths (read from the tensor keys, so ``layers_to_transform`` needs no
+        re-evaluation); ``settings.recipe`` is ``"peft"``; ``settings.fan_in_fan_out`` is filled in when the
+        adapter is applied. ``raw_config`` is the parsed ``adapter_config.json``.
+
+    Raises:
+        CheckpointError: a missing or unreadable file, a pickled-only folder, an adapter type other than
+            RandLora, tensors that are not RandLora weights, or ``λ``/``γ``/bases of inconsistent shapes.
+        ConfigError: settings this library does not support (``modules_to_save``, ``target_parameters``,
+            a bad ``r`` or ``bias``).
+    """
     folder = Path(folder)
+    cpath, wpath = _peft_files(folder)
+    cfg = _read_config(cpath)
+    _check_config(cfg, folder)
+    raw = _read_weights(wpath)
+    tensors, per_layer_bases = _own_keys(raw, wpath)
+    layers = _check_pairs(tensors, cfg["r"], wpath)
+    _add_bases(tensors, raw.get(SHARED[0], per_layer_bases.get("randlora_A")),
+               raw.get(SHARED[1], per_layer_bases.get("randlora_B")), cfg["r"], wpath)
+    return tensors, _settings(cfg, layers), cfg
+
+
+def _peft_files(folder: Path) -> tuple[Path, Path]:
+    """The folder's config and weights files, which must both exist."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; a peft adapter is a folder with {PEFT_CONFIG} and "
                               f"{PEFT_WEIGHTS} (for this library's own .safetensors file use randlora.load)")
@@ -88,19 +111,32 @@ def read_peft(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapt
         hint = (f" It holds {other}: pickled weights are never loaded; save them again with "
                 "safe_serialization=True" if other else "")
         raise CheckpointError(f"{folder} has no {PEFT_WEIGHTS}.{hint}")
+    return cpath, wpath
+
+
+def _read_config(cpath: Path) -> dict:
     try:
         cfg = json.loads(cpath.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cpath} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cpath} does not hold a JSON object")
-    _check_config(cfg, folder)
+    return cfg
+
+
+def _read_weights(wpath: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     try:
         with safe_open(str(wpath), framework="pt") as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         raise CheckpointError(f"{wpath} is not a readable .safetensors file ({type(e).__name__}: {e})") from None
 
+
+def _own_keys(raw: dict[str, torch.Tensor], wpath: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """peft's keys renamed to this library's, and the first per-layer copy of each basis (used when the
+    folder has no shared one)."""
     tensors: dict[str, torch.Tensor] = {}
     per_layer_bases: dict[str, torch.Tensor] = {}
     unexpected = []
@@ -124,10 +160,14 @@ def read_peft(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapt
         raise CheckpointError(f"{wpath} holds tensors that are not RandLora adapter weights: {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''} (modules_to_save or another adapter "
                               "type?); only randlora_lambda/gamma, biases and bases are supported")
+    return tensors, per_layer_bases
+
+
+def _check_pairs(tensors: dict[str, torch.Tensor], r: int, wpath: Path) -> list[str]:
+    """The adapted layer paths, sorted; each must have ``λ (r, n)`` and ``γ (n, m)``."""
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".randlora_lambda", ".randlora_gamma"))})
     if not layers:
         raise CheckpointError(f"{wpath} holds no randlora_lambda/randlora_gamma tensors")
-    r = cfg["r"]
     for p in layers:
         lam, gam = tensors.get(f"{p}.randlora_lambda"), tensors.get(f"{p}.randlora_gamma")
         if lam is None or gam is None:
@@ -135,23 +175,31 @@ def read_peft(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapt
         if lam.dim() != 2 or gam.dim() != 2 or lam.shape[0] != r or lam.shape[1] != gam.shape[0]:
             raise CheckpointError(f"{wpath}: layer {p} has randlora_lambda {tuple(lam.shape)} and randlora_gamma "
                                   f"{tuple(gam.shape)}; expected (r={r}, n) and (n, m)")
-    A = raw.get(SHARED[0], per_layer_bases.get("randlora_A"))
-    B = raw.get(SHARED[1], per_layer_bases.get("randlora_B"))
+    return layers
+
+
+def _add_bases(tensors: dict[str, torch.Tensor], A: torch.Tensor | None, B: torch.Tensor | None, r: int,
+               wpath: Path) -> None:
+    """Store peft's ``A (r, 1, m_g)`` / ``B (M_g, n_g, r)`` as this library's ``randlora_A (r, m_g)`` /
+    ``randlora_B``, float32 (nothing when the folder has no bases)."""
     if (A is None) != (B is None):
         raise CheckpointError(f"{wpath} holds only one of randlora_A / randlora_B")
-    if A is not None:
-        if A.dim() != 3 or A.shape[0] != r or A.shape[1] != 1 or B.dim() != 3 or B.shape[2] != r:
-            raise CheckpointError(f"{wpath}: bases have shapes A{tuple(A.shape)}, B{tuple(B.shape)}; expected "
-                                  f"(r, 1, m_g) and (M_g, n_g, r) with r={r}")
-        tensors["randlora_A"] = A.reshape(r, -1).to(torch.float32)
-        tensors["randlora_B"] = B.to(torch.float32)
-    alpha = cfg.get("randlora_alpha", 640)
-    settings = AdapterConfig(
-        targets=layers, r=r, alpha=float(alpha), dropout=float(cfg.get("randlora_dropout", 0.0) or 0.0),
-        seed=int(cfg.get("projection_prng_key", 0) or 0), bases=_mode(cfg), recipe="peft",
-        bias=cfg.get("bias", "none") or "none", fan_in_fan_out=[],
+    if A is None:
+        return
+    if A.dim() != 3 or A.shape[0] != r or A.shape[1] != 1 or B.dim() != 3 or B.shape[2] != r:
+        raise CheckpointError(f"{wpath}: bases have shapes A{tuple(A.shape)}, B{tuple(B.shape)}; expected "
+                              f"(r, 1, m_g) and (M_g, n_g, r) with r={r}")
+    tensors["randlora_A"] = A.reshape(r, -1).to(torch.float32)
+    tensors["randlora_B"] = B.to(torch.float32)
+
+
+def _settings(cfg: dict, layers: list[str]) -> AdapterConfig:
+    """This library's settings for the folder's config; peft's defaults fill what it leaves out."""
+    return AdapterConfig(
+        targets=layers, r=cfg["r"], alpha=float(cfg.get("randlora_alpha", 640)),
+        dropout=float(cfg.get("randlora_dropout", 0.0) or 0.0), seed=int(cfg.get("projection_prng_key", 0) or 0),
+        bases=_mode(cfg), recipe="peft", bias=cfg.get("bias", "none") or "none", fan_in_fan_out=[],
     )
-    return tensors, settings, cfg
 
 
 def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict) -> list[str]:
@@ -159,16 +207,16 @@ def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict) -> list[
     mods = dict(model.named_modules())
     missing = [p for p in settings.targets if p not in mods]
     if missing:
-        have = [n for n, m in mods.items() if n and _is_linear(m)][:3]
+        have = [n for n, m in mods.items() if n and is_linear(m)][:3]
         raise TargetError(f"the peft adapter adapts modules the model does not have: {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''}. Linear modules here are named like {have}; "
                           "apply it to the model it was trained on (peft keys are relative to the model passed "
                           "to get_peft_model)")
-    bad = [p for p in settings.targets if not _is_linear(mods[p])]
+    bad = [p for p in settings.targets if not is_linear(mods[p])]
     if bad:
         raise TargetError(f"the peft adapter adapts modules that are not linear layers here: "
                           f"{[(p, type(mods[p]).__name__) for p in bad[:5]]}")
-    conv = [p for p in settings.targets if _is_conv1d(mods[p])]
+    conv = [p for p in settings.targets if is_conv1d(mods[p])]
     if conv and not cfg.get("fan_in_fan_out", False):
         raise ConfigError(f"layers {conv[:3]} are Conv1D (weights stored (in, out)) but the adapter config has "
                           "fan_in_fan_out=false; set \"fan_in_fan_out\": true in adapter_config.json if the "
@@ -179,15 +227,27 @@ def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict) -> list[
 def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Apply a peft RandLora adapter folder to a plain model (``inject`` with ``recipe="peft"``, then load).
 
-    Bases come from the folder when it holds them, else they are regenerated with the peer's recipe from
-    ``projection_prng_key``. All or nothing: on any error the model is left as it was. Returns the model.
+    Bases come from the folder when it holds them, else they are regenerated with peft's recipe from
+    ``projection_prng_key``. All or nothing: on any error the model is left as it was.
+
+    Args:
+        model: a model without a RandLora adapter, with the module paths the adapter was trained on
+            (peft's keys are relative to the model passed to ``get_peft_model``).
+        folder: a peft RandLora adapter folder.
+
+    Returns:
+        ``model``, adapted, with the folder's ``λ``, ``γ``, trained biases and bases.
+
+    Raises:
+        StateError: the model already has a RandLora adapter.
+        TargetError: the adapter names modules the model lacks, or that are not linear layers.
+        ConfigError: unsupported settings, or Conv1D layers with ``fan_in_fan_out=false``.
+        CheckpointError: an unreadable folder, bases of the wrong shapes, or biases the model lacks.
     """
     from .checkpoint import FP, load_state_dict
 
     tensors, settings, cfg = read_peft(folder)
     if bank_of(model) is not None:
-        from .errors import StateError
-
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
                          "randlora.merge(model) before loading another")
     _check_layers(model, settings, cfg)
@@ -195,23 +255,27 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     inject(model, targets, r=settings.r, alpha=settings.alpha, dropout=settings.dropout, seed=settings.seed,
            bases=settings.bases, recipe="peft", bias=settings.bias)
     try:
-        bank = _require(model)
-        bank.config.targets = list(settings.targets)
+        bank = require_bank(model)
+        bank.registry.config().targets = list(settings.targets)  # the folder's order, for a faithful save_peft
         if "randlora_A" in tensors:
-            want = (tuple(bank.A.shape), tuple(bank.B.shape))
-            got = (tuple(tensors["randlora_A"].shape), tuple(tensors["randlora_B"].shape))
-            if want != got:
-                raise CheckpointError(f"the folder's bases have shapes A{got[0]}, B{got[1]} but the adapted layers "
-                                      f"need A{want[0]}, B{want[1]} (peft sizes them by the element-wise largest "
-                                      "(out, in) of its targets); was it saved for another model?")
+            _check_bases_fit(bank, tensors)
         else:
-            tensors[FP] = bank.fingerprint.to_tensor()  # regenerated by the peer's recipe: nothing to verify
+            tensors[FP] = bank.fingerprint.to_tensor()  # regenerated by peft's recipe: nothing to verify
         _load_biases_strictly(model, tensors, folder)
         load_state_dict(model, tensors)
     except BaseException:
         eject(model)
         raise
     return model
+
+
+def _check_bases_fit(bank, tensors: dict[str, torch.Tensor]) -> None:
+    want = (tuple(bank.A.shape), tuple(bank.B.shape))
+    got = (tuple(tensors["randlora_A"].shape), tuple(tensors["randlora_B"].shape))
+    if want != got:
+        raise CheckpointError(f"the folder's bases have shapes A{got[0]}, B{got[1]} but the adapted layers "
+                              f"need A{want[0]}, B{want[1]} (peft sizes them by the element-wise largest "
+                              "(out, in) of its targets); was it saved for another model?")
 
 
 def _load_biases_strictly(model: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
@@ -241,59 +305,100 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
               duplicate_bases: bool = False, name: str | None = None) -> Path:
     """Write the adapter as a peft RandLora folder that ``peft.PeftModel.from_pretrained`` loads.
 
-    ``save_projection=True`` stores the bases (float32, peft's shapes: this library's bank padded with
-    zeros up to the peer's element-wise-max sizing; no layer reads the padding). Without them peft
-    regenerates bases from ``projection_prng_key`` with its own recipe, so that needs ``recipe="peft"``.
-    ``duplicate_bases=True`` also writes peft's per-layer copies of the bases (peft does; they only
-    silence its "missing adapter keys" warning and cost one bank per layer). ``name`` picks the adapter
-    (default: the active one). Returns the folder.
+    Each of the two files is written atomically.
+
+    Args:
+        model: a model adapted by :func:`randlora.inject`.
+        folder: the folder to write ``adapter_config.json`` and ``adapter_model.safetensors`` into (created
+            if needed; those files are replaced).
+        save_projection: store the bases (float32, peft's shapes: this library's bank padded with zeros up
+            to peft's element-wise-max sizing; no layer reads the padding). Without them peft regenerates
+            bases from ``projection_prng_key`` with its own recipe, so that needs ``recipe="peft"``.
+        duplicate_bases: also write peft's per-layer copies of the bases (peft does; they only silence its
+            "missing adapter keys" warning and cost one bank per layer).
+        name: the adapter (default: the active one).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ConfigError: without ``save_projection``, bases peft would not regenerate (another recipe, or bases
+            loaded from a file); Conv1D and ``nn.Linear`` layers mixed (peft has one ``fan_in_fan_out`` per
+            adapter); or a bank that is not the one peft would build.
+        StateError: the model has no RandLora adapter, or no adapter ``name``.
     """
     from safetensors.torch import save_file
 
-    bank = _require(model)
+    bank = require_bank(model)
     cfg = config_of(model, name)
-    params = {n: l._params(name) for n, l in adapted_layers(model)}
-    layers = [(n, l) for n, l in adapted_layers(model) if params[n] is not None]
+    layers = [(n, l, p) for n, l in adapted_layers(model) if (p := l._params(name)) is not None]
+    shape, conv = _check_writable(bank, cfg, layers, save_projection)
+    adapted = sorted(n for n, _, _ in layers)
+    tensors = _peft_tensors(model, layers)
+    if save_projection:
+        tensors.update(_peft_bases(bank, shape, adapted if duplicate_bases else []))
+    config = _peft_config(cfg, conv, save_projection, _target_modules(model, adapted))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return folder
+
+
+def _check_writable(bank, cfg: AdapterConfig, layers: list, save_projection: bool) -> tuple[BankShape, bool]:
+    """peft's bank shape for these layers, and whether they are Conv1D; refuses what peft would misread."""
     if not save_projection and cfg.recipe != "peft":
         raise ConfigError(f"this adapter's bases come from recipe={cfg.recipe!r}; without saved bases peft would "
                           "regenerate different ones (its own torch-generator recipe) and compute other weights. "
                           "Use save_peft(..., save_projection=True), or train with inject(..., recipe='peft')")
-    conv = [n for n, l in layers if l.fan_in_fan_out]
+    conv = [n for n, l, _ in layers if l.fan_in_fan_out]
     if conv and len(conv) != len(layers):
         raise ConfigError(f"the adapter mixes Conv1D layers ({conv[:3]}) with nn.Linear layers; peft has a single "
                           "fan_in_fan_out setting per adapter, so it cannot be written as one peft folder")
-    shape = bank_shape("peft", cfg.r, [(l.out_features, l.in_features) for _, l in layers])
+    shape = bank_shape("peft", cfg.r, [(l.out_features, l.in_features) for _, l, _ in layers])
     if cfg.recipe == "peft" and shape != bank.shape:
         raise ConfigError(f"the bank {bank.shape} differs from the one peft would build ({shape}) for these layers")
-    if not save_projection and _checksum(*generate("peft", cfg.seed, cfg.bases, shape)) != bank.checksum:
+    if not save_projection and bases_checksum(*generate("peft", cfg.seed, cfg.bases, shape)) != bank.checksum:
         raise ConfigError("this model's bases were loaded from a file and are not the ones peft regenerates from "
                           f"projection_prng_key={cfg.seed}; peft would compute other weights. Use "
                           "save_peft(..., save_projection=True)")
+    return shape, bool(conv)
 
+
+def _peft_tensors(model: nn.Module, layers: list) -> dict[str, torch.Tensor]:
+    """``λ``, ``γ`` (float32) and trained biases under peft's keys, as CPU copies."""
     tensors: dict[str, torch.Tensor] = {}
-    adapted = {n for n, _ in layers}
-    for n, _ in layers:
-        lam, gam = params[n][0], params[n][1]  # type: ignore[index]
-        tensors[f"{PREFIX}{n}.randlora_lambda"] = lam.detach().to("cpu", torch.float32).clone()
-        tensors[f"{PREFIX}{n}.randlora_gamma"] = gam.detach().to("cpu", torch.float32).clone()
-    for name, p in model.named_parameters():
-        if p.requires_grad and (name == "bias" or name.endswith(".bias")):
-            owner = name[: -len(".bias")] if name != "bias" else ""
-            key = f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{name}"
+    for n, _, params in layers:
+        tensors[f"{PREFIX}{n}.randlora_lambda"] = params[0].detach().to("cpu", torch.float32).clone()
+        tensors[f"{PREFIX}{n}.randlora_gamma"] = params[1].detach().to("cpu", torch.float32).clone()
+    adapted = {n for n, _, _ in layers}
+    for pname, p in model.named_parameters():
+        if p.requires_grad and is_bias_name(pname):
+            # peft keeps an adapted layer's own bias on its wrapped base_layer
+            owner = pname[: -len(".bias")] if pname != "bias" else ""
+            key = f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{pname}"
             tensors[key] = p.detach().to("cpu").clone()
-    if save_projection:
-        A, B = _padded_bases(bank.A, bank.B, shape)
-        tensors[SHARED[0]], tensors[SHARED[1]] = A, B
-        if duplicate_bases:
-            for n in sorted(adapted):
-                tensors[f"{PREFIX}{n}.randlora_A"] = A.clone()
-                tensors[f"{PREFIX}{n}.randlora_B"] = B.clone()
+    return tensors
+
+
+def _peft_bases(bank, shape: BankShape, copies_for: list[str]) -> dict[str, torch.Tensor]:
+    """The shared bases at peft's sizes, plus a per-layer copy for each path in ``copies_for``."""
+    A, B = _padded_bases(bank.A, bank.B, shape)
+    tensors = {SHARED[0]: A, SHARED[1]: B}
+    for n in copies_for:
+        tensors[f"{PREFIX}{n}.randlora_A"] = A.clone()
+        tensors[f"{PREFIX}{n}.randlora_B"] = B.clone()
+    return tensors
+
+
+def _peft_config(cfg: AdapterConfig, conv: bool, save_projection: bool, targets: list[str] | str) -> dict:
+    """The ``adapter_config.json`` contents, every key peft writes."""
     alpha = cfg.alpha
-    config = {
+    return {
         "auto_mapping": None,
         "base_model_name_or_path": None,
         "bias": cfg.bias,
-        "fan_in_fan_out": bool(conv),
+        "fan_in_fan_out": conv,
         "inference_mode": True,
         "init_weights": True,
         "layers_pattern": None,
@@ -308,15 +413,10 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
         "revision": None,
         "save_projection": bool(save_projection),
         "sparse": cfg.bases == "sparse",
-        "target_modules": _target_modules(model, sorted(adapted)),
+        "target_modules": targets,
         "task_type": None,
         "very_sparse": cfg.bases == "very_sparse",
     }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
-    return folder
 
 
 def _padded_bases(A: torch.Tensor, B: torch.Tensor, shape: BankShape) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ __all__ = [
     "register_recipe",
     "generate",
     "bank_shape",
+    "n_bases",
     "sparsity",
     "DENSE_VARIANCE",
 ]
@@ -48,7 +49,12 @@ class BankShape:
 
     @property
     def n(self) -> int:
-        return -(-self.m // self.r)
+        return n_bases(self.m, self.r)
+
+
+def n_bases(m: int, r: int) -> int:
+    """``ceil(m / r)``: how many rank-``r`` bases a layer (or bank) of smaller side ``m`` needs."""
+    return -(-m // r)
 
 
 def bank_shape(recipe: str, r: int, layer_shapes: list[tuple[int, int]]) -> BankShape:

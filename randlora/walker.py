@@ -7,7 +7,7 @@ import difflib
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -15,8 +15,9 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
-from .layer import DEFAULT, RandLoraLinear
-from .recipes import MODES, RECIPES, bank_shape
+from .layer import RandLoraLinear, dequantize, is_quantized
+from .recipes import MODES, RECIPES, BankShape, bank_shape
+from .registry import DEFAULT, AdapterConfig, Registry
 
 __all__ = [
     "AdapterConfig",
@@ -31,7 +32,13 @@ __all__ = [
     "active_adapter",
     "adapted_layers",
     "bank_of",
+    "require_bank",
+    "registry_of",
     "config_of",
+    "is_linear",
+    "is_conv1d",
+    "is_bias_name",
+    "drop_adapter",
     "trainable_parameters",
     "summary",
     "BANK_ATTR",
@@ -39,24 +46,6 @@ __all__ = [
 
 BANK_ATTR = "randlora_bank"
 BIAS_MODES = ("none", "all", "randlora_only")
-
-
-@dataclass
-class AdapterConfig:
-    """The settings an adapter was made with (stored in checkpoints)."""
-
-    targets: list[str]
-    r: int = 32
-    alpha: float = 640.0
-    dropout: float = 0.0
-    seed: int = 0
-    bases: str = "dense"
-    recipe: str = "portable"
-    bias: str = "none"
-    fan_in_fan_out: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -94,7 +83,7 @@ def _report(model: nn.Module, layers, bank: BasisBank) -> InjectReport:
 # ------------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------------
-def _is_conv1d(mod: nn.Module) -> bool:
+def is_conv1d(mod: nn.Module) -> bool:
     """GPT-2 style ``Conv1D``: a 2-D weight stored as ``(in, out)``, recognised by class name or by a
     ``fan_in_fan_out = True`` attribute (duck typing; transformers is never imported)."""
     if isinstance(mod, RandLoraLinear):
@@ -104,8 +93,8 @@ def _is_conv1d(mod: nn.Module) -> bool:
     return isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2
 
 
-def _is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, RandLoraLinear)) or _is_conv1d(mod)
+def is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.Linear, RandLoraLinear)) or is_conv1d(mod)
 
 
 def _name_matcher(spec: str | Sequence[str]):
@@ -140,13 +129,13 @@ def _output_heads(model: nn.Module) -> list[nn.Module]:
             head = None
         if isinstance(head, nn.Module):
             return [head]
-    linear = [(n, m) for n, m in model.named_modules() if n and _is_linear(m)]
+    linear = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     named = [m for n, m in linear if n.rsplit(".", 1)[-1] in HEAD_NAMES]
     return named or [m for _, m in linear[-1:]]
 
 
 def _close_names(model: nn.Module, wanted: Sequence[str]) -> str:
-    tails = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+    tails = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)})
     sugg = []
     for w in wanted:
         sugg += difflib.get_close_matches(w, tails, n=3)
@@ -165,14 +154,14 @@ def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, ex
     named = [(n, m) for n, m in model.named_modules() if n]
     if targets == "all-linear":
         heads = _output_heads(model)
-        chosen = [n for n, m in named if _is_linear(m) and not any(m is h for h in heads)]
+        chosen = [n for n, m in named if is_linear(m) and not any(m is h for h in heads)]
     else:
         try:
             match = _name_matcher(targets)
         except re.error as e:
             raise TargetError(f"targets {targets!r} is not a valid regular expression ({e})") from None
         chosen = [n for n, _ in named if match(n)]
-        bad = [n for n in chosen if not _is_linear(dict(named)[n])]
+        bad = [n for n in chosen if not is_linear(dict(named)[n])]
         if bad:
             kinds = ", ".join(f"{n} ({type(dict(named)[n]).__name__})" for n in bad[:5])
             raise TargetError(f"targets match modules that are not linear layers: {kinds}. "
@@ -240,20 +229,22 @@ def bank_of(model: nn.Module) -> BasisBank | None:
     return b if isinstance(b, BasisBank) else None
 
 
+def require_bank(model: nn.Module) -> BasisBank:
+    """The model's basis bank (with its registry); :class:`StateError` when the model has no adapter."""
+    bank = bank_of(model)
+    if bank is None or bank.registry is None:
+        raise StateError("the model has no RandLora adapter; call randlora.inject(model, targets=...) first")
+    return bank
+
+
+def registry_of(model: nn.Module) -> Registry:
+    """The model's adapter registry; :class:`StateError` when the model has no adapter."""
+    return require_bank(model).registry  # type: ignore[return-value]
+
+
 def config_of(model: nn.Module, name: str | None = None) -> AdapterConfig:
     """The settings of adapter ``name`` (default: the active one)."""
-    bank = _require(model)
-    return bank.adapters[_adapter(bank, name)]  # type: ignore[attr-defined]
-
-
-def _adapter(bank: BasisBank, name: str | None) -> str:
-    """``name`` checked against the model's adapters (None: the active one)."""
-    if name is None:
-        return bank.active  # type: ignore[attr-defined]
-    if name not in bank.adapters:  # type: ignore[attr-defined]
-        raise StateError(f"the model has no adapter {name!r}; its adapters are {list(bank.adapters)}. "
-                         f"Add one with randlora.inject(model, targets, name={name!r})")
-    return name
+    return registry_of(model).config(name)
 
 
 def _check_name(name: str) -> None:
@@ -270,11 +261,9 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
             yield name, mod
 
 
-def _require(model: nn.Module) -> BasisBank:
-    bank = bank_of(model)
-    if bank is None:
-        raise StateError("the model has no RandLora adapter; call randlora.inject(model, targets=...) first")
-    return bank
+def is_bias_name(name: str) -> bool:
+    """Whether a parameter name is a bias (``bias`` or ``<module>.bias``): the ones ``bias=`` trains."""
+    return name == "bias" or name.endswith(".bias")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -283,9 +272,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# public surface
+# inject: validate -> plan -> apply
 # ------------------------------------------------------------------------------------------------
-def _validate(r, alpha, dropout, seed, bases, recipe, bias) -> float:
+def _settings(r, alpha, dropout, seed, bases, recipe, bias) -> AdapterConfig:
+    """The validated settings (targets still empty): :class:`ConfigError` names the first bad one."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ConfigError(f"r must be a positive int, got {r!r}")
     if alpha is None:
@@ -302,7 +292,104 @@ def _validate(r, alpha, dropout, seed, bases, recipe, bias) -> float:
         raise ConfigError(f"unknown recipe {recipe!r}; use one of {sorted(RECIPES)}")
     if bias not in BIAS_MODES:
         raise ConfigError(f"unknown bias {bias!r}; use one of {list(BIAS_MODES)}")
-    return float(alpha)
+    # numpy scalars -> plain Python numbers (JSON-able settings)
+    return AdapterConfig(targets=[], r=int(r), alpha=float(alpha), dropout=float(dropout), seed=int(seed),
+                         bases=bases, recipe=recipe, bias=bias)
+
+
+@dataclass
+class _Plan:
+    """What :func:`inject` will do, fully validated; nothing has been changed yet."""
+
+    modules: dict[str, nn.Module]
+    shape: BankShape
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Plan:
+    """Select and check the target layers and size the bank; fills ``cfg.targets`` / ``cfg.fan_in_fan_out``."""
+    taken = [a for a in (BANK_ATTR, *BasisBank.NAMES) if hasattr(model, a)]
+    if taken:
+        raise StateError(f"the model already has attributes {taken} that randlora needs for its bank; "
+                         "rename them before injecting")
+    names = select(model, targets, layers=layers, exclude=exclude)
+    mods = {n: model.get_submodule(n) for n in names}
+    shapes, fan, dtypes, devices, owners = [], [], set(), set(), {}
+    for n, mod in mods.items():
+        W = mod.weight
+        if is_quantized(mod):  # bitsandbytes 4-/8-bit or torchao: packed storage, the module says the shape
+            if id(W) in owners:
+                raise TargetError(f"layers {owners[id(W)]} and {n} share one (tied) weight tensor. Target only one "
+                                  "of them (exclude=[...])")
+            owners[id(W)] = n
+            shapes.append((int(mod.out_features), int(mod.in_features)))
+            cdt = getattr(mod, "compute_dtype", None)  # bitsandbytes 4-bit; torchao weights report theirs
+            if not (isinstance(cdt, torch.dtype) and cdt.is_floating_point):
+                cdt = W.dtype if W.is_floating_point() else torch.float32
+            dtypes.add(cdt)
+            devices.add(W.device)
+            continue
+        if not W.is_floating_point():
+            raise ConfigError(f"layer {n} has a {W.dtype} weight; RandLora needs floating-point weights or a "
+                              "bitsandbytes 4-bit/8-bit layer (dequantise it or exclude it)")
+        if W.dim() != 2 or 0 in W.shape:
+            raise TargetError(f"layer {n} has a weight of shape {tuple(W.shape)}; RandLora needs a 2-D weight "
+                              "with no zero-size dimension. Exclude it (exclude=[...])")
+        if id(W) in owners:
+            raise TargetError(f"layers {owners[id(W)]} and {n} share one (tied) weight tensor: merging would add "
+                              "both updates to it. Target only one of them (exclude=[...])")
+        owners[id(W)] = n
+        if is_conv1d(mod):
+            fan.append(n)
+        shapes.append((W.shape[1], W.shape[0]) if is_conv1d(mod) else tuple(W.shape))
+        dtypes.add(W.dtype)
+        devices.add(W.device)
+    if len(devices) > 1:
+        raise ConfigError(f"target layers sit on several devices {sorted(map(str, devices))}; move the model to "
+                          "one device before injecting")
+    largest = max(max(sh) for sh in shapes)
+    if cfg.r > largest:
+        raise ConfigError(f"r={cfg.r} is larger than the largest side of every targeted layer ({largest}): the "
+                          f"bank would hold r-sized bases no layer can use (and a huge r runs out of memory). Pass "
+                          f"r <= {largest}; smaller r means more bases (n = ceil(min(O, I) / r)) and more "
+                          "trainable values")
+    cfg.targets, cfg.fan_in_fan_out = names, fan
+    return _Plan(modules=mods, shape=bank_shape(cfg.recipe, cfg.r, shapes),
+                 dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=devices.pop())
+
+
+def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> InjectReport:
+    """Swap the planned layers, freeze the rest, attach the bank. Nothing here can fail half-way."""
+    bank = BasisBank(seed=cfg.seed, mode=cfg.bases, recipe=cfg.recipe, shape=plan.shape, dtype=plan.dtype,
+                     device=plan.device)
+    new = {n: RandLoraLinear(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                             fan_in_fan_out=n in cfg.fan_in_fan_out) for n, mod in plan.modules.items()}
+    bank.registry = Registry(adapters={name: cfg}, active=name,
+                             grad_flags={n: p.requires_grad for n, p in model.named_parameters()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n, layer in new.items():
+        _set_submodule(model, n, layer)
+        if layer.quantized:
+            continue  # its own forward computes x Wᵀ + b: it keeps its (shared) weight and bias
+        # the wrapper owns weight/bias now; the kept original must not hold them as well (under FSDP2 it
+        # would keep every adapted weight whole on every rank). _restore hands them back.
+        layer.base_layer.weight = None
+        if getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias = None
+    bank.attach(model)
+    setattr(model, BANK_ATTR, bank)
+    for layer in new.values():
+        layer.randlora_lambda.requires_grad_(True)
+        layer.randlora_gamma.requires_grad_(True)
+        if cfg.bias == "randlora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if cfg.bias == "all":
+        for n, p in model.named_parameters():
+            if is_bias_name(n):
+                p.requires_grad_(True)
+    return _report(model, new.items(), bank)
 
 
 def inject(
@@ -322,108 +409,64 @@ def inject(
 ) -> InjectReport:
     """Replace the selected linear layers by :class:`RandLoraLinear` in place and freeze the rest.
 
-    Each layer gets ``ΔW = Σ_i B_i diag(λ_i) A diag(γ_i)`` scaled by ``alpha / r`` (default alpha ``20·r``).
-    Everything is validated before any module is swapped. ``name`` names the adapter (default
-    ``"default"``); on a model that already has one, ``name=`` adds a further adapter on (some of) the same
-    layers, sharing the same bank (same ``seed``, ``recipe``, ``bases``, ``r``); :func:`use` activates it.
+    Each layer gets ``ΔW = Σ_i B_i diag(λ_i) A diag(γ_i)`` scaled by ``alpha / r``. Everything is
+    validated before any module is swapped: on an error the model is left exactly as it was.
+
+    Args:
+        model: any ``nn.Module``; its ``nn.Linear`` (and GPT-2 ``Conv1D``) layers can be targets.
+        targets: a list of names (a module whose full name equals an entry or ends with ``"." + entry``),
+            one string (a regular expression that must match the full name), or ``"all-linear"`` (every
+            linear layer except the output head).
+        r: rank of each random basis; ``n = ceil(min(O, I) / r)`` bases per layer, ``n·r + n·min(O, I)``
+            trainable values per layer. At most the largest side of the targeted layers.
+        alpha: the update is scaled by ``alpha / r`` (default ``20 · r``).
+        dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+        seed: seed of the shared bases.
+        bases: ``"dense"``, ``"sparse"`` or ``"very_sparse"`` (ternary bases).
+        recipe: ``"portable"`` (bit-identical everywhere) or ``"peft"`` (bit-exact with peft's bases).
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"randlora_only"`` (the adapted layers' biases).
+        layers: keep only targets inside these block indices (the first integer in a module's name).
+        exclude: names or a regular expression of targets to leave out.
+        name: the adapter's name (default ``"default"``). On a model that already has an adapter,
+            ``name=`` adds a further one on (some of) the same layers, sharing the bank (same ``seed``,
+            ``recipe``, ``bases``, ``r``, ``bias``); :func:`use` activates it.
+
+    Returns:
+        An :class:`InjectReport`: the adapted layers, their shapes and the trainable count.
+
+    Raises:
+        TargetError: targets select nothing, non-linear modules, tied weights or aliased modules.
+        ConfigError: a bad setting (``r``, ``alpha``, ``dropout``, ``seed``, ``bases``, ``recipe``, ``bias``,
+            ``name``), non-floating-point weights, or layers on several devices.
+        StateError: the model already has an adapter (and no ``name`` was given) or is merged.
     """
     _check_module(model)
-    alpha = _validate(r, alpha, dropout, seed, bases, recipe, bias)
-    r, seed, dropout = int(r), int(seed), float(dropout)  # numpy scalars -> plain (JSON-able settings)
+    cfg = _settings(r, alpha, dropout, seed, bases, recipe, bias)
     if name is not None:
         _check_name(name)
     if name is not None and bank_of(model) is not None:
-        return _add_named(model, targets, name, r=r, alpha=alpha, dropout=dropout, seed=seed, bases=bases,
-                          recipe=recipe, bias=bias, layers=layers, exclude=exclude)
+        return _add_named(model, targets, name, cfg, layers, exclude)
     if bank_of(model) is not None or any(True for _ in adapted_layers(model)):
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
                          "randlora.merge(model) before injecting again, or pass name='...' to add a second "
                          "adapter on the same bank")
-    taken = [a for a in (BANK_ATTR, *BasisBank.NAMES) if hasattr(model, a)]
-    if taken:
-        raise StateError(f"the model already has attributes {taken} that randlora needs for its bank; "
-                         "rename them before injecting")
-    names = select(model, targets, layers=layers, exclude=exclude)
-    mods = {n: model.get_submodule(n) for n in names}
-    shapes, fan = [], []
-    dtypes, devices = set(), set()
-    owners: dict[int, str] = {}
-    for n, mod in mods.items():
-        W = mod.weight
-        if not W.is_floating_point():
-            raise ConfigError(f"layer {n} has a {W.dtype} weight; RandLora needs floating-point weights "
-                              "(dequantise it or exclude it)")
-        if W.dim() != 2 or 0 in W.shape:
-            raise TargetError(f"layer {n} has a weight of shape {tuple(W.shape)}; RandLora needs a 2-D weight "
-                              "with no zero-size dimension. Exclude it (exclude=[...])")
-        if id(W) in owners:
-            raise TargetError(f"layers {owners[id(W)]} and {n} share one (tied) weight tensor: merging would add "
-                              "both updates to it. Target only one of them (exclude=[...])")
-        owners[id(W)] = n
-        ffo = _is_conv1d(mod)
-        if ffo:
-            fan.append(n)
-        shapes.append((W.shape[1], W.shape[0]) if ffo else tuple(W.shape))
-        dtypes.add(W.dtype)
-        devices.add(W.device)
-    if len(devices) > 1:
-        raise ConfigError(f"target layers sit on several devices {sorted(map(str, devices))}; move the model to "
-                          "one device before injecting")
-    largest = max(max(sh) for sh in shapes)
-    if r > largest:
-        raise ConfigError(f"r={r} is larger than the largest side of every targeted layer ({largest}): the bank "
-                          f"would hold r-sized bases no layer can use (and a huge r runs out of memory). Pass r <= "
-                          f"{largest}; smaller r means more bases (n = ceil(min(O, I) / r)) and more trainable values")
-    bank_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    shape = bank_shape(recipe, r, shapes)
-    bank = BasisBank(seed=seed, mode=bases, recipe=recipe, shape=shape, dtype=bank_dtype, device=devices.pop())
-    bank.config = AdapterConfig(targets=names, r=r, alpha=alpha, dropout=float(dropout), seed=seed, bases=bases,
-                                recipe=recipe, bias=bias, fan_in_fan_out=fan)
-    name = DEFAULT if name is None else name
-    bank.adapters, bank.active = {name: bank.config}, name
-    new = {n: RandLoraLinear(mod, bank, r=r, alpha=alpha, dropout=dropout, fan_in_fan_out=n in fan)
-           for n, mod in mods.items()}
-    for layer in new.values():
-        layer.adapter_name = layer.active = name
-    # all validation is done: from here on nothing can fail half-way
-    bank.grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n, layer in new.items():
-        _set_submodule(model, n, layer)
-        # the wrapper owns weight/bias now; the kept original must not hold them as well (under FSDP2 it
-        # would keep every adapted weight whole on every rank). _restore hands them back.
-        layer.base_layer.weight = None
-        if getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias = None
-    bank.attach(model)
-    setattr(model, BANK_ATTR, bank)
-    for layer in new.values():
-        layer.randlora_lambda.requires_grad_(True)
-        layer.randlora_gamma.requires_grad_(True)
-        if bias == "randlora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                p.requires_grad_(True)
-    return _report(model, new.items(), bank)
+    plan = _plan(model, targets, cfg, layers, exclude)
+    return _apply(model, plan, cfg, DEFAULT if name is None else name)
 
 
-def _add_named(model: nn.Module, targets, name: str, *, r: int, alpha: float, dropout: float, seed: int,
-               bases: str, recipe: str, bias: str, layers, exclude) -> InjectReport:
+def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers, exclude) -> InjectReport:
     """A further adapter ``name`` on already adapted layers, reading the model's bank."""
-    bank = _require(model)
-    first = next(iter(bank.adapters))
-    if name in bank.adapters:
+    bank = require_bank(model)
+    reg = bank.registry
+    first = reg.owner
+    if name in reg.adapters:
         raise StateError(f"the model already has an adapter {name!r}; pick another name, load into it with "
                          f"randlora.load_state_dict(model, sd, name={name!r}), or randlora.eject(model) first")
     if any(l.merged for _, l in adapted_layers(model)):
         raise StateError("the model is merged; call randlora.unmerge(model) before adding an adapter")
-    cfg0 = bank.config
-    diff = [f"{k}={v!r} (adapter {first!r}: {getattr(cfg0, k)!r})"
-            for k, v in (("seed", seed), ("recipe", recipe), ("bases", bases), ("r", r), ("bias", bias))
-            if v != getattr(cfg0, k)]
+    cfg0 = reg.adapters[first]
+    diff = [f"{k}={getattr(cfg, k)!r} (adapter {first!r}: {getattr(cfg0, k)!r})"
+            for k in ("seed", "recipe", "bases", "r", "bias") if getattr(cfg, k) != getattr(cfg0, k)]
     if diff:
         raise ConfigError(f"adapter {name!r} shares the model's bank, so its seed, recipe, bases, r and bias must "
                           f"equal those of adapter {first!r}; differs: {', '.join(diff)}. Pass the same values, "
@@ -435,53 +478,50 @@ def _add_named(model: nn.Module, targets, name: str, *, r: int, alpha: float, dr
                           f"bank), but targets also select {plain[:5]}; narrow targets or exclude them")
     new = {n: model.get_submodule(n) for n in names}
     for l in new.values():
-        l.add_adapter(name, alpha=alpha, dropout=dropout)
-        l.active = bank.active  # unchanged: a new adapter is off until use(model, name)
-    bank.adapters[name] = AdapterConfig(
-        targets=names, r=r, alpha=alpha, dropout=dropout, seed=seed, bases=bases, recipe=recipe, bias=bias,
-        fan_in_fan_out=[n for n, l in new.items() if l.fan_in_fan_out])
+        l.add_adapter(name, alpha=cfg.alpha, dropout=cfg.dropout)
+    cfg.targets = names
+    cfg.fan_in_fan_out = [n for n, l in new.items() if l.fan_in_fan_out]
+    reg.adapters[name] = cfg  # off until use(model, name)
     return _report(model, new.items(), bank)
 
 
-def _drop_named(model: nn.Module, name: str) -> None:
-    """Remove the further adapter ``name`` again (not the layers' own one)."""
-    bank = _require(model)
+def drop_adapter(model: nn.Module, name: str) -> None:
+    """Remove the further adapter ``name`` again (not the first one, which owns the layers' parameters)."""
+    reg = registry_of(model)
     for _, l in adapted_layers(model):
         extra = l._modules.get("randlora_extra")
         if extra is not None and name in extra:
             del extra[name]
             if len(extra) == 0:
                 del l.randlora_extra
-        if l.active == name:
-            l.active = l.adapter_name
-    bank.adapters.pop(name, None)
-    if bank.active == name:
-        bank.active = next(iter(bank.adapters))
+    reg.adapters.pop(name, None)
+    if reg.active == name:
+        reg.active = reg.owner
 
 
 def use(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the active one: forward, :func:`merge`, :func:`state_dict` default to it.
 
     Layers that do not carry ``name`` compute their base layer only while it is active.
+
+    Raises:
+        StateError: the model has no adapter ``name``, or it is merged.
     """
-    bank = _require(model)
-    name = _adapter(bank, name)
-    layers = [l for _, l in adapted_layers(model)]
-    if any(l.merged for l in layers):
+    reg = registry_of(model)
+    name = reg.resolve(name)
+    if any(l.merged for _, l in adapted_layers(model)):
         raise StateError("the model is merged; call randlora.unmerge(model) before switching adapters")
-    for l in layers:
-        l.active = name
-    bank.active = name
+    reg.active = name
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The model's adapters, in the order they were added."""
-    return list(_require(model).adapters)  # type: ignore[attr-defined]
+    return list(registry_of(model).adapters)
 
 
 def active_adapter(model: nn.Module) -> str:
     """The name of the active adapter."""
-    return _require(model).active  # type: ignore[attr-defined]
+    return registry_of(model).active
 
 
 def _restore(model: nn.Module) -> None:
@@ -491,18 +531,22 @@ def _restore(model: nn.Module) -> None:
         if layer.bias is not None:
             base.bias = layer.bias
         _set_submodule(model, name, base)
-    bank = _require(model)
+    bank = require_bank(model)
     bank.detach()
     delattr(model, BANK_ATTR)
-    flags = getattr(bank, "grad_flags", {})
+    flags = bank.registry.grad_flags
     for n, p in model.named_parameters():
         if n in flags:
             p.requires_grad_(flags[n])
 
 
 def eject(model: nn.Module) -> None:
-    """Remove the adapter without merging: the original layer objects come back, weights untouched."""
-    _require(model)
+    """Remove the adapter without merging: the original layer objects come back, weights untouched.
+
+    Raises:
+        StateError: the model has no adapter.
+    """
+    require_bank(model)
     for _, layer in adapted_layers(model):
         if layer.merged:
             layer.unmerge_()
@@ -514,40 +558,101 @@ def _merge_is_finite(layer: RandLoraLinear, name: str | None = None) -> bool:
     return bool(torch.isfinite((layer._w().to(d.dtype) + d).to(layer.weight.dtype)).all())
 
 
-def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: str | None = None) -> None:
+@torch.no_grad()
+def _dequantized_merge(layer: RandLoraLinear, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(W) + s·ΔW`` of a quantised layer, accumulated in float32 and cast to ``dtype``."""
+    W = dequantize(layer.base_layer)
+    W += layer.delta_weight(torch.float32, name)
+    return W.to(dtype)
+
+
+def _plain_linear(layer: RandLoraLinear, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and the layer's bias (cast to ``dtype``), no init pass."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    b = layer.bias
+    if b is not None:
+        lin.bias = b if b.dtype == dtype else nn.Parameter(b.detach().to(dtype), requires_grad=b.requires_grad)
+    lin.train(layer.training)
+    return lin
+
+
+def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: str | None = None,
+          dequantize: bool = False, dtype: torch.dtype = torch.float32) -> None:
     """Fold ``s·ΔW`` into every adapted weight (float32 accumulation, cast back to the weight's dtype).
 
-    ``name`` picks the adapter to fold in (default: the active one); with ``unload=True`` the others go.
+    A quantised (bitsandbytes 4-bit/8-bit, torchao) base cannot take ``s·ΔW`` without re-quantising, so it is
+    refused unless ``dequantize=True``, which replaces each such layer by a plain ``nn.Linear`` holding
+    ``dequantize(W) + s·ΔW`` (float32 accumulation, cast to ``dtype``) and its bias (see docs/quantized.md).
 
-    ``unload=True`` puts the original modules back (same keys and types as before :func:`inject`);
-    ``unload=False`` keeps the wrappers in a merged state (see :func:`unmerge`). ``safe=True`` refuses,
-    leaving every weight untouched, if any merged weight would be non-finite.
+    Args:
+        model: an adapted model.
+        unload: put the original modules back (same keys and types as before :func:`inject`); with
+            ``False`` the wrappers stay, merged (see :func:`unmerge`).
+        safe: refuse, leaving every weight untouched, if any merged weight would be non-finite.
+        name: the adapter to fold in (default: the active one); with ``unload=True`` the others go.
+        dequantize: replace the quantised layers by ``nn.Linear`` layers in ``dtype`` (needs ``unload=True``).
+        dtype: the floating-point dtype of those ``nn.Linear`` weights (and biases); other layers keep theirs.
+
+    Raises:
+        ConfigError: ``dequantize=True`` with ``unload=False``, or ``dtype`` not a floating-point dtype.
+        StateError: no adapter, no adapter ``name``, already merged, the bank on another device than a
+            layer, quantised layers without ``dequantize=True``, or (``safe``) a non-finite result.
     """
-    name = _adapter(_require(model), name)
+    if not isinstance(dequantize, bool):
+        raise ConfigError(f"dequantize must be True or False, got {dequantize!r}")
+    if dequantize and not unload:
+        raise ConfigError("dequantize=True replaces the quantised layers by plain nn.Linear layers, so the wrappers "
+                          "cannot stay: pass unload=True (the default), or dequantize=False")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
+    name = registry_of(model).resolve(name)
     every = list(adapted_layers(model))
     if any(l.merged for _, l in every):
         raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
                          "randlora.eject(model) to drop the wrappers")
     layers = [(n, l) for n, l in every if l._params(name) is not None]
+    quant = [n for n, l in layers if l.quantized]
+    if quant and not dequantize:
+        more = " ..." if len(quant) > 5 else ""
+        raise StateError(f"layers {quant[:5]}{more} have quantised (bitsandbytes/torchao) weights: s·ΔW cannot "
+                         "be folded into them without re-quantising (lossy). Options: "
+                         "randlora.merge(model, dequantize=True, dtype=torch.bfloat16) for plain nn.Linear layers; "
+                         "randlora.save(model, path) and `python -m randlora merge` against the unquantised base "
+                         "weights; or keep the adapter unmerged (randlora.eject(model) drops it)")
     for _, l in layers:
         l._views()  # raises (device mismatch) before any weight changes
     if safe:
         with torch.no_grad():
             # checked after the cast back to the weight's dtype: float16 can overflow where float32 did not
-            bad = [n for n, l in layers if not _merge_is_finite(l, name)]
+            bad = [n for n, l in layers
+                   if not (bool(torch.isfinite(_dequantized_merge(l, name, dtype)).all()) if l.quantized
+                           else _merge_is_finite(l, name))]
         if bad:
             raise StateError(f"merging would make the weights of {bad[:5]} non-finite (λ/γ hold inf/nan, or the "
                              "sum overflows the weight's dtype); "
                              "nothing was merged. Reload a good adapter or call randlora.eject(model).")
-    for _, layer in layers:
-        layer.merge_(name=name)
+    del every
+    for i, (n, layer) in enumerate(layers):
+        if layer.quantized:
+            # swapped at once and the last reference dropped: each quantised layer is freed (unless the caller
+            # holds it) as its float replacement is built, so the peak is the float model plus one layer
+            _set_submodule(model, n, _plain_linear(layer, _dequantized_merge(layer, name, dtype), dtype))
+            layers[i] = None  # type: ignore[call-overload]
+        else:
+            layer.merge_(name=name)
+        del layer
     if unload:
         _restore(model)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo ``merge(model, unload=False)``: subtract ``s·ΔW`` from every adapted weight again."""
-    _require(model)
+    """Undo ``merge(model, unload=False)``: subtract ``s·ΔW`` from every adapted weight again.
+
+    Raises:
+        StateError: the model has no adapter or is not merged.
+    """
+    require_bank(model)
     layers = list(adapted_layers(model))
     if not any(l.merged for _, l in layers):
         raise StateError("the model is not merged; nothing to unmerge (merge(model, unload=False) first)")
@@ -559,7 +664,7 @@ def unmerge(model: nn.Module) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: adapters off inside (the model computes the base layers only)."""
-    _require(model)
+    require_bank(model)
     layers = [l for _, l in adapted_layers(model)]
     before = [l.disabled for l in layers]
     for l in layers:
@@ -579,5 +684,5 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def summary(model: nn.Module) -> str:
     """A per-layer table (shape, bases, trainable count), totals and the percentage of the model."""
-    bank = _require(model)
+    bank = require_bank(model)
     return repr(_report(model, adapted_layers(model), bank))

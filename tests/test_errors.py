@@ -176,6 +176,18 @@ def _poison(value: float, which: str = "randlora_lambda"):
     return prep
 
 
+def _with_duck_quantized() -> nn.Module:
+    """``layers.1.q_proj`` holding an int8 weight with ``SCB`` scales, the attributes bitsandbytes' ``Int8Params``
+    has and by which randlora recognises an 8-bit layer (bitsandbytes is not needed: the merge refusal is decided
+    before any weight is read; tests/test_quantized.py checks the real layers)."""
+    m = toy()
+    lin = m.layers[1].q_proj
+    w = nn.Parameter(lin.weight.detach().mul(127).round().to(torch.int8), requires_grad=False)
+    w.SCB = torch.ones(lin.out_features)
+    lin.weight = w
+    return m
+
+
 def _overflow_fp16(m, tmp):
     injected(m)
     with torch.no_grad():
@@ -360,6 +372,13 @@ CASES: list[Case] = [
     Case("merge(safe=True) overflowing float16 weights", lambda m, tmp: randlora.merge(m, safe=True), StateError,
          ("layers.0.q_proj", "overflows", "nothing was merged"), prep=_overflow_fp16,
          model=lambda: toy(dtype=torch.float16)),
+    Case("merging quantised (bitsandbytes) layers without dequantize", lambda m, tmp: randlora.merge(m), StateError,
+         ("layers.1.q_proj", "dequantize=True", "python -m randlora merge"),
+         prep=lambda m, tmp: randlora.inject(m, TARGETS, r=4), model=_with_duck_quantized),
+    Case("merge(dequantize=True, unload=False)", lambda m, tmp: randlora.merge(m, unload=False, dequantize=True),
+         ConfigError, ("dequantize=True", "unload=True"), prep=lambda m, tmp: injected(m)),
+    Case("a merge dtype that is not floating point",
+         lambda m, tmp: randlora.merge(m, dequantize=True, dtype=torch.int8), ConfigError, ("torch.int8", "floating-point"), prep=lambda m, tmp: injected(m)),
     # -- state dicts -----------------------------------------------------------------------------
     Case("load_state_dict into a model with other shapes", lambda m, tmp: randlora.load_state_dict(m, donor_sd(r=2)),
          CheckpointError, ("shape", "nothing was loaded", "same targets and r"), prep=lambda m, tmp: injected(m)),
@@ -477,7 +496,7 @@ def test_snapshot_sees_every_kind_of_change(change: str) -> None:
         elif change == "bank buffer":
             layer.bank.A.view(-1)[0] += 1
         elif change == "merged flag":
-            layer.merged = True
+            layer.merged_name = "default"
         elif change == "train mode":
             model.eval()
         else:

@@ -353,7 +353,7 @@ def test_models_with_different_seeds_never_share_bases(recipe: str, bases: str) 
 def test_loading_bases_into_one_model_leaves_a_same_seed_model_alone() -> None:
     """Even two models with the SAME seed must not alias their banks: taking bases from a checkpoint
     (here: bases from "another machine", same seed/recipe/shape, their own checksum) changes one only."""
-    from randlora.bank import _checksum
+    from randlora.bank import bases_checksum
 
     a, b = _small(0), _small(0)
     for m in (a, b):
@@ -361,7 +361,7 @@ def test_loading_bases_into_one_model_leaves_a_same_seed_model_alone() -> None:
     B_before = (b.randlora_bank.A.clone(), b.randlora_bank.B.clone())
     sd = {k: v.clone() for k, v in randlora.state_dict(a, save_projection=True).items()}
     sd["randlora_A"] = sd["randlora_A"] * 0.5
-    sd["randlora_fingerprint"][-1] = _checksum(sd["randlora_A"], sd["randlora_B"])
+    sd["randlora_fingerprint"][-1] = bases_checksum(sd["randlora_A"], sd["randlora_B"])
     randlora.load_state_dict(a, sd)
     assert torch.equal(a.randlora_bank.A, sd["randlora_A"])
     assert torch.equal(b.randlora_bank.A, B_before[0]) and torch.equal(b.randlora_bank.B, B_before[1])

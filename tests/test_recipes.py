@@ -353,7 +353,7 @@ def test_fingerprint_mismatch_names_what_differs():
     try:
         fp = randlora.walker.bank_of(net).fingerprint
         flipped = randlora.Fingerprint(fp.seed, fp.recipe, fp.mode, fp.r, fp.M, fp.m,
-                                       randlora.bank._checksum(*generate("portable_flipped", 1, "dense",
+                                       randlora.bank.bases_checksum(*generate("portable_flipped", 1, "dense",
                                                                          randlora.walker.bank_of(net).shape)))
         sd = sd_of(["q_proj", "up_proj"], seed=1)
         sd["randlora_fingerprint"] = flipped.to_tensor()

@@ -1,0 +1,312 @@
+"""Training-step benchmark of ternary bases: this library's dense routes vs its sparse route, against peft LoRA.
+
+A copy of ``benchmarks/step.py`` with two more kinds: ``randlora-vs`` (``bases="very_sparse"``, the routes
+``ops`` picks today) and ``randlora-vs-sparse`` (the same bases, each training call of an adapted layer sent to
+``randlora.sparse.sparse_randlora_linear`` when ``sparse.sparse_pays`` predicts it cheaper, as the op's route
+choice will). ``--sparse`` adds the sparse kinds to the default list.
+
+Model: ``transformers.LlamaConfig`` (hidden 1024, MLP 2816, 4 layers, 16 heads, vocab 4096), random
+weights, batch 4; one step = forward, backward, AdamW. Every configuration runs in its own subprocess
+(peak memory = that process's ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated``), repeated in
+alternating order; the table shows medians and the ratios against the peers from the same run.
+Also times the unmerged ``eval()`` forward against the plain model's forward.
+
+    python benchmarks/step_sparse.py --sparse --no-eval --grid all:1024 all:4096 \
+        --kinds randlora randlora-vs randlora-vs-sparse peft-lora
+    python benchmarks/step_sparse.py --sparse --quick --no-eval        # a smoke run
+
+Needs ``pip install -e ".[bench]"`` (peft, transformers); without peft only full fine-tuning is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import have, machine, markdown_table, median, peak_rss_mb, run_worker, timed, write_json  # noqa: E402
+
+TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
+TARGET_LABEL = {"qv": "q_proj,v_proj", "all": "all 7 linear"}
+TRAIN_KINDS = ("randlora", "randlora-keep", "randlora-vs", "randlora-vs-sparse", "peft-randlora", "peft-lora", "full")
+SPARSE_KINDS = ("randlora-vs", "randlora-vs-sparse")
+EVAL_KINDS = ("eval-plain", "eval-randlora")
+BATCH = 4
+
+
+# ------------------------------------------------------------------------------------------------
+# worker (one configuration, one process)
+# ------------------------------------------------------------------------------------------------
+def build_model(cfg):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    size = cfg["size"]
+    conf = LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["mlp"], num_hidden_layers=size["layers"],
+                       num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
+                       vocab_size=size["vocab"], max_position_embeddings=max(2048, cfg["seq"]))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(conf)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
+    return model.to(device=cfg["device"], dtype=dtype)
+
+
+def adapt(model, cfg):
+    import torch
+
+    kind, targets, r = cfg["kind"], TARGETS[cfg["targets"]], cfg["r"]
+    if kind in ("randlora", "randlora-keep", "eval-randlora", *SPARSE_KINDS):
+        import randlora
+
+        bases = "very_sparse" if kind in SPARSE_KINDS else "dense"
+        randlora.inject(model, targets, r=r, alpha=640.0, bases=bases)
+        if kind == "randlora-vs-sparse":
+            use_sparse_route()
+        if kind == "randlora-keep":
+            cfg = dict(cfg, keep="always")
+        if cfg.get("keep"):
+            for m in model.modules():
+                if isinstance(m, randlora.RandLoraLinear):
+                    m.set_keep(cfg["keep"])
+        if kind == "eval-randlora":
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, randlora.RandLoraLinear):
+                        m.randlora_lambda.normal_(0, 1e-3)
+        return model, list(randlora.trainable_parameters(model))
+    if kind == "peft-randlora":
+        from peft import RandLoraConfig, get_peft_model
+
+        model = get_peft_model(model, RandLoraConfig(r=r, target_modules=targets, randlora_alpha=640))
+    elif kind == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    elif kind in ("full", "eval-plain"):
+        pass
+    else:
+        raise ValueError(kind)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def use_sparse_route():
+    """Send training calls of every RandLoraLinear to the sparse route when its cost model says it pays."""
+    import torch
+
+    from randlora import RandLoraLinear
+    from randlora.sparse import sparse_pays, sparse_randlora_linear
+
+    dense_forward = RandLoraLinear.forward
+
+    def forward(self, x):
+        plain = (torch.is_grad_enabled() and not self.merged and not self.disabled and self.active == self.adapter_name
+                 and not (self.training and isinstance(self.dropout, torch.nn.Dropout))
+                 and not torch.is_autocast_enabled(x.device.type))
+        if plain:
+            O, I = self.out_features, self.in_features
+            idx = self.bank.sparse_index(O, I)
+            T = x.numel() // I
+            if sparse_pays(T, O, I, self.randlora_lambda.numel(), idx.density_A, idx.density_B,
+                           need_x=x.requires_grad, r=self.r):
+                W = self._w()
+                y = sparse_randlora_linear(x.to(W.dtype), W, self.bias, self.randlora_lambda, self.randlora_gamma,
+                                           idx, self.scaling)
+                return y.to(x.dtype)
+        return dense_forward(self, x)
+
+    RandLoraLinear.forward = forward
+
+
+def worker(cfg):
+    import torch
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    dev = torch.device(cfg["device"])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    model, params = adapt(build_model(cfg), cfg)
+    ids = torch.randint(0, cfg["size"]["vocab"], (BATCH, cfg["seq"]), device=dev)
+    gc.collect()
+    setup_mb = peak_rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu = [], []
+    if cfg["kind"].startswith("eval"):
+        model.eval()
+
+        def fwd():
+            with torch.no_grad():
+                model(ids)
+
+        for i in range(1 + max(cfg["steps"], 5)):  # a forward is cheap: take at least 5 after the warm-up
+            c = time.process_time()
+            t = timed(fwd, sync)
+            if i:
+                times.append(t)
+                cpu.append(time.process_time() - c)
+    else:
+        model.train()
+        opt = torch.optim.AdamW(params, lr=1e-5)
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for i in range(1 + cfg["steps"]):  # one warm-up step
+            c = time.process_time()
+            t = timed(step, sync)
+            if i:
+                times.append(t)
+                cpu.append(time.process_time() - c)
+    out = {"time_s": median(times), "times": times, "cpu_s": median(cpu), "peak_mb": peak_rss_mb(), "setup_mb": setup_mb,
+           "trainable": sum(p.numel() for p in params)}
+    if dev.type == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+def _med(rs, key):
+    vals = [r[key] for r in rs if key in r]
+    return median(vals) if vals else float("nan")
+
+
+def summarize(rows, no_eval=False):
+    """Markdown tables (medians over the repetitions; ratios against the peers of the same run)."""
+    S = {}
+    for row in rows:
+        rs = row["reps"]
+        v = dict(t=_med(rs, "time_s"), cpu=_med(rs, "cpu_s"), mem=_med(rs, "peak_mb"), setup=_med(rs, "setup_mb"))
+        row.update(time_s=v["t"], cpu_s=v["cpu"], peak_mb=v["mem"], setup_mb=v["setup"])
+        tgs = TARGETS if row["kind"] in ("full", "eval-plain") else [row["targets"]]
+        for tg in tgs:
+            S[(row["kind"], tg, row["tokens"])] = v
+
+    def ratio(a, b, k):
+        return f"{a[k] / b[k]:.2f}×" if (a and b and a[k] == a[k] and b[k] == b[k]) else "—"
+
+    table, seen = [], []
+    for row in rows:
+        if row["kind"].startswith("eval"):
+            continue
+        g = (row["targets"], row["tokens"])
+        if g not in seen:
+            seen.append(g)
+    kinds = [k for k in TRAIN_KINDS]
+    for tg, tok in seen:
+        peer, lora, full = (S.get((k, tg, tok)) for k in ("peft-randlora", "peft-lora", "full"))
+        for k in kinds:
+            me = S.get((k, tg, tok))
+            if me is None:
+                continue
+            table.append([TARGET_LABEL[tg], tok, k, f"{me['t']:.2f} s", f"{me['cpu']:.2f} s", f"{me['mem']:.0f} MB",
+                          f"{me['setup']:.0f} MB", ratio(me, peer, "t"), ratio(me, peer, "cpu"),
+                          ratio(me, lora, "mem"), ratio(me, lora, "t"), ratio(me, full, "t")])
+    headers = ["targets", "tokens/step", "run", "step time", "step CPU time", "peak RSS", "RSS before step",
+               "time / peft RandLora", "CPU / peft RandLora", "mem / peft LoRA", "time / peft LoRA",
+               "time / full FT"]
+    text = markdown_table(headers, table)
+    ev = [row for row in rows if row["kind"] == "eval-randlora"]
+    if ev and not no_eval:
+        tok = ev[0]["tokens"]
+        plain, mine = S[("eval-plain", "all", tok)], S[("eval-randlora", "all", tok)]
+        text += "\n\n" + markdown_table(
+            ["eval() forward, all 7 linear", "tokens", "time", "CPU time", "peak RSS", "time / plain", "CPU / plain"],
+            [["plain model", tok, f"{plain['t'] * 1e3:.0f} ms", f"{plain['cpu'] * 1e3:.0f} ms", f"{plain['mem']:.0f} MB",
+              "1.00×", "1.00×"],
+             ["randlora, unmerged", tok, f"{mine['t'] * 1e3:.0f} ms", f"{mine['cpu'] * 1e3:.0f} ms",
+              f"{mine['mem']:.0f} MB", ratio(mine, plain, "t"), ratio(mine, plain, "cpu")]])
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="tiny model, 1 repetition, 1 step: a smoke run")
+    ap.add_argument("--grid", nargs="*", default=None,
+                    help="targets:tokens pairs (default: all:1024 all:4096 qv:1024)")
+    ap.add_argument("--kinds", nargs="*", default=None)
+    ap.add_argument("--sparse", action="store_true", help="include the very_sparse kinds (default kinds only)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    ap.add_argument("--reps", type=int, default=3, help="alternating repetitions (processes) per configuration")
+    ap.add_argument("--steps", type=int, default=2, help="measured steps per process, after one warm-up step")
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--keep", default=None, choices=["auto", "always", "never"], help="this library's keep policy")
+    ap.add_argument("--no-eval", action="store_true", help="skip the eval() forward comparison")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/step[-quick].json)")
+    ap.add_argument("--from-json", default=None, help="re-print the tables of an earlier run's JSON")
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        print(summarize(data["rows"], data["args"].get("no_eval", False)))
+        return None
+
+    size = dict(hidden=1024, mlp=2816, layers=4, heads=16, vocab=4096)
+    grid = args.grid or ["all:1024", "all:4096", "qv:1024"]
+    if args.quick:
+        size = dict(hidden=128, mlp=352, layers=2, heads=4, vocab=512)
+        grid = args.grid or ["all:256"]
+        args.reps, args.steps = 1, 1
+    missing = have("transformers")
+    if missing:
+        sys.exit("this benchmark needs transformers (and peft for the peer rows): pip install -e '.[bench]'")
+    kinds = list(args.kinds) if args.kinds else [k for k in TRAIN_KINDS if args.sparse or k not in SPARSE_KINDS]
+    if have("peft"):
+        print("peft is not installed: comparing against full fine-tuning only (pip install -e '.[bench]')")
+        kinds = [k for k in kinds if not k.startswith("peft")]
+
+    jobs = []
+    for g in grid:
+        tg, tok = g.split(":")
+        for k in kinds:
+            if k == "full" and any(j["kind"] == "full" and j["tokens"] == int(tok) for j in jobs):
+                continue  # full fine-tuning does not depend on the targets: run it once per token count
+            if k == "randlora-keep" and tg != "all":
+                continue  # the keep trade-off is shown on the all-linear rows only
+            jobs.append(dict(kind=k, targets=tg, tokens=int(tok)))
+    if not args.no_eval:
+        for k in EVAL_KINDS:
+            jobs.append(dict(kind=k, targets="all", tokens=int(grid[0].split(":")[1]), eval=True))
+    results = {i: [] for i in range(len(jobs))}
+    script = str(Path(__file__).resolve())
+    for rep in range(args.reps):
+        order = list(range(len(jobs)))
+        if rep % 2:
+            order.reverse()  # alternate the order so drift and neighbours hit every configuration alike
+        for i in order:
+            j = jobs[i]
+            cfg = dict(kind=j["kind"], targets=j["targets"], seq=j["tokens"] // BATCH, r=args.r, size=size,
+                       device=args.device, dtype=args.dtype, steps=args.steps, keep=args.keep,
+                       threads=args.threads)
+            res = run_worker(script, cfg)
+            results[i].append(res)
+            print(f"rep {rep + 1}/{args.reps} {j['kind']:>13} {j['targets']:>3} {j['tokens']:>5} tok: "
+                  f"{res['time_s']:.3f} s, {res['peak_mb']:.0f} MB", flush=True)
+
+    rows = [dict(j, reps=results[i]) for i, j in enumerate(jobs)]
+    text = summarize(rows, args.no_eval)
+    info = machine()
+    print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"{args.device}, {args.dtype}, r={args.r}, batch {BATCH}, {args.reps} alternating reps × {args.steps} steps"
+          f"{f', workers on {args.threads} torch threads' if args.threads else ''}\n")
+    print(text)
+    path = write_json("step_sparse-quick.json" if args.quick else "step_sparse.json",
+                      dict(machine=info, args=vars(args), size=size, rows=rows, table=text), args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

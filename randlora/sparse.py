@@ -1,0 +1,532 @@
+"""The sparse route of the op: ternary bases (``bases="sparse"`` / ``"very_sparse"``) at the cost of their non-zeros.
+
+With ``S[k·n + i, j] = λ[k, i] · A[k, j] · γ[i, j]`` (``(r·n, m)``), ``B_flat`` the layer's ``(M, n·r)`` bank view
+and ``P = B_flat @ S`` (``ΔW = P`` when ``I <= O``, else ``Pᵀ``), the activation route ``y = x Wᵀ + b + s·x ΔWᵀ``
+and its backward only ever need the bases' non-zeros:
+
+* ``S``'s pattern is ``A``'s, repeated for each of the ``n`` bases: row ``k·n + i`` is non-zero only at the
+  columns ``J_k`` where ``A[k]`` is. Its values change every step (``λ``, ``γ``) but are only
+  ``n·nnz(A)`` numbers, recomputed per call with three gathers; its pattern is fixed.
+* ``B_flat`` is a fixed sparse matrix.
+* Every product of ``S``, ``Sᵀ``, ``B_flat`` or ``B_flatᵀ`` with an activation is one ``embedding_bag``
+  (sum mode, per-entry weights), i.e. a CSR × dense product over the non-zeros only.
+* ``∂S`` is needed only at ``S``'s pattern (a sampled product): gather the ``J_k`` columns of the activation
+  (``(r, J, T)``, ``J = max_k |J_k|``, padded with zero weights) and run one batched matmul, ``(n, J)`` per
+  ``k``; then reduce against ``A``, ``γ`` and ``λ`` (``index_add_`` for ``∂γ``).
+
+Everything runs in token-major layout (``xᵀ``, ``(·, T)``): the sparse products then read and write whole rows.
+Backward saves only ``x``, ``λ``, ``γ``, ``W`` and a reference to the bank's index structures; it keeps no
+``T × n·r`` tensor (when ``O < I`` the product ``x B_flat`` is recomputed in backward for ``∂S``: one extra
+sparse product instead of a ``T × n·r`` activation kept through the step).
+
+The index structures (:class:`SparseIndex`) are built once per bank and layer shape by
+:meth:`randlora.bank.BasisBank.sparse_index`, shared by every layer of that shape, rebuilt when the bank's
+buffers move or change dtype, and never stored in a ``state_dict`` or checkpoint.
+
+The kernels were picked by measurement on a 2-core CPU (see ``docs/sparse.md``): ``embedding_bag`` was
+2–4× faster than torch's CSR matmul (MKL) for the same products and as fast as gather + ``bmm`` for ``S``
+without its padding; all of them exist on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+__all__ = [
+    "SparseIndex",
+    "SparseCache",
+    "build_index",
+    "sparse_randlora_linear",
+    "SparseRandLoraFunction",
+    "sparse_costs",
+    "sparse_pays",
+    "padded_width",
+    "release_workspace",
+    "SPMM_WEIGHT",
+    "SAMPLED_WEIGHT",
+]
+
+# Time per multiply-add of the sparse kernels relative to a dense GEMM's, measured with
+# ``python benchmarks/sparse_op.py --kernels`` (see docs/sparse.md): an ``embedding_bag`` sparse × dense product
+# (``S``, ``Sᵀ``, ``B_flat``, ``B_flatᵀ``) and the gather + ``bmm`` sampled product for ``∂S``. ``sparse_costs``
+# multiplies the sparse multiply-adds by these so that they compare with ``ops.forward_costs``/``backward_costs``.
+SPMM_WEIGHT = 5.0
+SAMPLED_WEIGHT = 5.0
+
+
+class SparseCache(dict):
+    """The bank's memo of :class:`SparseIndex` per layer shape (plus a ``"stamp"`` of the buffers it was
+    built from). Derived data: a deep copy or a pickle of the bank starts with an empty one, rebuilt from the
+    bases on first use, so a copy never carries (or shares) structures of buffers it does not hold."""
+
+    def __deepcopy__(self, memo: dict) -> "SparseCache":
+        return SparseCache()
+
+    def __reduce__(self) -> tuple:
+        return (SparseCache, ())
+
+
+def padded_width(m: int, density: float, r: int = 32) -> float:
+    """Expected ``J = max_k |J_k|`` for ``r`` rows of ``m`` i.i.d. entries of ``density`` (mean + ~2.5σ,
+    the typical maximum of ``r`` binomials), capped at ``m``. Used by the cost model."""
+    mu = m * density
+    sd = math.sqrt(max(mu * (1.0 - density), 0.0))
+    z = math.sqrt(2.0 * math.log(max(r, 2)))
+    return min(float(m), mu + z * sd + 1.0)
+
+
+class SparseIndex:
+    """Index structures of one layer shape's bank views ``A[:, :m]`` and ``B_flat[:M, :n·r]``.
+
+    Every sparse × dense product is one ``embedding_bag`` (``mode="sum"`` with per-entry weights: row ``p`` of
+    the result is ``Σ_e w_e · dense[idx_e]`` over the entries ``e`` of bag ``p``), so each matrix is kept as
+    ``(offsets, indices, weights)`` in CSR order: ``B_flat`` and ``B_flatᵀ`` with their fixed values; ``S``
+    (rows ``k·n + i``, columns ``J_k``) and ``Sᵀ`` whose weights are made per call from ``λ``, ``γ``.
+
+    Attributes:
+        r, n, m, M: the slice's shape (``A`` is ``(r, m)``, ``B_flat`` is ``(M, n·r)``).
+        J: the most non-zeros in a row of ``A``; ``cols`` ``(r·J,)`` are each row's non-zero columns, padded
+            with column 0, and ``vals`` ``(r, J)`` ``A``'s values there (0 at pads): the sampled ``∂S`` product.
+        nnz_A, nnz_B, density_A, density_B: the slices' non-zeros and fractions of non-zeros.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] % r:
+            raise ConfigError(f"sparse index needs A (r, m) and B_flat (M, n·r) with r={r}; got A{tuple(A.shape)}, "
+                              f"B{tuple(B.shape)}")
+        self.r, self.m = A.shape
+        self.M, nr = B.shape
+        self.n = nr // r
+        if self.n != -(-self.m // r):
+            raise ConfigError(f"B_flat has {nr} columns; a layer of width {self.m} at r={r} needs n·r = "
+                              f"{-(-self.m // r) * r}")
+        self.dtype, self.device = A.dtype, A.device
+        dev, n, m = A.device, self.n, self.m
+        with torch.no_grad():
+            nz = A != 0
+            counts = nz.sum(1)
+            J = max(int(counts.max().item()), 1)
+            # stable sort puts each row's non-zero columns first, in increasing order
+            order = torch.sort(nz.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :J]
+            keep = torch.arange(J, device=dev)[None, :] < counts[:, None]
+            self.cols = torch.where(keep, order, torch.zeros_like(order)).reshape(-1).contiguous()
+            self.vals = torch.where(keep, A.gather(1, order), torch.zeros((), dtype=A.dtype, device=dev))
+            self.J = J
+            # S's entries (k, i, q), q < counts[k], in row order c = k·n + i
+            kk, qq = keep.nonzero(as_tuple=True)  # A's non-zeros, row-major
+            jj = order[kk, qq]
+            a = A[kk, jj]
+            nnzA = kk.numel()
+            ent_k = kk[None, :].expand(n, nnzA)
+            ent_i = torch.arange(n, device=dev)[:, None].expand(n, nnzA)
+            ent_j = jj[None, :].expand(n, nnzA)
+            ent_a = a[None, :].expand(n, nnzA)
+            # sort (i, e) -> row c = k·n + i (stable: columns stay increasing within a row)
+            c = (ent_k * n + ent_i).reshape(-1)
+            perm = torch.argsort(c, stable=True)
+            self.s_row = c[perm]
+            self.s_cols = ent_j.reshape(-1)[perm].contiguous()
+            self.s_a = ent_a.reshape(-1)[perm].contiguous()
+            self.s_gam = (ent_i.reshape(-1)[perm] * m + self.s_cols).contiguous()  # flat index into γ (n, m)
+            self.s_offs = _offsets(self.s_row, r * n)
+            # Sᵀ: the same entries sorted by column j
+            tperm = torch.argsort(self.s_cols, stable=True)
+            self.t_perm = tperm
+            self.t_src = self.s_row[tperm].contiguous()  # row of S (= index into the (n·r, T) operand)
+            self.t_offs = _offsets(self.s_cols[tperm], m)
+            self.b_offs, self.b_idx, self.b_val = _csr_parts(B)
+            self.bt_offs, self.bt_idx, self.bt_val = _csr_parts(B.t())
+            self.nnz_A = int(nnzA)
+            self.nnz_B = int(self.b_idx.numel())
+        self.density_A = self.nnz_A / max(A.numel(), 1)
+        self.density_B = self.nnz_B / max(B.numel(), 1)
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+
+    def out_features(self, I: int) -> int:
+        """``O`` of an adapter-only call (``W`` None) with input width ``I``, as in ``ops``."""
+        if I not in (self.m, self.M):
+            raise ConfigError(f"input width {I} does not match this sparse index (layer widths {self.m}, {self.M})")
+        return self.M if I == self.m and self.M != self.m else self.m
+
+    def operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(vals, s_a, b_val, bt_val)`` in ``dtype`` (memoised)."""
+        got = self._cast.get(dtype)
+        if got is None:
+            got = self._cast[dtype] = tuple(t.to(dtype) for t in (self.vals, self.s_a, self.b_val, self.bt_val))
+        return got
+
+    def nbytes(self) -> int:
+        """Memory held by the structures, in bytes."""
+        ts = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def __repr__(self) -> str:
+        return (f"SparseIndex(r={self.r}, n={self.n}, m={self.m}, M={self.M}, J={self.J}, "
+                f"density_A={self.density_A:.4f}, density_B={self.density_B:.4f}, device={self.device})")
+
+
+def _offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR offsets ``(n_rows + 1,)`` of sorted row ids."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _csr_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(offsets, column indices, values)`` of a dense 2-D tensor's non-zeros, row-major."""
+    rows, cols = (t != 0).nonzero(as_tuple=True)
+    return _offsets(rows, t.shape[0]), cols.contiguous(), t[rows, cols].contiguous()
+
+
+def build_index(A: torch.Tensor, B: torch.Tensor, r: int) -> SparseIndex:
+    """Index structures of a layer's bank views ``A (r, m)`` and ``B_flat (M, n·r)`` (see :class:`SparseIndex`).
+
+    Args:
+        A: the layer's ``A`` view.
+        B: the layer's flattened ``B`` view.
+        r: the bank's rank.
+
+    Returns:
+        A :class:`SparseIndex`.
+
+    Raises:
+        ConfigError: the shapes do not fit together.
+    """
+    return SparseIndex(A, B, r)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels (token-major: activations as (width, T))
+# ------------------------------------------------------------------------------------------------
+def _work_dtype(idx: SparseIndex, cd: torch.dtype) -> torch.dtype:
+    # reduced-precision sums on the CPU: accumulate the sparse products in float32, as a GEMM would
+    return torch.float32 if (idx.device.type == "cpu" and cd not in (torch.float32, torch.float64)) else cd
+
+
+# CPU: activations are laid out token-major in blocks of this many tokens, ``(n_blocks, width, TOKEN_BLOCK)``,
+# and the sparse products run block by block, chained (``x → S → B_flat``), so that the rows they gather
+# and the intermediate ``(n·r, TOKEN_BLOCK)`` stay in cache. Measured on one layer (1024×2816, T = 4096, fp32):
+# with one thread 64–512 are alike (1.3–1.6x faster than one block of all tokens); with two threads on a busy
+# machine each block's small parallel regions cost more than the cache gains, and 64 was 2.5x slower than 512.
+# Other devices use one block of all tokens.
+TOKEN_BLOCK = 512
+
+
+_WS = threading.local()
+
+
+def _buffer(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread scratch buffer for the op's token-block transients (CPU, grad mode off), reused by every call.
+
+    Those blocks are the size of an activation; allocating them afresh each call costs page faults that
+    took as long as the copies into them (46 MB at T = 4096, width 2816: 63 ms fresh vs 20 ms reused)."""
+    n = math.prod(shape)
+    if device.type != "cpu" or torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
+    d = getattr(_WS, "d", None)
+    if d is None:
+        d = _WS.d = {}
+    buf = d.get((role, dtype))
+    if buf is None or buf.numel() < n:
+        buf = d[(role, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers of the sparse route (they are re-created on the next call)."""
+    _WS.d = {}
+
+
+def _block(T: int, device: torch.device) -> int:
+    return TOKEN_BLOCK if (device.type == "cpu" and T > TOKEN_BLOCK) else max(T, 1)
+
+
+def _to_blocks(t: torch.Tensor, c: int, wd: torch.dtype) -> torch.Tensor:
+    """``(T, K)`` -> ``(ceil(T / c), K, c)`` contiguous in ``wd`` (scratch ``"in"``); tokens past ``T`` are zero."""
+    T, K = t.shape
+    nb, full, rem = -(-T // c), T // c, T % c
+    out = _buffer("in", (nb, K, c), wd, t.device)
+    if full:
+        out[:full].copy_(t[: full * c].reshape(full, c, K).transpose(1, 2))  # (a view when t is contiguous)
+    if rem:
+        out[full, :, rem:].zero_()
+        out[full, :, :rem].copy_(t[full * c :].t())
+    return out
+
+
+def _from_blocks(y: torch.Tensor, b: torch.Tensor, add: bool) -> torch.Tensor:
+    """``y (T, K) (+)= `` the tokens of blocks ``b (nb, K, c)``, in place."""
+    T, K = y.shape
+    c = b.shape[2]
+    full, rem = T // c, T % c
+    op = torch.Tensor.add_ if add else torch.Tensor.copy_
+    if full:
+        op(y[: full * c].view(full, c, K), b[:full].transpose(1, 2))
+    if rem:
+        op(y[full * c :], b[full, :, :rem].t())
+    return y
+
+
+def _spmm(offs: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``X @ dense`` for the sparse ``X`` given as CSR ``(offs, cols, w)``; ``dense`` is ``(K, c)`` contiguous."""
+    return F.embedding_bag(cols, dense, offs, mode="sum", per_sample_weights=w, include_last_offset=True)
+
+
+def _chain(xb: torch.Tensor, mats: list, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the sparse matrices ``mats`` (each ``(offs, cols, w)``) in turn to every block of ``xb``.
+
+    Returns the last product's blocks and, with ``keep = i``, the blocks of product ``i`` too."""
+    nb, _, c = xb.shape
+    out = _buffer("out", (nb, mats[-1][0].numel() - 1, c), xb.dtype, xb.device)
+    kept = _buffer("mid", (nb, mats[keep][0].numel() - 1, c), xb.dtype, xb.device) if keep is not None else None
+    for b in range(nb):
+        t = xb[b]
+        for i, (offs, cols, w) in enumerate(mats):
+            t = _spmm(offs, cols, w, t)
+            if i == keep:
+                kept[b] = t
+        out[b] = t
+    return out, kept
+
+
+def _S(idx: SparseIndex, w: torch.Tensor) -> tuple:
+    """``S`` (``(m) -> (n·r)``) as CSR parts."""
+    return idx.s_offs, idx.s_cols, w
+
+
+def _ST(idx: SparseIndex, w: torch.Tensor) -> tuple:
+    """``Sᵀ`` (``(n·r) -> (m)``) as CSR parts."""
+    return idx.t_offs, idx.t_src, w.index_select(0, idx.t_perm)
+
+
+def _s_weights(lam: torch.Tensor, gam: torch.Tensor, idx: SparseIndex, s_a: torch.Tensor,
+               wd: torch.dtype) -> torch.Tensor:
+    """``S``'s values in CSR order: ``λ[k, i] · A[k, j] · γ[i, j]``."""
+    return lam.to(wd).reshape(-1).index_select(0, idx.s_row) * s_a * gam.to(wd).reshape(-1).index_select(0, idx.s_gam)
+
+
+def _sampled(blocks: torch.Tensor, dense: torch.Tensor, idx: SparseIndex, wd: torch.dtype) -> torch.Tensor:
+    """``∂S`` at ``S``'s pattern, ``(r, n, J)``: ``Σ_t blocks[c, t] · dense[t, J_k]`` for row ``c = k·n + i``.
+
+    ``blocks`` is ``(nb, n·r, c)`` token blocks (zero past ``T``), ``dense`` the ``(T, m)`` other factor."""
+    nb, nr, c = blocks.shape
+    T = dense.shape[0]
+    r, n, J = idx.r, idx.n, idx.J
+    g = blocks.view(nb, r, n, c).permute(1, 2, 0, 3).reshape(r, n, nb * c)[:, :, :T]
+    # columns J_k of dense as an (r, T, J) view of one (T, r·J) gather: the row stride r·J is a plain
+    # leading dimension for the batched matmul, so no transposed copy
+    d = dense.to(wd).index_select(1, idx.cols).view(T, r, J).transpose(0, 1)
+    return torch.bmm(g, d)
+
+
+def _reduce(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, idx: SparseIndex, vals: torch.Tensor, s: float,
+            need_lam: bool, need_gam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From ``∂S`` at ``S``'s pattern, ``(r, n, J)``: ``∂λ[k,i] = s Σ_q ∂S[k,i,q] A[k,J_k[q]] γ[i,J_k[q]]``,
+    ``∂γ[i,j] = s Σ_{k,q: J_k[q]=j} ∂S[k,i,q] A[k,j] λ[k,i]`` (in float32 at least)."""
+    r, n, J = dS.shape
+    acc = torch.promote_types(lam.dtype, torch.float32)
+    D = dS.to(acc) * vals.to(acc)[:, None, :]  # (r, n, J); zero at pads
+    dlam = dgam = None
+    if need_lam:
+        g = gam.to(acc).index_select(1, idx.cols).view(n, r, J).transpose(0, 1)  # (r, n, J)
+        dlam = (D * g).sum(2).mul_(s).to(lam.dtype)
+    if need_gam:
+        E = (D * lam.to(acc)[:, :, None]).transpose(0, 1).reshape(n, r * J)
+        dgam = torch.zeros(n, idx.m, dtype=acc, device=D.device).index_add_(1, idx.cols, E).mul_(s).to(gam.dtype)
+    return dlam, dgam
+
+
+class SparseRandLoraFunction(torch.autograd.Function):
+    """``y = x (W + s·ΔW)ᵀ + b`` through the bases' non-zeros (``W`` None: ``y = s · x ΔWᵀ (+ b)``).
+
+    ``x`` is ``(T, I)`` in the compute dtype; ``idx`` the bank's :class:`SparseIndex` for this layer shape.
+    """
+
+    @staticmethod
+    def forward(x, W, bias, lam, gam, idx, s):  # type: ignore[override]
+        cd = x.dtype
+        T, I = x.shape
+        O = W.shape[0] if W is not None else idx.out_features(I)
+        _check(idx, lam, gam, O, I)
+        wd = _work_dtype(idx, cd)
+        _, s_a, b_val, bt_val = idx.operands(wd)
+        w = _s_weights(lam, gam, idx, s_a, wd)
+        xb = _to_blocks(x, _block(T, x.device), wd)
+        # s is folded into the weights of the last sparse product (a few thousand numbers, not T × O)
+        if O >= I:  # ΔW = B_flat S: x → S → B_flat
+            mats = [_S(idx, w), (idx.b_offs, idx.b_idx, b_val * s)]
+        else:  # ΔW = Sᵀ B_flatᵀ: x → B_flatᵀ → Sᵀ
+            mats = [(idx.bt_offs, idx.bt_idx, bt_val), _ST(idx, w * s)]
+        db, _ = _chain(xb, mats)  # s·(x ΔWᵀ) in token blocks
+        del xb
+        bc = bias.to(cd) if bias is not None else None
+        if W is None:
+            y = _from_blocks(torch.empty(T, O, dtype=cd, device=x.device), db, add=False)
+            return y.add_(bc) if bc is not None else y
+        return _from_blocks(F.linear(x, W.to(cd), bc), db, add=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, W, bias, lam, gam, idx, s = inputs
+        ctx.save_for_backward(x, W, lam, gam)
+        ctx.idx, ctx.s = idx, s
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, W, lam, gam = ctx.saved_tensors
+        idx, s = ctx.idx, ctx.s
+        need_x, need_W, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
+        need_S = need_lam or need_gam
+        cd = x.dtype
+        gy = gy.to(cd)
+        T, I = x.shape
+        O = gy.shape[1]
+        wd = _work_dtype(idx, cd)
+        vals, s_a, b_val, bt_val = idx.operands(wd)
+        c = _block(T, x.device)
+        gx = gW = gb = dlam = dgam = None
+        dS = dxb = None
+        if need_x or need_S:
+            w = _s_weights(lam, gam, idx, s_a, wd) if need_x else None
+            gyb = _to_blocks(gy, c, wd)
+            BT = (idx.bt_offs, idx.bt_idx, bt_val)
+            if O >= I:
+                # gy → B_flatᵀ (kept for ∂S) → Sᵀ (∂x)
+                if need_x:
+                    dxb, gtb = _chain(gyb, [BT, _ST(idx, w * s)], keep=0)
+                else:
+                    gtb, _ = _chain(gyb, [BT])
+                del gyb
+                if need_S:
+                    dS = _sampled(gtb, x, idx, wd)  # (r, n, J)
+                del gtb
+                if need_x:
+                    gx = _grad_x(gy, W, dxb, cd)
+            else:
+                if need_x:  # gy → S → B_flat
+                    dxb, _ = _chain(gyb, [_S(idx, w), (idx.b_offs, idx.b_idx, b_val * s)])
+                    gx = _grad_x(gy, W, dxb, cd)
+                del gyb, dxb  # (the scratch buffers are reused below)
+                if need_S:  # x B_flat is recomputed: nothing T × n·r is kept from forward
+                    vb, _ = _chain(_to_blocks(x, c, wd), [BT])
+                    dS = _sampled(vb, gy, idx, wd)  # (r, n, J)
+                    del vb
+        if need_S:
+            dlam, dgam = _reduce(dS, lam, gam, idx, vals, s, need_lam, need_gam)
+        if need_W:
+            gW = torch.mm(gy.t(), x).to(W.dtype)
+        if need_b:
+            gb = gy.sum(0)
+        return gx, gW, gb, dlam, dgam, None, None
+
+
+def _grad_x(gy: torch.Tensor, W: torch.Tensor | None, dxb: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    T, I = gy.shape[0], dxb.shape[1]
+    if W is not None:
+        return _from_blocks(torch.mm(gy, W.to(cd)), dxb, add=True)
+    return _from_blocks(torch.empty(T, I, dtype=cd, device=gy.device), dxb, add=False)
+
+
+def _check(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, O: int, I: int) -> None:
+    if (min(O, I), max(O, I)) != (idx.m, idx.M):
+        raise ConfigError(f"layer ({O} × {I}) does not match the sparse index ({idx.M} × {idx.m}): fetch it with "
+                          "bank.sparse_index(O, I)")
+    if tuple(lam.shape) != (idx.r, idx.n) or tuple(gam.shape) != (idx.n, idx.m):
+        raise ConfigError(f"λ{tuple(lam.shape)} / γ{tuple(gam.shape)} do not fit the sparse index (λ must be "
+                          f"({idx.r}, {idx.n}), γ ({idx.n}, {idx.m}))")
+    if lam.device != idx.device:
+        raise ConfigError(f"the sparse index is on {idx.device} but the parameters are on {lam.device}: fetch it "
+                          "again with bank.sparse_index(O, I) after moving the model")
+
+
+def sparse_randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
+                           gam: torch.Tensor, idx: SparseIndex, s: float) -> torch.Tensor:
+    """The op on the sparse route: ``y = x (W + s·ΔW)ᵀ + b``, equal to ``ops.randlora_linear`` with the same bases.
+
+    Args:
+        x: input ``(..., I)`` in the compute dtype.
+        W: frozen weight ``(O, I)``, or None for the adapter term alone (``O`` then follows ``ops``' rule).
+        bias: ``(O,)`` or None.
+        lam: ``λ`` ``(r, n)``.
+        gam: ``γ`` ``(n, m)``.
+        idx: ``bank.sparse_index(O, I)``.
+        s: the scale ``alpha / r``.
+
+    Returns:
+        ``y`` of shape ``(..., O)`` in ``x``'s dtype.
+
+    Raises:
+        ConfigError: the shapes or device do not match ``idx``.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = SparseRandLoraFunction.apply(x2, W, bias, lam, gam, idx, s)
+    return y.reshape(*lead, y.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# cost model
+# ------------------------------------------------------------------------------------------------
+def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, need_x: bool = True,
+                 need_S: bool = True, need_W: bool = False, weighted: bool = True, r: int = 32) -> dict[str, float]:
+    """Extra multiply-adds over the frozen layer of the sparse route, forward and backward.
+
+    Same convention as ``ops.forward_costs`` / ``ops.backward_costs`` (the frozen ``x Wᵀ`` and ``gy W`` are not
+    counted; ``gyᵀ x`` is, when ``W`` needs a gradient). A product with ``S`` or ``Sᵀ`` costs
+    ``T·n·r·m·density_A``, one with ``B_flat`` or ``B_flatᵀ`` ``T·M·n·r·density_B``, the sampled ``∂S``
+    ``T·n·r·J`` with ``J`` the padded non-zeros per row of ``A`` (:func:`padded_width`). Forward: one ``S`` and
+    one ``B`` product. Backward: ``∂x`` one of each; ``∂S`` the sampled product plus a ``B`` product (shared
+    with ``∂x`` when ``I <= O``; when ``O < I`` it recomputes ``x B_flat`` rather than keep it).
+
+    Args:
+        T, O, I: tokens, output and input width.
+        nr: ``n·r`` (``λ.numel()``).
+        density_A, density_B: fraction of non-zeros of the layer's ``A`` and ``B_flat`` views.
+        need_x, need_S, need_W: which gradients backward computes.
+        weighted: multiply the sparse products by :data:`SPMM_WEIGHT` / :data:`SAMPLED_WEIGHT` (their measured
+            time per multiply-add against a dense GEMM's), so the figures compare with ``ops``' dense costs.
+        r: the rank (for the padding estimate).
+
+    Returns:
+        ``{"forward": ..., "backward": ..., "total": ...}``.
+    """
+    m, M = min(O, I), max(O, I)
+    wsp, wsa = (SPMM_WEIGHT, SAMPLED_WEIGHT) if weighted else (1.0, 1.0)
+    sS = wsp * T * nr * m * density_A
+    sB = wsp * T * M * nr * density_B
+    sD = wsa * T * nr * padded_width(m, density_A, r)
+    fwd = sS + sB
+    bwd = float(T * O * I) if need_W else 0.0
+    if need_x:
+        bwd += sS + sB
+    if need_S:
+        bwd += sD + (sB if (O < I or not need_x) else 0.0)
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, fused: bool = True,
+                need_x: bool = True, need_S: bool = True, need_W: bool = False, r: int = 32) -> bool:
+    """Whether the sparse route's weighted cost is below the cheapest dense plan's (``ops.plan``, path auto, with
+    and, when ``W`` is given, without a kept ``W + s·ΔW``, whose build is then counted).
+
+    Args:
+        T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r: as :func:`sparse_costs`.
+        fused: ``W`` is given (as ``ops.plan``).
+
+    Returns:
+        True when the sparse route is predicted cheaper for this call.
+    """
+    from .ops import plan  # lazily: ops imports nothing from here
+
+    p = plan(T, O, I, nr, fused=fused, need_x=need_x, need_S=need_S, need_W=need_W)
+    dense = p["forward_cost"] + p["backward_cost"]
+    if fused:
+        k = plan(T, O, I, nr, fused=True, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
+        dense = min(dense, k["forward_cost"] + k["backward_cost"] + max(O, I) * nr * min(O, I))
+    return sparse_costs(T, O, I, nr, density_A, density_B, need_x=need_x, need_S=need_S, need_W=need_W,
+                        r=r)["total"] < dense
