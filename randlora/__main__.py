@@ -24,6 +24,7 @@ from .checkpoint import FP, atomic_write
 from .errors import CheckpointError, RandLoraError
 from .files import layer_paths, read_adapter, read_for_weights
 from .ops import acc_dtype
+from .walker import is_bias_name
 
 __all__ = ["main", "merge_file", "read_adapter"]
 
@@ -77,7 +78,7 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
 
 def _bias_keys(base: Path, entries: dict[str, dict], tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, str]:
     """The weight file's key of each trained bias -> the adapter's key; each must be in the file."""
-    bias_keys = {f"{prefix}{k}": k for k in tensors if k.endswith(".bias")}
+    bias_keys = {f"{prefix}{k}": k for k in tensors if is_bias_name(k)}
     nob = [k for k in bias_keys if k not in entries]
     if nob:
         raise CheckpointError(f"{base} has no tensors {nob[:3]} for the adapter's trained biases")
@@ -117,7 +118,7 @@ def describe(path: str | os.PathLike) -> dict:
     """What ``inspect`` prints, as a dict."""
     tensors, cfg, info = read_adapter(path)
     rows = _layer_rows(tensors)
-    biases = sorted(k for k in tensors if k.endswith(".bias"))
+    biases = sorted(k for k in tensors if is_bias_name(k))
     d: dict = {
         "path": str(path),
         "format": info["format"],

@@ -71,7 +71,7 @@ def _targets(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Te
     adapter = registry_of(model).resolve(adapter)
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
-        p = layer._params(adapter)
+        p = layer.adapter_params(adapter)
         if p is not None:
             out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = p[0], p[1]
     for name, p in model.named_parameters():

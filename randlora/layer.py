@@ -252,7 +252,7 @@ class RandLoraLinear(nn.Module):
         extra = self._modules.get("randlora_extra")
         return [self.adapter_name] + (list(extra.keys()) if extra is not None else [])
 
-    def _params(self, name: str | None = None) -> tuple | None:
+    def adapter_params(self, name: str | None = None) -> tuple | None:
         """``(λ, γ, s, dropout)`` of adapter ``name`` (default: the active one); None if this layer lacks it."""
         name = self.active if name is None else name
         if name == self.adapter_name:
@@ -281,7 +281,7 @@ class RandLoraLinear(nn.Module):
         (float64 for float64 weights) unless ``dtype``."""
         if dtype is None:
             dtype = acc_dtype(self.weight.dtype)
-        p = self._params(name)
+        p = self.adapter_params(name)
         if p is None:
             raise StateError(f"this layer has no adapter {name or self.active!r}; it has {self.adapter_names()}")
         A, B = self._views()
@@ -324,7 +324,7 @@ class RandLoraLinear(nn.Module):
         """``base_layer(x) + s · dropout(x) ΔWᵀ``: the base's own forward (its own saved tensors), the adapter
         term from the op with ``W = None`` (it keeps only ``x``, ``λ``, ``γ``)."""
         y = self._base(x)
-        p = None if self.disabled else self._params()
+        p = None if self.disabled else self.adapter_params()
         if p is None:
             return y
         lam, gam, s, dmod = p
@@ -346,7 +346,7 @@ class RandLoraLinear(nn.Module):
                 acc = acc_dtype(self.weight.dtype)
                 return self._plain(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
             return self._plain(x, W)
-        p = None if self.disabled else self._params()
+        p = None if self.disabled else self.adapter_params()
         if p is None:  # adapters off, or the active named adapter is not on this layer
             return self._plain(x, W)
         lam, gam, s, dmod = p

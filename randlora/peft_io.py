@@ -331,7 +331,7 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
 
     bank = require_bank(model)
     cfg = config_of(model, name)
-    layers = [(n, l, p) for n, l in adapted_layers(model) if (p := l._params(name)) is not None]
+    layers = [(n, l, p) for n, l in adapted_layers(model) if (p := l.adapter_params(name)) is not None]
     shape, conv = _check_writable(bank, cfg, layers, save_projection)
     adapted = sorted(n for n, _, _ in layers)
     tensors = _peft_tensors(model, layers)

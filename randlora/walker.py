@@ -611,7 +611,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
     if any(l.merged for _, l in every):
         raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
                          "randlora.eject(model) to drop the wrappers")
-    layers = [(n, l) for n, l in every if l._params(name) is not None]
+    layers = [(n, l) for n, l in every if l.adapter_params(name) is not None]
     quant = [n for n, l in layers if l.quantized]
     if quant and not dequantize:
         more = " ..." if len(quant) > 5 else ""

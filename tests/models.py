@@ -41,7 +41,7 @@ def randomize(model: nn.Module, seed: int = 0, name: str = DEFAULT) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapted_layers(model):
-            p = layer._params(name)
+            p = layer.adapter_params(name)
             if p is not None:
                 p[0].copy_(torch.randn(p[0].shape, generator=g))
                 p[1].copy_(torch.randn(p[1].shape, generator=g) / layer.m)
