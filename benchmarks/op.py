@@ -2,11 +2,12 @@
 
 For each shape ``(O, I)`` and tokens per call ``T``, times (median of alternating repetitions, in one
 process) the frozen ``nn.Linear`` (forward and input gradient), and this library's layer with the
-cost model's choice (``auto``), forced ``weight`` and forced ``activation`` (the peer's way) routes.
+cost model's choice (``auto``), forced ``weight`` and forced ``activation`` (peft's way) routes.
 Prints the route ``auto`` picks and the cost-model floor: ``(base + extra multiply-adds) / base``.
 
     python benchmarks/op.py                  # 1024², 2816×1024, 1024×2816, 4096² × T = 256 … 8192
     python benchmarks/op.py --quick          # small shapes, a smoke run
+    python benchmarks/op.py --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ TOKENS = [256, 1024, 4096, 8192]
 VARIANTS = ("base", "auto", "weight", "activation")
 
 
-def make_layer(O, I, r, dtype):
+def make_layer(O, I, r, dtype, device="cpu"):
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(I, O, bias=False)).to(dtype)
+    base = nn.Sequential(nn.Linear(I, O, bias=False)).to(device, dtype)
     for p in base.parameters():
         p.requires_grad_(False)
-    model = nn.Sequential(nn.Linear(I, O, bias=False)).to(dtype)
+    model = nn.Sequential(nn.Linear(I, O, bias=False)).to(device, dtype)
     model.load_state_dict(base.state_dict())
     randlora.inject(model, ["0"], r=r)
     with torch.no_grad():
@@ -47,10 +48,11 @@ def step(layer, x, gy):
     y.backward(gy)
 
 
-def bench(O, I, T, r, reps, dtype, variants, max_gmac):
-    base, layer = make_layer(O, I, r, dtype)
-    x = torch.randn(T, I, dtype=dtype, requires_grad=True)
-    gy = torch.randn(T, O, dtype=dtype)
+def bench(O, I, T, r, reps, dtype, variants, max_gmac, device="cpu"):
+    base, layer = make_layer(O, I, r, dtype, device)
+    x = torch.randn(T, I, dtype=dtype, device=device, requires_grad=True)
+    gy = torch.randn(T, O, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     nr = layer.n * r
     p = plan(T, O, I, nr)
     keep = keep_pays(T, O, I, nr)
@@ -63,9 +65,9 @@ def bench(O, I, T, r, reps, dtype, variants, max_gmac):
 
     def run(v):
         if v == "base":
-            return timed(lambda: step(base, x, gy))
+            return timed(lambda: step(base, x, gy), sync)
         layer.set_path(v)
-        return timed(lambda: step(layer, x, gy))
+        return timed(lambda: step(layer, x, gy), sync)
 
     for v in todo:  # warm-up
         run(v)
@@ -86,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     ap.add_argument("--shapes", nargs="*", default=None, help="OxI, e.g. 2816x1024")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--max-gmac", type=float, default=400.0,
                     help="skip the activation route where its multiply-adds exceed this (GMAC)")
     ap.add_argument("--max-base-gmac", type=float, default=float("inf"),
@@ -103,7 +106,7 @@ def main(argv=None):
             if 2 * T * O * I / 1e9 > args.max_base_gmac:
                 print(f"{O}×{I} T={T}: skipped (--max-base-gmac)")
                 continue
-            b = bench(O, I, T, args.r, args.reps, dtype, VARIANTS, args.max_gmac)
+            b = bench(O, I, T, args.r, args.reps, dtype, VARIANTS, args.max_gmac, args.device)
             res.append(b)
             m = b["median"]
             rows.append([f"{O}×{I}", T, b["route"], f"{m['base'] * 1e3:.1f} ms",
@@ -113,11 +116,11 @@ def main(argv=None):
                          f"{b['act_floor']:.2f}×"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     headers = ["O×I", "T", "auto route (fwd / ∂x+∂S)", "frozen layer", "auto", "auto floor", "weight",
-               "activation (peer-like)", "activation floor"]
+               "activation (peft-like)", "activation floor"]
     text = markdown_table(headers, rows)
     info = machine()
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-          f"{args.dtype}, r={args.r}, {args.reps} alternating reps; times are forward+backward relative to the "
+          f"{args.device}, {args.dtype}, r={args.r}, {args.reps} alternating reps; times are forward+backward relative to the "
           "frozen layer\n")
     print(text)
     path = write_json("op-quick.json" if args.quick else "op.json", dict(machine=info, args=vars(args), rows=res,
