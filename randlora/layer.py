@@ -12,6 +12,7 @@ from .bank import BasisBank
 from .errors import ConfigError, StateError
 from .registry import DEFAULT
 from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, keep_pays, randlora_linear
+from .sparse import sparse_pays, sparse_randlora_linear
 
 __all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize"]
 
@@ -218,13 +219,16 @@ class RandLoraLinear(nn.Module):
         return out
 
     def set_path(self, path: str) -> None:
-        """Force the op's path: ``"auto"`` (cost model), ``"weight"`` or ``"activation"``.
+        """Force the op's path: ``"auto"`` (cost model), ``"weight"``, ``"activation"`` or, for ternary bases
+        (``bases="sparse"``/``"very_sparse"``), ``"sparse"`` (only the bases' non-zeros are touched).
 
         Raises:
-            ConfigError: ``path`` is not one of those.
+            ConfigError: ``path`` is not one of those, or ``"sparse"`` on dense bases.
         """
-        if path not in PATHS:
-            raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
+        if path not in PATHS + ("sparse",):
+            raise ConfigError(f"path must be one of {PATHS + ('sparse',)}, got {path!r}")
+        if path == "sparse" and self._bank.mode == "dense":
+            raise ConfigError("path 'sparse' needs ternary bases; inject with bases='sparse' or bases='very_sparse'")
         self.path = path
 
     def set_keep(self, keep: str) -> None:
@@ -332,9 +336,8 @@ class RandLoraLinear(nn.Module):
             cd = torch.get_autocast_dtype(x.device.type)
         else:
             cd = x.dtype if x.is_floating_point() else lam.dtype
-        A, B = self._views()
         with torch.autocast(x.device.type, enabled=False):
-            d = randlora_linear(dmod(x.to(cd)), None, None, lam, gam, A, B, s, self.path)
+            d = self._op(dmod(x.to(cd)), None, None, lam, gam, s)
         return y + d.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,16 +357,47 @@ class RandLoraLinear(nn.Module):
             cd, out_dtype = torch.get_autocast_dtype(x.device.type), None
         else:
             cd, out_dtype = W.dtype, x.dtype
-        A, B = self._views()
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cd)
             if self.training and isinstance(dmod, nn.Dropout):
                 b = self.bias.to(cd) if self.bias is not None else None
-                y = F.linear(xc, W.to(cd), b) + randlora_linear(dmod(xc), None, None, lam, gam, A, B, s, self.path)
+                y = F.linear(xc, W.to(cd), b) + self._op(dmod(xc), None, None, lam, gam, s)
             else:
-                weff = self._prebuilt(lam, gam, s, cd, xc.numel() // self.in_features, xc.requires_grad)
-                y = randlora_linear(xc, W, self.bias, lam, gam, A, B, s, self.path, weff=weff)
+                y = self._op(xc, W, self.bias, lam, gam, s, prebuild=True)
         return y if out_dtype is None else y.to(out_dtype)
+
+    def _op(self, x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
+            gam: torch.Tensor, s: float, prebuild: bool = False) -> torch.Tensor:
+        """``x (W + s·ΔW)ᵀ + b`` (``W`` None: the adapter term alone) on ``x`` in the compute dtype, by the
+        sparse route when this call takes it, else by the dense op (with a prebuilt ``W + s·ΔW`` when
+        ``prebuild`` and :meth:`_prebuilt` says so)."""
+        T = x.numel() // x.shape[-1]
+        idx = self._sparse_route(T, W is not None, x.requires_grad, lam, gam)
+        if idx is not None:
+            return sparse_randlora_linear(x, W, bias, lam, gam, idx, s)
+        weff = self._prebuilt(lam, gam, s, x.dtype, T, x.requires_grad) if prebuild else None
+        A, B = self._views()
+        return randlora_linear(x, W, bias, lam, gam, A, B, s, self.path, weff=weff)
+
+    def _sparse_route(self, T: int, fused: bool, need_x: bool, lam: torch.Tensor, gam: torch.Tensor):
+        """The bank's sparse index when this call takes the sparse route, else None.
+
+        Only for ternary bases. A pure function of the call (tokens, grad mode) and the settings: ``path``
+        ``"sparse"`` forces it, ``"weight"``/``"activation"`` and :func:`randlora.cached` rule it out, and
+        ``"auto"`` takes it when :func:`randlora.sparse.sparse_pays` predicts fewer (weighted) multiply-adds.
+        """
+        bank = self._bank
+        if bank.mode == "dense" or self.path in ("weight", "activation") or self._delta_cache is not None:
+            return None
+        self._views()  # the device check
+        idx = bank.sparse_index(self.out_features, self.in_features)
+        if self.path == "sparse":
+            return idx
+        grad = torch.is_grad_enabled()
+        need_S = grad and (lam.requires_grad or gam.requires_grad)
+        pays = sparse_pays(T, self.out_features, self.in_features, lam.numel(), idx.density_A, idx.density_B,
+                           fused=fused, need_x=grad and need_x, need_S=need_S, r=self.r)
+        return idx if pays else None
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()

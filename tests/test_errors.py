@@ -347,6 +347,8 @@ CASES: list[Case] = [
          ("torch.nn.Module", "OrderedDict")),
     Case("an unknown forward path", lambda m, tmp: m.layers[0].q_proj.set_path("fast"), ConfigError,
          ("'fast'", "'activation'"), prep=lambda m, tmp: injected(m)),
+    Case("the sparse path on dense bases", lambda m, tmp: m.layers[0].q_proj.set_path("sparse"), ConfigError,
+         ("'sparse'", "bases='very_sparse'"), prep=lambda m, tmp: injected(m)),
     # -- state -----------------------------------------------------------------------------------
     Case("injecting twice with the same name", _inject_again, StateError, ("already has", "eject"),
          prep=_inject_first),

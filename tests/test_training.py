@@ -8,7 +8,8 @@ no-grad evaluation) and the final adapters must agree to 1e-5 relative (fp32).
 Matrix: {plain loop, transformers ``Trainer``} × {SGD, AdamW for-loop, foreach, fused} × {gradient
 accumulation 1, 4} × {no checkpointing, non-reentrant, reentrant} × {tokens per call below, between and
 above the layer widths} × {with and without eval()/no-grad evaluation between steps} × {default
-settings, inside ``randlora.cached``}. The Trainer part runs one token count.
+settings, inside ``randlora.cached``}; with ternary bases also the sparse route. The Trainer part runs one
+token count.
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ STEPS = 3
 VOCAB = 64
 
 
-def _model(ckpt: str = "none", keep_never: bool = False):
+def _model(ckpt: str = "none", keep_never: bool = False, bases: str = "dense", path: str = "auto"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     conf = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=256)
     torch.manual_seed(0)
     model = LlamaForCausalLM(conf)
-    randlora.inject(model, "all-linear", r=8)
-    if keep_never:
-        for _, layer in randlora.walker.adapted_layers(model):
+    randlora.inject(model, "all-linear", r=8, bases=bases)
+    for _, layer in randlora.walker.adapted_layers(model):
+        layer.set_path(path)
+        if keep_never:
             layer.set_keep("never")
     if ckpt != "none":
         with warnings.catch_warnings():
@@ -62,9 +64,9 @@ def _batches(tokens: str, n: int) -> list[torch.Tensor]:
     return [torch.randint(VOCAB, (b, t), generator=g) for _ in range(n)]
 
 
-def _loop(opt_kind: str, accum: int, ckpt: str, tokens: str, evals: bool, mode: str):
+def _loop(opt_kind: str, accum: int, ckpt: str, tokens: str, evals: bool, mode: str, bases: str = "dense"):
     """Train ``STEPS`` optimiser steps; returns (losses, final adapter tensors)."""
-    model = _model(ckpt, keep_never=mode == "reference")
+    model = _model(ckpt, keep_never=mode == "reference", bases=bases, path="sparse" if mode == "sparse" else "auto")
     params = randlora.trainable_parameters(model)
     opt = _optimizer(opt_kind, params)
     data = _batches(tokens, STEPS * accum)
@@ -105,10 +107,10 @@ def _agree(got, want) -> None:
 _REFERENCE: dict = {}
 
 
-def _reference(opt_kind, accum, tokens, evals):
-    key = (opt_kind, accum, tokens, evals)
+def _reference(opt_kind, accum, tokens, evals, bases="dense"):
+    key = (opt_kind, accum, tokens, evals, bases)
     if key not in _REFERENCE:
-        _REFERENCE[key] = _loop(opt_kind, accum, "none", tokens, evals, "reference")
+        _REFERENCE[key] = _loop(opt_kind, accum, "none", tokens, evals, "reference", bases)
     return _REFERENCE[key]
 
 
@@ -121,6 +123,17 @@ def test_plain_loop_matches_the_route_with_nothing_kept(opt_kind, accum, ckpt, t
     want = _reference(opt_kind, accum, tokens, evals)
     for mode in ("default", "cached"):
         _agree(_loop(opt_kind, accum, ckpt, tokens, evals, mode), want)
+
+
+@pytest.mark.parametrize("tokens", list(TOKENS))
+@pytest.mark.parametrize("ckpt", CHECKPOINTING)
+@pytest.mark.parametrize("accum", [1, 4])
+@pytest.mark.parametrize("opt_kind", ["sgd", "adamw-fused"])
+def test_sparse_route_in_the_loop_matches_the_dense_route(opt_kind, accum, ckpt, tokens):
+    """Ternary bases: the sparse route (forced), and ``auto``, against the dense route with nothing kept."""
+    want = _reference(opt_kind, accum, tokens, True, "very_sparse")
+    for mode in ("sparse", "default"):
+        _agree(_loop(opt_kind, accum, ckpt, tokens, True, mode, "very_sparse"), want)
 
 
 # ------------------------------------------------------------------------------------------------
