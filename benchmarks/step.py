@@ -3,7 +3,7 @@
 Model: ``transformers.LlamaConfig`` (hidden 1024, MLP 2816, 4 layers, 16 heads, vocab 4096), random
 weights, batch 4; one step = forward, backward, AdamW. Every configuration runs in its own subprocess
 (peak memory = that process's ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated``), repeated in
-alternating order; the table shows medians and the ratios against the peers from the same run.
+alternating order; the table shows medians and the ratios against peft and full fine-tuning from the same run.
 Also times the unmerged ``eval()`` forward against the plain model's forward.
 
     python benchmarks/step.py                 # the full grid (CPU: about 30 min on 2 cores)
@@ -151,7 +151,7 @@ def _med(rs, key):
 
 
 def summarize(rows, no_eval=False):
-    """Markdown tables (medians over the repetitions; ratios against the peers of the same run)."""
+    """Markdown tables (medians over the repetitions; ratios against peft and full fine-tuning of the same run)."""
     S = {}
     for row in rows:
         rs = row["reps"]
@@ -235,7 +235,7 @@ def main(argv=None):
         args.reps, args.steps = 1, 1
     missing = have("transformers")
     if missing:
-        sys.exit("this benchmark needs transformers (and peft for the peer rows): pip install -e '.[bench]'")
+        sys.exit("this benchmark needs transformers (and peft for the peft rows): pip install -e '.[bench]'")
     kinds = list(args.kinds)
     if have("peft"):
         print("peft is not installed: comparing against full fine-tuning only (pip install -e '.[bench]')")

@@ -3,7 +3,7 @@
 A recipe returns ``A`` of shape ``(r, m_g)`` and ``B`` of shape ``(M_g, n_g, r)``, float32, on the CPU.
 Every layer uses ``A[:, :m]`` and ``B[:M, :n, :]``.
 
-``"portable"`` (default) is defined by this library bit for bit (see README "Portable bases"):
+``"portable"`` (default) is defined by this library bit for bit (see docs/portable-bases.md):
 every entry is a function of ``(seed, tensor, coordinates)`` only, computed with SplitMix64 in NumPy
 ``uint64`` arithmetic, so it is identical on every OS, CPU, thread count and torch/NumPy version.
 
@@ -61,7 +61,7 @@ def bank_shape(recipe: str, r: int, layer_shapes: list[tuple[int, int]]) -> Bank
     """Bank shape covering ``layer_shapes`` (each ``(O, I)``).
 
     ``portable`` sizes by ``max(max(O, I))`` and ``max(min(O, I))`` over layers (what the slices need);
-    ``peft`` follows the peer: element-wise max ``(O_g, I_g)`` first, then max/min of that pair.
+    ``peft`` follows peft: element-wise max ``(O_g, I_g)`` first, then max/min of that pair.
     """
     if recipe == "peft":
         O_g = max(o for o, _ in layer_shapes)
@@ -185,7 +185,7 @@ def _generate_rows(dest: np.ndarray, row_index: np.ndarray, col_index: np.ndarra
 
 def portable(seed: int, mode: str, shape: BankShape) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable bases. Entry coordinates: ``A[k, j]`` has index ``k·2^32 + j``;
-    ``B[p, i, k]`` has index ``p·2^40 + i·2^20 + k`` (see README "Portable bases")."""
+    ``B[p, i, k]`` has index ``p·2^40 + i·2^20 + k`` (see docs/portable-bases.md)."""
     r, M, m, n = shape.r, shape.M, shape.m, shape.n
     if r >= 2**_B_BASIS_SHIFT or n >= 2**(_B_ROW_SHIFT - _B_BASIS_SHIFT) or M >= 2**24 or m >= 2**_A_ROW_SHIFT:
         raise ConfigError(f"bank {shape} is too large for the portable recipe's coordinate encoding "
@@ -207,7 +207,7 @@ the values are symmetric about 0, so the mean is exactly 0)."""
 
 
 # --------------------------------------------------------------------------------------------------
-# peft: the peer's torch-generator recipe, bit-exact
+# peft: peft's torch-generator recipe, bit-exact
 # --------------------------------------------------------------------------------------------------
 def _kaiming_bf16(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     t = torch.empty(shape, dtype=torch.bfloat16)
@@ -216,7 +216,7 @@ def _kaiming_bf16(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
 
 
 def peft(seed: int, mode: str, shape: BankShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The peer's bases (REFERENCE §2); returned as float32 ``A (r, m_g)``, ``B (M_g, n_g, r)``."""
+    """peft's RandLora bases (torch CPU generator, kaiming-uniform in bfloat16); returned as float32 ``A (r, m_g)``, ``B (M_g, n_g, r)``."""
     r, M, m, n = shape.r, shape.M, shape.m, shape.n
     g = torch.Generator(device="cpu").manual_seed(seed)
     if mode == "dense":

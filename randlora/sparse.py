@@ -208,13 +208,14 @@ def _work_dtype(idx: SparseIndex, cd: torch.dtype) -> torch.dtype:
     return torch.float32 if (idx.device.type == "cpu" and cd not in (torch.float32, torch.float64)) else cd
 
 
-# CPU: activations are laid out token-major in blocks of this many tokens, ``(n_blocks, width, TOKEN_BLOCK)``,
-# and the sparse products run block by block, chained (``x → S → B_flat``), so that the rows they gather
-# and the intermediate ``(n·r, TOKEN_BLOCK)`` stay in cache. Measured on one layer (1024×2816, T = 4096, fp32):
-# with one thread 64–512 are alike (1.3–1.6x faster than one block of all tokens); with two threads on a busy
-# machine each block's small parallel regions cost more than the cache gains, and 64 was 2.5x slower than 512.
-# Other devices use one block of all tokens.
-TOKEN_BLOCK = 512
+# CPU: activations are laid out token-major in blocks of tokens, ``(n_blocks, width, block)``, and the sparse
+# products run block by block, chained (``x → S → B_flat``), so that the rows they gather and the intermediate
+# ``(n·r, block)`` stay in cache. Measured on one layer's adapter work (fp32, widths 1024–2816, T = 1024–4096):
+# with one thread, blocks of 64 tokens were 1.3–1.6x faster than blocks of 512 (and than one block of all
+# tokens); with two threads on a busy 2-core machine each block's parallel regions cost more than the cache
+# gains, and 64 was 2.5x slower than 512. Other devices use one block of all tokens.
+TOKEN_BLOCK = 64  # one torch thread
+TOKEN_BLOCK_THREADED = 512  # more
 
 
 _WS = threading.local()
@@ -243,7 +244,8 @@ def release_workspace() -> None:
 
 
 def _block(T: int, device: torch.device) -> int:
-    return TOKEN_BLOCK if (device.type == "cpu" and T > TOKEN_BLOCK) else max(T, 1)
+    c = TOKEN_BLOCK if torch.get_num_threads() == 1 else TOKEN_BLOCK_THREADED
+    return c if (device.type == "cpu" and T > c) else max(T, 1)
 
 
 def _to_blocks(t: torch.Tensor, c: int, wd: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,7 @@ from randlora.recipes import MODES, BankShape, bank_shape, generate
 MASK = (1 << 64) - 1
 
 # sha256 of A.float32 bytes + B.float32 bytes (row-major) for the portable recipe. These pin the
-# algorithm documented in README "Portable bases": any change to them breaks every saved adapter.
+# algorithm documented in docs/portable-bases.md: any change to them breaks every saved adapter.
 GOLDEN = [
     (0, (8, 96, 64), "dense", "542b0f58f53b96307eaac0c33a96c7197cbb71480c53d297342b0910a0e06d37"),
     (12345, (5, 77, 33), "sparse", "2c87a5f051b3eb0ef3ee47a5e3eed52ff1385a6f73f24b36370784422bf269ae"),
