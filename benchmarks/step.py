@@ -8,7 +8,11 @@ Also times the unmerged ``eval()`` forward against the plain model's forward.
 
     python benchmarks/step.py                 # the full grid (CPU: about 30 min on 2 cores)
     python benchmarks/step.py --quick         # a small model, one repetition: a smoke run
-    python benchmarks/step.py --device cuda --dtype bf16 --tokens 4096 8192
+    python benchmarks/step.py --device cuda --dtype bf16 --grid all:4096 all:8192
+    python benchmarks/step.py --sparse --no-eval --grid all:1024 all:4096 --kinds randlora randlora-vs peft-lora
+
+``randlora-vs`` uses ``bases="very_sparse"`` (its layers take the sparse route when the cost model says it pays);
+``--sparse`` adds it to the default kinds.
 
 Needs ``pip install -e ".[bench]"`` (peft, transformers); without peft only full fine-tuning is compared.
 """
@@ -27,7 +31,8 @@ from _common import have, machine, markdown_table, median, peak_rss_mb, run_work
 
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 TARGET_LABEL = {"qv": "q_proj,v_proj", "all": "all 7 linear"}
-TRAIN_KINDS = ("randlora", "randlora-keep", "peft-randlora", "peft-lora", "full")
+TRAIN_KINDS = ("randlora", "randlora-keep", "randlora-vs", "peft-randlora", "peft-lora", "full")
+SPARSE_KINDS = ("randlora-vs",)
 EVAL_KINDS = ("eval-plain", "eval-randlora", "eval-randlora-cached")
 BATCH = 4
 
@@ -53,10 +58,11 @@ def adapt(model, cfg):
     import torch
 
     kind, targets, r = cfg["kind"], TARGETS[cfg["targets"]], cfg["r"]
-    if kind in ("randlora", "randlora-keep", "eval-randlora", "eval-randlora-cached"):
+    if kind in ("randlora", "randlora-keep", "eval-randlora", "eval-randlora-cached", *SPARSE_KINDS):
         import randlora
 
-        randlora.inject(model, targets, r=r, alpha=640.0)
+        bases = "very_sparse" if kind in SPARSE_KINDS else "dense"
+        randlora.inject(model, targets, r=r, alpha=640.0, bases=bases)
         if kind == "randlora-keep":
             cfg = dict(cfg, keep="always")
         if cfg.get("keep"):
@@ -87,6 +93,8 @@ def adapt(model, cfg):
 def worker(cfg):
     import torch
 
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     dev = torch.device(cfg["device"])
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
@@ -209,7 +217,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 repetition, 1 step: a smoke run")
     ap.add_argument("--grid", nargs="*", default=None,
                     help="targets:tokens pairs (default: all:1024 all:4096 qv:1024)")
-    ap.add_argument("--kinds", nargs="*", default=list(TRAIN_KINDS))
+    ap.add_argument("--kinds", nargs="*", default=None)
+    ap.add_argument("--sparse", action="store_true", help="include the very_sparse kind in the default kinds")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
     ap.add_argument("--reps", type=int, default=3, help="alternating repetitions (processes) per configuration")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per process, after one warm-up step")
     ap.add_argument("--r", type=int, default=32)
@@ -236,7 +246,7 @@ def main(argv=None):
     missing = have("transformers")
     if missing:
         sys.exit("this benchmark needs transformers (and peft for the peft rows): pip install -e '.[bench]'")
-    kinds = list(args.kinds)
+    kinds = list(args.kinds) if args.kinds else [k for k in TRAIN_KINDS if args.sparse or k not in SPARSE_KINDS]
     if have("peft"):
         print("peft is not installed: comparing against full fine-tuning only (pip install -e '.[bench]')")
         kinds = [k for k in kinds if not k.startswith("peft")]
@@ -262,7 +272,8 @@ def main(argv=None):
         for i in order:
             j = jobs[i]
             cfg = dict(kind=j["kind"], targets=j["targets"], seq=j["tokens"] // BATCH, r=args.r, size=size,
-                       device=args.device, dtype=args.dtype, steps=args.steps, keep=args.keep)
+                       device=args.device, dtype=args.dtype, steps=args.steps, keep=args.keep,
+                       threads=args.threads)
             res = run_worker(script, cfg)
             results[i].append(res)
             print(f"rep {rep + 1}/{args.reps} {j['kind']:>13} {j['targets']:>3} {j['tokens']:>5} tok: "

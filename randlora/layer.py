@@ -12,6 +12,7 @@ from .bank import BasisBank
 from .errors import ConfigError, StateError
 from .registry import DEFAULT
 from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, keep_pays, randlora_linear
+from .recipes import sparsity
 from .sparse import sparse_pays, sparse_randlora_linear
 
 __all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize"]
@@ -389,15 +390,15 @@ class RandLoraLinear(nn.Module):
         bank = self._bank
         if bank.mode == "dense" or self.path in ("weight", "activation") or self._delta_cache is not None:
             return None
+        if self.path == "auto":
+            grad = torch.is_grad_enabled()
+            d = 1.0 / sparsity(bank.mode, bank.shape)  # the recipe's density: no index is built unless it pays
+            if not sparse_pays(T, self.out_features, self.in_features, lam.numel(), d, d, fused=fused,
+                               need_x=grad and need_x, need_S=grad and (lam.requires_grad or gam.requires_grad),
+                               need_W=grad and self.weight.requires_grad and fused, r=self.r):
+                return None
         self._views()  # the device check
-        idx = bank.sparse_index(self.out_features, self.in_features)
-        if self.path == "sparse":
-            return idx
-        grad = torch.is_grad_enabled()
-        need_S = grad and (lam.requires_grad or gam.requires_grad)
-        pays = sparse_pays(T, self.out_features, self.in_features, lam.numel(), idx.density_A, idx.density_B,
-                           fused=fused, need_x=grad and need_x, need_S=need_S, r=self.r)
-        return idx if pays else None
+        return bank.sparse_index(self.out_features, self.in_features)
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -210,10 +210,11 @@ def _work_dtype(idx: SparseIndex, cd: torch.dtype) -> torch.dtype:
 
 # CPU: activations are laid out token-major in blocks of tokens, ``(n_blocks, width, block)``, and the sparse
 # products run block by block, chained (``x → S → B_flat``), so that the rows they gather and the intermediate
-# ``(n·r, block)`` stay in cache. Measured on one layer's adapter work (fp32, widths 1024–2816, T = 1024–4096):
-# with one thread, blocks of 64 tokens were 1.3–1.6x faster than blocks of 512 (and than one block of all
-# tokens); with two threads on a busy 2-core machine each block's parallel regions cost more than the cache
-# gains, and 64 was 2.5x slower than 512. Other devices use one block of all tokens.
+# ``(n·r, block)`` stay in cache. Measured on one layer's adapter work (benchmarks/sparse_op.py, fp32, very_sparse,
+# widths 1024–2816, T = 1024–4096, separate runs): with one thread, blocks of 64 tokens were 1.3–1.6x faster
+# than blocks of 512 at 5 of the 6 shapes (alike at 1024², T = 1024); with two threads on a busy 2-core machine
+# each block's parallel regions cost more than the cache gains, and 64 was 2.5x slower than 512 (1024×2816,
+# T = 4096). Other devices use one block of all tokens.
 TOKEN_BLOCK = 64  # one torch thread
 TOKEN_BLOCK_THREADED = 512  # more
 

@@ -178,6 +178,7 @@ def test_token_blocks(monkeypatch, O, I, r, T, with_W):
     import randlora.sparse as sp
 
     monkeypatch.setattr(sp, "TOKEN_BLOCK", 4)
+    monkeypatch.setattr(sp, "TOKEN_BLOCK_THREADED", 4)
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=11)
     idx = build_index(A, B, r)
     for rep in range(2):
@@ -203,6 +204,7 @@ def test_non_contiguous_input_and_gradient(monkeypatch, O, I):
     import randlora.sparse as sp
 
     monkeypatch.setattr(sp, "TOKEN_BLOCK", 4)
+    monkeypatch.setattr(sp, "TOKEN_BLOCK_THREADED", 4)
     r, T = 4, 10
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=5)
     idx = build_index(A, B, r)
@@ -427,3 +429,32 @@ def test_cuda_matches_cpu_and_dense_route(dtype):
         for a, e in zip((y, *got), (yd, *exp)):
             err = ((a.float() - e.float()).norm() / e.float().norm()).item()
             assert err <= tol, err
+
+
+# ------------------------------------------------------------------------------------------------
+# the one-layer benchmark runs (smoke)
+# ------------------------------------------------------------------------------------------------
+def test_sparse_op_benchmark_quick(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sparse_op.py"
+    spec = importlib.util.spec_from_file_location("bench_sparse_op", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "sparse_op.json"
+        mod.main(["--quick", "--out", str(out)])
+        data = json.loads(out.read_text())
+        assert len(data["rows"]) == 8  # 2 shapes × 2 token counts × 2 modes
+        for row in data["rows"]:
+            assert set(row["median"]) == {"activation", "weight", "sparse", "frozen", "lora"}
+            assert all(t > 0 for t in row["median"].values())
+            assert 0 < row["floors"]["sparse_raw"] < row["floors"]["sparse"]
+        assert "| O×I |" in capsys.readouterr().out
+        mod.main(["--quick", "--kernels", "--modes", "very_sparse"])
+        assert "sampled ∂S / GEMM" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
