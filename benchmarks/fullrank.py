@@ -1,7 +1,9 @@
 """Full-rank recovery: can an adapter learn a known full-rank change of a pretrained model?
 
 Teacher: all-MiniLM-L6-v2 with a known full-rank ``ΔW*`` added to its attention projections
-(``query`` and ``value`` of every layer; ``ΔW*`` i.i.d. Gaussian, ``‖ΔW*‖_F = rho · ‖W‖_F`` per layer).
+(``query`` and ``value`` of every layer, ``‖ΔW*‖_F = rho · ‖W‖_F`` per layer). ``ΔW*`` (``--target``) is
+full rank with a decaying spectrum by default (``U diag(k^-decay) Vᵀ``, random singular vectors: a few
+strong directions and a long tail, like real fine-tuning updates), or i.i.d. Gaussian (a flat spectrum).
 Students: the pretrained model with one adapter on the same layers, every adapter with the SAME
 number of trainable values per layer, trained with AdamW to match the teacher's last hidden states
 (masked MSE) on standard-library docstrings (``benchmarks/data.py``):
@@ -45,7 +47,7 @@ import randlora  # noqa: E402
 TARGETS = ("query", "value")
 METHODS = ("randlora", "lora", "vera")
 LABELS = {"randlora": "RandLora", "lora": "LoRA", "vera": "VeRA-like"}
-# Per unit of trained value, s·ΔW moves about 1 (RandLora, default alpha = 20·r), 0.1 (LoRA, alpha = 2k,
+# Per unit of trained value, s·ΔW moves about 1 (RandLora, alpha = 20·r as passed below), 0.1 (LoRA, alpha = 2k,
 # Kaiming A) and 0.002 (VeRA-like, d = 0.1, Kaiming A and B of width 1152): hence the three ranges.
 # --lrs 1 (and --quick) uses the first of each list.
 LR_GRID = {
@@ -112,7 +114,7 @@ def make_student(method: str, pristine: nn.Module, r: int, seed: int) -> Student
     for p in enc.parameters():
         p.requires_grad_(False)
     if method == "randlora":
-        randlora.inject(enc, targets=list(TARGETS), r=r, seed=seed)
+        randlora.inject(enc, targets=list(TARGETS), r=r, alpha=20.0 * r, seed=seed)  # the scale its lr grid was set for
         layers = {nm: enc.get_submodule(nm) for nm in names}
         return Student(method, enc, f"r={r}, n={n}", lambda: {k: l.delta_weight() for k, l in layers.items()},
                        budget)
@@ -150,6 +152,24 @@ def make_student(method: str, pristine: nn.Module, r: int, seed: int) -> Student
         return Student(method, enc, f"shared rank {kv}", lambda: {k: l.delta_weight() for k, l in layers.items()},
                        kv + O)
     raise ValueError(method)
+
+
+# ------------------------------------------------------------------------------------------------
+def target_update(shape: tuple[int, int], kind: str, decay: float, g: torch.Generator) -> torch.Tensor:
+    """A random ``ΔW*`` of ``shape`` (unnormalised).
+
+    ``"gaussian"``: i.i.d. entries (a flat spectrum: the hardest case for any budget-limited adapter).
+    ``"decaying"``: ``U diag(σ) Vᵀ`` with Haar-random orthonormal ``U``, ``V`` and ``σ_k = k^-decay``, the
+    kind of spectrum fine-tuning updates have (a few strong directions and a long tail), still full rank.
+    """
+    if kind == "gaussian":
+        return torch.randn(shape, generator=g)
+    O, I = shape
+    k = min(O, I)
+    U, _ = torch.linalg.qr(torch.randn(O, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(I, k, generator=g, dtype=torch.float64))
+    sigma = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
+    return ((U * sigma) @ V.t()).float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--r", type=int, default=128, help="RandLora rank; sets the per-layer budget n·r + n·m")
     ap.add_argument("--rho", type=float, default=0.3, help="‖ΔW*‖_F / ‖W‖_F per adapted layer")
+    ap.add_argument("--target", choices=("decaying", "gaussian"), default="decaying",
+                    help="ΔW*: random singular vectors with σ_k ∝ k^-decay, or i.i.d. Gaussian entries")
+    ap.add_argument("--decay", type=float, default=1.0, help="exponent of the decaying spectrum")
     ap.add_argument("--lrs", type=int, default=None, help="learning rates tried per method (default 2; quick 1)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seed", type=int, default=0)
@@ -235,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for nm in names:
             W = teacher.get_submodule(nm).weight
-            G = torch.randn(W.shape, generator=g)
+            G = target_update(tuple(W.shape), args.target, args.decay, g)
             dstar[nm] = G * (args.rho * W.norm() / G.norm())
             W.add_(dstar[nm])
     star_spec = {nm: spectrum(d) for nm, d in dstar.items()}
-    print(f"teacher: pretrained all-MiniLM-L6-v2 + Gaussian ΔW* on {len(names)} attention projections "
+    kind = "Gaussian" if args.target == "gaussian" else f"decaying-spectrum (σ_k ∝ k^-{args.decay:g})"
+    print(f"teacher: pretrained all-MiniLM-L6-v2 + {kind} ΔW* on {len(names)} attention projections "
           f"({', '.join(TARGETS)} x {len(names) // len(TARGETS)} layers), ‖ΔW*‖ = {args.rho} ‖W‖ per layer; "
           f"numerical rank of ΔW* {min(numerical_rank(s) for s in star_spec.values())}"
           f"-{max(numerical_rank(s) for s in star_spec.values())} of {min(dstar[names[0]].shape)}")
@@ -372,9 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t_all
     print(f"\nspectra plot: {png if plotted else 'not written (matplotlib missing)'}; total {total:.0f} s")
     (args.out / "fullrank_results.md").write_text(tab + f"\n\n- {steps} steps x {args.batch}, rho {args.rho}, "
+                                                  f"target {args.target} (decay {args.decay:g}), "
                                                   f"total {total:.0f} s\n")
     (args.out / "fullrank_results.json").write_text(json.dumps(
-        {"steps": steps, "rho": args.rho, "r": args.r, "seconds": total,
+        {"steps": steps, "rho": args.rho, "r": args.r, "target": args.target, "decay": args.decay, "seconds": total,
          "runs": [{k: v for k, v in r.__dict__.items() if k != "spectra"} for r in results],
          "spectra": {m: best[m].spectra[layer] for m in methods}, "target_spectrum": star_spec[layer].tolist()},
         indent=1))

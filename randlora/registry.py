@@ -25,7 +25,7 @@ class AdapterConfig:
     """Rank of each random basis. Smaller ``r`` means more bases (``n = ceil(min(O, I) / r)``) and more
     trainable values (``n·r + n·min(O, I)`` per layer)."""
     alpha: float = 640.0
-    """Scale numerator: the update is ``(alpha / r) · ΔW``. ``inject``'s default is ``20 · r``."""
+    """Scale numerator: the update is ``(alpha / r) · ΔW``. ``inject``'s default is ``6 · r``."""
     dropout: float = 0.0
     """Dropout probability on the adapter's input (training only; the frozen path never drops)."""
     seed: int = 0

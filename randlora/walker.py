@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 BANK_ATTR = "randlora_bank"
+# default alpha = DEFAULT_ALPHA_SCALE · r, i.e. a scale s = alpha / r of 6 whatever r: the scale at which AdamW
+# trains well from lr 1e-3 to 3e-3 without collapsing (docs/benchmarks.md, "Scale and initialisation")
+DEFAULT_ALPHA_SCALE = 6.0
 BIAS_MODES = ("none", "all", "randlora_only")
 
 
@@ -279,9 +282,9 @@ def _settings(r, alpha, dropout, seed, bases, recipe, bias) -> AdapterConfig:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ConfigError(f"r must be a positive int, got {r!r}")
     if alpha is None:
-        alpha = 20.0 * r
+        alpha = DEFAULT_ALPHA_SCALE * r
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r} (default: 20 * r)")
+        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r} (default: 6 * r)")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
@@ -419,7 +422,8 @@ def inject(
             linear layer except the output head).
         r: rank of each random basis; ``n = ceil(min(O, I) / r)`` bases per layer, ``n·r + n·min(O, I)``
             trainable values per layer. At most the largest side of the targeted layers.
-        alpha: the update is scaled by ``alpha / r`` (default ``20 · r``).
+        alpha: the update is scaled by ``alpha / r`` (default ``6 · r``: AdamW then works from 1e-3 to 3e-3,
+            see docs/benchmarks.md).
         dropout: dropout probability on the adapter's input, in ``[0, 1)``.
         seed: seed of the shared bases.
         bases: ``"dense"``, ``"sparse"`` or ``"very_sparse"`` (ternary bases).

