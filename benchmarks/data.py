@@ -56,24 +56,30 @@ class Docstrings:
         return "\n".join(lines)
 
 
-def _package_docstrings(pkg_dir: Path, min_chars: int) -> set[str]:
-    docs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(pkg_dir):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+def _parsed_modules(root: Path, skip: set[str]):
+    """The parsed syntax tree of every ``.py`` file under ``root`` (sorted walk, ``skip`` folders left out;
+    files that do not parse are skipped). Nothing is imported or executed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         for fn in sorted(filenames):
             if not fn.endswith(".py"):
                 continue
             try:
-                tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
+                yield ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        text = " ".join(doc.split())
-                        if len(text) >= min_chars:
-                            docs.add(text)
+
+
+def _package_docstrings(pkg_dir: Path, min_chars: int) -> set[str]:
+    docs: set[str] = set()
+    for tree in _parsed_modules(pkg_dir, SKIP_DIRS):
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    text = " ".join(doc.split())
+                    if len(text) >= min_chars:
+                        docs.add(text)
     return docs
 
 
@@ -131,25 +137,17 @@ CODE_SKIP_DIRS = SKIP_DIRS | {"idlelib", "tkinter", "turtledemo", "lib2to3", "di
 def _function_bodies(stdlib: Path) -> list[tuple[str, str]]:
     """``(body source, verb)`` for every function of the standard library (its docstring removed)."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(stdlib):
-        dirnames[:] = sorted(d for d in dirnames if d not in CODE_SKIP_DIRS)
-        for fn in sorted(filenames):
-            if not fn.endswith(".py"):
+    for tree in _parsed_modules(stdlib, CODE_SKIP_DIRS):
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            try:
-                tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
+            name = node.name.strip("_")
+            verb = name.split("_")[0].lower()
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            if not verb or not body:
                 continue
-            for node in ast.walk(tree):
-                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                name = node.name.strip("_")
-                verb = name.split("_")[0].lower()
-                body = node.body[1:] if ast.get_docstring(node) is not None else node.body
-                if not verb or not body:
-                    continue
-                code = " ".join(ast.unparse(ast.Module(body=body, type_ignores=[])).split())
-                out.append((code, verb))
+            code = " ".join(ast.unparse(ast.Module(body=body, type_ignores=[])).split())
+            out.append((code, verb))
     return out
 
 
