@@ -281,7 +281,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(kind: str) -> None:
     ids = _ids(seed=4, batch=4, seq=16)
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(16):
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
