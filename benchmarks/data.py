@@ -56,6 +56,31 @@ class Docstrings:
         return "\n".join(lines)
 
 
+def _stratified_split(classes: list[list[str]], seed: int, fractions: tuple[float, float],
+                      max_per_class: int | None) -> tuple[Split, Split, Split]:
+    """Train/val/test splits of each class's sorted items (label = position in ``classes``): each class is
+    shuffled with one seeded RNG, cut to ``max_per_class``, split by ``fractions``; then each split's order is
+    shuffled (same RNG) so batches mix the classes."""
+    rng = random.Random(seed)
+    train, val, test = Split(), Split(), Split()
+    for label, items in enumerate(classes):
+        items = list(items)
+        rng.shuffle(items)
+        if max_per_class is not None:
+            items = items[:max_per_class]
+        n_tr = round(fractions[0] * len(items))
+        n_va = round(fractions[1] * len(items))
+        for split, chunk in ((train, items[:n_tr]), (val, items[n_tr:n_tr + n_va]), (test, items[n_tr + n_va:])):
+            split.texts += chunk
+            split.labels += [label] * len(chunk)
+    for split in (train, val, test):
+        order = list(range(len(split)))
+        rng.shuffle(order)
+        split.texts = [split.texts[i] for i in order]
+        split.labels = [split.labels[i] for i in order]
+    return train, val, test
+
+
 def _parsed_modules(root: Path, skip: set[str]):
     """The parsed syntax tree of every ``.py`` file under ``root`` (sorted walk, ``skip`` folders left out;
     files that do not parse are skipped). Nothing is imported or executed."""
@@ -104,23 +129,7 @@ def load_docstrings(
         for t in docs:
             owners[t].append(p)
     shared = {t for t, o in owners.items() if len(o) > 1}
-    rng = random.Random(seed)
-    train, val, test = Split(), Split(), Split()
-    for label, p in enumerate(packages):
-        items = sorted(per[p] - shared)
-        rng.shuffle(items)
-        if max_per_class is not None:
-            items = items[:max_per_class]
-        n_tr = round(fractions[0] * len(items))
-        n_va = round(fractions[1] * len(items))
-        for split, chunk in ((train, items[:n_tr]), (val, items[n_tr:n_tr + n_va]), (test, items[n_tr + n_va:])):
-            split.texts += chunk
-            split.labels += [label] * len(chunk)
-    for split in (train, val, test):  # interleave classes (fixed seed) so batches are mixed
-        order = list(range(len(split)))
-        rng.shuffle(order)
-        split.texts = [split.texts[i] for i in order]
-        split.labels = [split.labels[i] for i in order]
+    train, val, test = _stratified_split([sorted(per[p] - shared) for p in packages], seed, fractions, max_per_class)
     return Docstrings(classes=list(packages), train=train, val=val, test=test, stdlib=str(stdlib),
                       dropped_duplicates=sum(len(owners[t]) for t in shared))
 
@@ -184,22 +193,7 @@ def load_code_names(
             per[next(iter(verbs))].append(code)
     per.pop("init", None)
     classes = sorted(per, key=lambda v: (-len(per[v]), v))[:n_classes]
-    rng = random.Random(seed)
-    train, val, test = Split(), Split(), Split()
-    for label, verb in enumerate(classes):
-        items = sorted(per[verb])
-        rng.shuffle(items)
-        items = items[:max_per_class]
-        n_tr = round(fractions[0] * len(items))
-        n_va = round(fractions[1] * len(items))
-        for split, chunk in ((train, items[:n_tr]), (val, items[n_tr:n_tr + n_va]), (test, items[n_tr + n_va:])):
-            split.texts += chunk
-            split.labels += [label] * len(chunk)
-    for split in (train, val, test):
-        order = list(range(len(split)))
-        rng.shuffle(order)
-        split.texts = [split.texts[i] for i in order]
-        split.labels = [split.labels[i] for i in order]
+    train, val, test = _stratified_split([sorted(per[v]) for v in classes], seed, fractions, max_per_class)
     return Docstrings(classes=classes, train=train, val=val, test=test, stdlib=str(stdlib),
                       dropped_duplicates=conflicting, label_name="verb")
 

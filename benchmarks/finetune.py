@@ -314,6 +314,21 @@ def randlora_counts(pristine: nn.Module, r: int) -> list[torch.Tensor]:
     return [p for p in randlora.trainable_parameters(enc)]
 
 
+def train_step(model, opt, split, idx, features=None) -> torch.Tensor:
+    """One optimiser step of cross-entropy on the batch ``idx`` of ``split``; with ``features`` (the frozen
+    encoder's cached pooled features of that split) only the head runs. Returns the loss."""
+    if features is not None:
+        logits, y = model.head(features[idx]), split.labels[idx]
+    else:
+        ids, mask, y = split.batch(idx)
+        logits = model(ids, mask)
+    loss = nn.functional.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def schedule(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -345,16 +360,7 @@ def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data:
         t0 = time.perf_counter()
         for g in groups:
             g["lr"] = g["base_lr"] * schedule(step, len(batches), warmup)
-        if cached is not None:
-            logits = model.head(cached["train"][idx])
-            y = data["train"].labels[idx]
-        else:
-            ids, mask, y = data["train"].batch(idx)
-            logits = model(ids, mask)
-        loss = nn.functional.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(model, opt, data["train"], idx, cached["train"] if cached is not None else None)
         run.step_times.append(time.perf_counter() - t0)
         run.losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

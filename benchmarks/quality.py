@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import load_code_names  # noqa: E402
 from finetune import (HERE, TARGETS, Classifier, Tokens, accuracy, add_lora, load_encoder, lora_ranks,  # noqa: E402
-                      pooled_features, predict_logits, release_memory, schedule, tokenize)
+                      pooled_features, predict_logits, release_memory, schedule, tokenize, train_step)
 
 import randlora  # noqa: E402
 
@@ -193,15 +193,7 @@ def train_run(spec: dict, ctx: Context) -> dict:
     for step, idx in enumerate(batches):
         for g in groups:
             g["lr"] = g["base_lr"] * schedule(step, steps, warmup)
-        if feats is not None:
-            logits, y = model.head(feats["train"][idx]), data["train"].labels[idx]
-        else:
-            ids, mask, y = data["train"].batch(idx)
-            logits = model(ids, mask)
-        loss = nn.functional.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(model, opt, data["train"], idx, feats["train"] if feats is not None else None)
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     acc = {}
