@@ -143,10 +143,10 @@ CODE_SKIP_DIRS = SKIP_DIRS | {"idlelib", "tkinter", "turtledemo", "lib2to3", "di
                               "encodings", "pydoc_data"}
 
 
-def _function_bodies(stdlib: Path) -> list[tuple[str, str]]:
+def _function_bodies(stdlib: Path, skip: set[str]) -> list[tuple[str, str]]:
     """``(body source, verb)`` for every function of the standard library (its docstring removed)."""
     out = []
-    for tree in _parsed_modules(stdlib, CODE_SKIP_DIRS):
+    for tree in _parsed_modules(stdlib, skip):
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -167,6 +167,7 @@ def load_code_names(
     min_chars: int = 40,
     fractions: tuple[float, float] = (0.7, 0.15),
     max_per_class: int = 300,
+    tests: bool = False,
 ) -> Docstrings:
     """Method-name prediction: the first word of a function's name from its body's source code.
 
@@ -183,7 +184,12 @@ def load_code_names(
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     owners: dict[str, set[str]] = defaultdict(set)
-    for code, verb in _function_bodies(stdlib):
+    if tests and not (stdlib / "test" / "__init__.py").is_file():
+        raise FileNotFoundError(f"the standard library's test package is not under {stdlib} (some Linux "
+                                "distributions ship it separately, e.g. Debian's libpython3-testsuite); install "
+                                "it or use the task without tests ('code')")
+    skip = CODE_SKIP_DIRS - {"test", "tests", "idle_test"} if tests else CODE_SKIP_DIRS
+    for code, verb in _function_bodies(stdlib, skip):
         if len(code) >= min_chars:
             owners[code].add(verb)
     conflicting = sum(1 for v in owners.values() if len(v) > 1)
@@ -192,10 +198,26 @@ def load_code_names(
         if len(verbs) == 1:
             per[next(iter(verbs))].append(code)
     per.pop("init", None)
+    per.pop("test", None)
     classes = sorted(per, key=lambda v: (-len(per[v]), v))[:n_classes]
     train, val, test = _stratified_split([sorted(per[v]) for v in classes], seed, fractions, max_per_class)
     return Docstrings(classes=classes, train=train, val=val, test=test, stdlib=str(stdlib),
                       dropped_duplicates=conflicting, label_name="verb")
+
+
+# The two variants of the code task used by the benchmarks: "code" reads the library code only (16 verbs,
+# at most 300 bodies each, split 70/15/15: 303 test bodies); "code-tests" adds the standard library's test
+# code (16 verbs, at most 500 bodies each, split 50/15/35: 1,344 test bodies, so that a 2-point difference
+# between two methods is larger than the test split's sampling error).
+CODE_TASKS = {
+    "code": {},
+    "code-tests": {"tests": True, "max_per_class": 500, "fractions": (0.5, 0.15)},
+}
+
+
+def load_code_task(name: str, seed: int = 0) -> Docstrings:
+    """The code task variant ``name`` of :data:`CODE_TASKS` (split with ``seed``)."""
+    return load_code_names(seed=seed, **CODE_TASKS[name])
 
 
 if __name__ == "__main__":

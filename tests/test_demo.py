@@ -106,6 +106,46 @@ def test_code_names_data_is_deduplicated_and_split() -> None:
     assert again.test.texts == ds.test.texts and again.train.labels == ds.train.labels  # fixed seed
 
 
+def test_code_task_with_tests_is_larger_deduplicated_and_split() -> None:
+    from data import CODE_TASKS, load_code_task
+
+    ds = load_code_task("code-tests")
+    texts = ds.train.texts + ds.val.texts + ds.test.texts
+    assert len(texts) == len(set(texts))
+    assert len(ds.classes) == 16 and not {"init", "test"} & set(ds.classes)
+    assert all(min(c[1:]) > 0 and sum(c[1:]) <= 500 for c in ds.counts())
+    # the point of this variant: a test split large enough for a 2-point difference to exceed its noise
+    assert len(ds.test) > 1000 and len(ds.test) > 4 * len(load_code_task("code").test)
+    assert load_code_task("code-tests").test.texts == ds.test.texts
+    assert set(CODE_TASKS) == {"code", "code-tests"}
+
+
+def test_paired_difference_interval() -> None:
+    from finetune import paired_difference
+
+    # a is right on 3 of every 4 examples, b on 2 of the same 4: +25 points, the difference per example is
+    # a Bernoulli(1/4), so the 95 % interval is about ±1.96·sqrt(p(1-p)/n) = ±4.2 points at n = 400
+    diff, lo, hi = paired_difference([1, 1, 0, 1] * 100, [1, 0, 0, 1] * 100)
+    assert diff == 25.0 and 19.5 < lo < 22.0 and 28.0 < hi < 30.5
+    assert paired_difference([1, 0] * 50, [1, 0] * 50) == (0.0, 0.0, 0.0)  # same predictions: no noise at all
+    diff, lo, hi = paired_difference([0, 1] * 50, [1, 0] * 50)  # same accuracy, opposite examples
+    assert diff == 0.0 and lo < -15 and hi > 15
+
+
+def test_quality_paired_rows() -> None:
+    import quality
+
+    def row(method, r, by_seed):
+        return {"method": method, "r": r, "test_by_seed": by_seed, "test_mean": sum(by_seed) / len(by_seed)}
+
+    summary = {"rows": [row("lora", 64, [50.0, 52.0, 54.0]), row("randlora", 64, [53.0, 53.0, 57.0]),
+                        row("randlora_vs", 64, [50.0, 52.0]), row("full", None, [58.0, 58.0, 58.0]),
+                        row("head", None, [45.0, 45.0, 45.0])]}
+    got = {p["method"]: p for p in quality.paired_rows(summary)}
+    assert got["randlora"]["diffs"] == [3.0, 1.0, 3.0] and abs(got["randlora"]["gap_closed"] - 7 / 18) < 1e-12
+    assert got["randlora_vs"]["diffs"] == [0.0, 0.0] and got["randlora_vs"]["mean"] == 0.0
+
+
 def test_quality_rules_set_scale_and_init() -> None:
     import quality
     import randlora
@@ -121,6 +161,8 @@ def test_quality_rules_set_scale_and_init() -> None:
             lam, gam = layer.randlora_lambda, layer.randlora_gamma
             if init == "peft":
                 assert torch.all(lam == 0) and torch.all(gam == 1.0 / max(layer.n, layer.m))
+            elif init == "unit":
+                assert torch.all(lam == 0) and torch.all(gam == 1.0)
             else:
                 assert torch.all(lam == 1.0 / max(layer.n, layer.r)) and torch.all(gam == 0)
         # both initialisations start from ΔW = 0: the adapted model equals the base model
@@ -145,6 +187,8 @@ def test_quality_quick(tmp_path: Path) -> None:
     # LoRA's per-target ranks give exactly RandLora's trainable count (the head is in both)
     assert rows["lora"]["trainable"] == rows["randlora"]["trainable"] == rows["randlora_vs"]["trainable"]
     assert rows["head"]["trainable"] < rows["randlora"]["trainable"] < rows["full"]["trainable"] / 100
+    assert {p["method"] for p in res["paired"]} == {"randlora", "randlora_vs"}  # each against LoRA, seed by seed
+    assert all(len(p["diffs"]) == 2 for p in res["paired"])
     runs = list((tmp_path / "quality_runs_quick").glob("*.json"))
     assert len(runs) == 10  # 5 methods x 1 learning rate x 2 seeds, one cached record each
     # a second invocation finds every run cached and trains nothing
