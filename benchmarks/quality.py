@@ -26,7 +26,7 @@ restricts a process to every N-th run. At the end (or with ``--report``) the cac
 ``quality_<plan>.json`` / ``.md`` and plots (loss curves, accuracy against trainable count).
 
     python benchmarks/quality.py --plan alpha   # scale/init study (about 45 min on 2 cores)
-    python benchmarks/quality.py --plan main    # the multi-seed comparison (about 2 h on 2 cores, 1 h with two processes)
+    python benchmarks/quality.py --plan main    # the multi-seed comparison (about 2 h; 1 h with two processes)
     python benchmarks/quality.py --plan main --reverse   # optionally, a second process on the same study
     python benchmarks/quality.py --quick        # smoke run
 """
@@ -222,7 +222,8 @@ def train_run(spec: dict, ctx: Context) -> dict:
 # plans
 # ------------------------------------------------------------------------------------------------
 def base_spec(args, method: str, lr: float, seed: int, r: int | None = None, rule: str | None = None) -> dict:
-    spec = {"task": "code_names" if args.task == "code" else args.task, "method": method, "lr": lr, "seed": seed, "steps": args.steps,
+    task = "code_names" if args.task == "code" else args.task  # the key the "code" task's cached runs carry
+    spec = {"task": task, "method": method, "lr": lr, "seed": seed, "steps": args.steps,
             "batch": args.batch, "max_len": args.max_len, "quick": bool(args.quick)}
     if r is not None:
         spec["r"] = r
@@ -517,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", choices=("main", "alpha"), default="main")
     ap.add_argument("--quick", action="store_true", help="smoke run of every code path (< 60 s)")
     ap.add_argument("--task", choices=sorted(CODE_TASKS), default=None,
-                    help="task variant (benchmarks/data.py, CODE_TASKS; default code-tests for the main plan, code for alpha)")
+                    help="task variant (benchmarks/data.py, CODE_TASKS; default code-tests for the main plan, "
+                         "code for alpha)")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps per run (default 200 for the main plan, 100 for alpha; quick 3)")
     ap.add_argument("--batch", type=int, default=16)
