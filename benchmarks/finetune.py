@@ -293,7 +293,10 @@ class Run:
 
 
 def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int,
-          alpha_scale: float = ALPHA_SCALE) -> tuple[Classifier, str]:
+          alpha_scale: float = ALPHA_SCALE, bases: str = "dense",
+          lora_count: int | None = None) -> tuple[Classifier, str]:
+    """A copy of ``pristine`` set up for ``method`` (head, full, randlora with ``bases``, or LoRA whose
+    count equals RandLora's at ``r``: ``lora_count`` when the caller already knows it), plus a seeded head."""
     enc = copy.deepcopy(pristine)
     note = ""
     if method == "head":
@@ -303,10 +306,10 @@ def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int,
         for p in enc.parameters():
             p.requires_grad_(True)
     elif method == "randlora":
-        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha_scale * r, seed=seed)
+        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha_scale * r, seed=seed, bases=bases)
         note = f"r={r}, alpha={alpha_scale:g}·r"
     elif method == "lora":
-        count = sum(p.numel() for p in randlora_counts(pristine, r))
+        count = lora_count if lora_count is not None else sum(p.numel() for p in randlora_counts(pristine, r))
         ranks = lora_ranks(count, enc)
         enc, kind = add_lora(enc, ranks)
         note = f"{kind}, ranks " + ", ".join(f"{t}={v}" for t, v in ranks.items())

@@ -53,8 +53,9 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import CODE_TASKS, load_code_task  # noqa: E402
-from finetune import (HERE, TARGETS, Classifier, Tokens, accuracy, add_lora, load_encoder, lora_ranks,  # noqa: E402
-                      pooled_features, predict_logits, release_memory, schedule, tokenize, train_step)
+from finetune import (HERE, TARGETS, Classifier, Tokens, accuracy, load_encoder, pooled_features,  # noqa: E402
+                      predict_logits, release_memory, schedule, tokenize, train_step)
+from finetune import build as build_model  # noqa: E402
 
 import randlora  # noqa: E402
 
@@ -156,28 +157,20 @@ def batches_for(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
 
 
 def build(spec: dict, ctx: Context) -> tuple[Classifier, str]:
-    method, seed = spec["method"], spec["seed"]
-    enc = copy.deepcopy(ctx.pristine)
-    note = ""
+    """``finetune.build`` for one spec: the seed also sets LoRA's ``A``; RandLora gets the spec's rule."""
+    method, seed, r = spec["method"], spec["seed"], spec.get("r")
     torch.manual_seed(seed)  # LoRA's A initialisation
-    if method == "head":
-        for p in enc.parameters():
-            p.requires_grad_(False)
-    elif method == "full":
-        for p in enc.parameters():
-            p.requires_grad_(True)
-    elif method in ("randlora", "randlora_vs"):
-        s, init = RULES[spec["rule"]]
-        randlora.inject(enc, targets=list(TARGETS), r=spec["r"], alpha=s * spec["r"], seed=seed,
-                        bases="dense" if method == "randlora" else "very_sparse")
-        apply_rule(enc, spec["rule"])
-        note = f"r={spec['r']}, alpha={s:g}·r, init {init}"
+    kwargs = {"lora_count": ctx.randlora_count(r)} if method == "lora" else {}
+    if method in ("randlora", "randlora_vs"):
+        kwargs.update(alpha_scale=RULES[spec["rule"]][0], bases="dense" if method == "randlora" else "very_sparse")
+    model, note = build_model("randlora" if method == "randlora_vs" else method, ctx.pristine,
+                              len(ctx.ds.classes), seed, r, **kwargs)
+    if "alpha_scale" in kwargs:
+        apply_rule(model.encoder, spec["rule"])
+        note += f", init {RULES[spec['rule']][1]}"
     elif method == "lora":
-        ranks = lora_ranks(ctx.randlora_count(spec["r"]), enc)
-        enc, kind = add_lora(enc, ranks)
-        note = f"{kind}, ranks " + ", ".join(f"{t}={v}" for t, v in ranks.items()) + ", alpha=2·rank"
-    torch.manual_seed(seed)  # the head's initialisation: the same for every method at one seed
-    return Classifier(enc, len(ctx.ds.classes)), note
+        note += ", alpha=2·rank"
+    return model, note
 
 
 def train_run(spec: dict, ctx: Context) -> dict:
