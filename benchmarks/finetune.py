@@ -12,7 +12,8 @@ the test split):
 
 - head only (encoder frozen; its features are computed once and cached),
 - LoRA (peft's, else a minimal one here) with ranks chosen so its trainable count equals RandLora's,
-- RandLora (this library), ``alpha = --alpha-scale · r`` (default 6·r),
+- RandLora (this library) with its defaults (``init="sqrt"``, ``alpha = 2·r``; ``--init`` and
+  ``--alpha-scale`` change them),
 - full fine-tuning (the ceiling).
 
 Each pair of methods is compared on the same test examples with a 95 % paired bootstrap interval, so the
@@ -69,9 +70,6 @@ LR_GRID = {
     "randlora": [1e-3, 3e-3],
     "full": [1e-4, 3e-4],
 }
-# RandLora's scale s = alpha / r (the library's default, from docs/benchmarks.md, "Scale and
-# initialisation"), passed explicitly so that --alpha-scale can vary it.
-ALPHA_SCALE = 6.0
 CHECK_TEXTS = 512  # the merge and reload checks compare predictions on the first 512 test texts
 
 
@@ -293,10 +291,11 @@ class Run:
 
 
 def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int,
-          alpha_scale: float = ALPHA_SCALE, bases: str = "dense",
-          lora_count: int | None = None) -> tuple[Classifier, str]:
+          alpha_scale: float | None = None, bases: str = "dense", lora_count: int | None = None,
+          init: str = randlora.DEFAULT_INIT) -> tuple[Classifier, str]:
     """A copy of ``pristine`` set up for ``method`` (head, full, randlora with ``bases``, or LoRA whose
-    count equals RandLora's at ``r``: ``lora_count`` when the caller already knows it), plus a seeded head."""
+    count equals RandLora's at ``r``: ``lora_count`` when the caller already knows it), plus a seeded head.
+    RandLora starts from ``init`` with ``alpha = alpha_scale · r`` (None: the library's default for ``init``)."""
     enc = copy.deepcopy(pristine)
     note = ""
     if method == "head":
@@ -306,7 +305,8 @@ def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int,
         for p in enc.parameters():
             p.requires_grad_(True)
     elif method == "randlora":
-        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha_scale * r, seed=seed, bases=bases)
+        alpha_scale = randlora.INITS[init].alpha_scale if alpha_scale is None else alpha_scale
+        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha_scale * r, init=init, seed=seed, bases=bases)
         note = f"r={r}, alpha={alpha_scale:g}·r"
     elif method == "lora":
         count = lora_count if lora_count is not None else sum(p.numel() for p in randlora_counts(pristine, r))
@@ -349,7 +349,7 @@ def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data:
               args, cached: dict | None, desc: str) -> tuple[Run, Classifier]:
     from tqdm.auto import tqdm
 
-    model, note = build(method, pristine, len(data["classes"]), args.seed, args.r, args.alpha_scale)
+    model, note = build(method, pristine, len(data["classes"]), args.seed, args.r, args.alpha_scale, init=args.init)
     run = Run(method=method, lr=lr, note=note)
     head_params = list(model.head.parameters())
     body = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -517,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                          "docstrings: a docstring's package (8 classes, a task every method solves about equally)")
     ap.add_argument("--max-len", type=int, default=None, help="tokens per text (default 32)")
     ap.add_argument("--r", type=int, default=32, help="RandLora rank (LoRA's ranks are matched to its count)")
-    ap.add_argument("--alpha-scale", type=float, default=ALPHA_SCALE,
-                    help=f"RandLora's alpha / r (default {ALPHA_SCALE:g}, the library's default)")
+    ap.add_argument("--init", choices=sorted(randlora.INITS), default=randlora.DEFAULT_INIT,
+                    help=f"RandLora's initialisation (default {randlora.DEFAULT_INIT!r}, the library's)")
+    ap.add_argument("--alpha-scale", type=float, default=None,
+                    help="RandLora's alpha / r (default: the library's for --init)")
     ap.add_argument("--lrs", type=int, default=None,
                     help=f"learning rates tried per method, from LR_GRID (default {len(LR_GRID['head'])}; quick 1)")
     ap.add_argument("--methods", default=",".join(METHODS))

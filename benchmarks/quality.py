@@ -15,7 +15,8 @@ Plans (``--plan``):
   head only and full fine-tuning. Each method tries 3 learning rates on seed 0; the one with the best
   validation accuracy is then run on seeds 1 and 2 too, and test accuracy is reported as mean ± std
   over the seeds, with RandLora minus LoRA paired by seed. RandLora uses the scale/init rule of
-  ``--rule`` (default ``s6-peft``: alpha = 6·r, peft's initialisation; docs/benchmarks.md).
+  ``--rule`` (default ``s2-sqrt``: the library's default, alpha = 2·r with γ starting at 1/sqrt(max(n, m));
+  ``s6-peft`` is alpha = 6·r with peft's initialisation; docs/benchmarks.md).
 - ``alpha``: RandLora at one rank over learning rates 1e-4 … 1e-2 (AdamW) for several scale/init rules.
 - ``quick``: a smoke run of every code path (a few steps, tiny splits; < 60 s).
 
@@ -71,8 +72,9 @@ LR_GRID = {
 }
 ALPHA_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 HEAD_LR = 1e-2  # the head's learning rate in every run that trains the encoder too
-# Scale/init rules. ``s`` is alpha / r. "peft": λ = 0, γ = 1/max(n, m) (the library's and peft's init);
-# "vision": λ = 1/max(n, r), γ = 0 (the authors' vision code); "unit": λ = 0, γ = 1.
+# Scale/init rules. ``s`` is alpha / r. "peft": λ = 0, γ = 1/max(n, m) (peft's init, the library's init="peft");
+# "sqrt": λ = 0, γ = 1/sqrt(max(n, m)) (the library's default); "vision": λ = 1/max(n, r), γ = 0 (the
+# authors' vision code); "unit": λ = 0, γ = 1.
 RULES = {
     "s20-peft": (20.0, "peft"),  # alpha = 20·r, the library's default before 6·r
     "s6-peft": (6.0, "peft"),
@@ -85,8 +87,15 @@ RULES = {
     # "unit": λ = 0, γ = 1, with the scale moved into s: the same starting ΔW-sensitivity to λ as s6-peft on
     # 384-wide layers (6 · 1/384), but γ no longer starts tiny next to one AdamW step.
     "s6/384-unit": (6.0 / 384, "unit"),
+    "s0.08-unit": (0.08, "unit"),
+    # "sqrt" (the library's init="sqrt"): λ = 0, γ = 1/sqrt(max(n, m)), the scale of LoRA's A. s0.31 keeps
+    # s6-peft's starting sensitivity to λ on 384-wide layers (6/384 = 0.31/sqrt(384)); s2 is the default.
+    "s0.31-sqrt": (6.0 / 384 ** 0.5, "sqrt"),
+    "s1-sqrt": (1.0, "sqrt"),
+    "s2-sqrt": (2.0, "sqrt"),
+    "s3-sqrt": (3.0, "sqrt"),
 }
-DEFAULT_RULE = "s6-peft"  # alpha = 6·r, peft init: docs/benchmarks.md, "Scale and initialisation"
+DEFAULT_RULE = "s2-sqrt"  # the library's default (init="sqrt", alpha = 2·r): docs/benchmarks.md
 ALPHA_RULES = ("s20-peft", "s6-peft", "s2-peft", "s3-vision", "s1-vision", "s20-vision")
 
 
@@ -114,6 +123,9 @@ def _rule_layer(layer: nn.Module, s: float, init: str) -> None:
     elif init == "unit":
         layer.randlora_lambda.zero_()
         layer.randlora_gamma.fill_(1.0)
+    elif init == "sqrt":
+        layer.randlora_lambda.zero_()
+        layer.randlora_gamma.fill_(max(layer.n, layer.m) ** -0.5)
     elif init == "vision":
         layer.randlora_lambda.fill_(1.0 / max(layer.n, layer.r))
         layer.randlora_gamma.zero_()
@@ -162,7 +174,9 @@ def build(spec: dict, ctx: Context) -> tuple[Classifier, str]:
     torch.manual_seed(seed)  # LoRA's A initialisation
     kwargs = {"lora_count": ctx.randlora_count(r)} if method == "lora" else {}
     if method in ("randlora", "randlora_vs"):
-        kwargs.update(alpha_scale=RULES[spec["rule"]][0], bases="dense" if method == "randlora" else "very_sparse")
+        scale, init = RULES[spec["rule"]]
+        kwargs.update(alpha_scale=scale, bases="dense" if method == "randlora" else "very_sparse",
+                      init=init if init in randlora.INITS else "peft")  # apply_rule then writes λ/γ
     model, note = build_model("randlora" if method == "randlora_vs" else method, ctx.pristine,
                               len(ctx.ds.classes), seed, r, **kwargs)
     if "alpha_scale" in kwargs:
@@ -313,10 +327,12 @@ def pending(args, store: Store) -> tuple[list[dict], int]:
         if b is None:
             waiting += 1
             continue
-        for seed in range(1, args.seeds):
-            s = dict(b["spec"], seed=seed)
-            if store.get(s) is None:
-                todo.append(s)
+        at = [b["spec"]] + [x for x in specs if x["lr"] in args.seeds_at and x["lr"] != b["spec"]["lr"]]
+        for spec in at:
+            for seed in range(1, args.seeds):
+                s = dict(spec, seed=seed)
+                if store.get(s) is None:
+                    todo.append(s)
     return todo, waiting
 
 
@@ -341,6 +357,10 @@ def summarise(args, store: Store) -> dict:
                  "finite": r["finite"] if r else None} for s, r in zip(specs, recs)]
         row = {"config": name, "method": specs[0]["method"], "r": specs[0].get("r"), "rule": specs[0].get("rule"),
                "grid": grid}
+        for g, spec in zip(grid, specs):  # every seed run at this lr (the best lr's, and --seeds-at's)
+            done = [x for x in (store.get(dict(spec, seed=k)) for k in range(args.seeds)) if x is not None]
+            g["val_by_seed"] = [100 * x["val_acc"] for x in done]
+            g["test_by_seed"] = [100 * x["test_acc"] for x in done]
         b = best_lr(recs) if args.plan != "alpha" else None
         if b is not None:
             seeds = [store.get(dict(b["spec"], seed=s)) for s in range(args.seeds)]
@@ -398,6 +418,14 @@ def markdown(summary: dict, ds) -> str:
                        + ", ".join(f"{x:.1f}" for x in row["test_by_seed"]) + " |")
         else:
             out.append(f"| {label} | {row.get('trainable', 0):,} | {grid} | - | 0 | - | - |")
+    window = [(row, g) for row in summary["rows"] for g in row["grid"] if len(g.get("test_by_seed", [])) > 1]
+    if window:
+        out += ["", "Every learning rate run with several seeds (mean ± std over the seeds):", "",
+                "| method | lr | seeds | validation | test |", "|---|---:|---:|---:|---:|"]
+        for row, g in window:
+            (vm, vs), (tm, ts) = mean_std(g["val_by_seed"]), mean_std(g["test_by_seed"])
+            out.append(f"| {row['config']} | {g['lr']:g} | {len(g['test_by_seed'])} | {vm:.1f} ± {vs:.1f} | "
+                       f"{tm:.1f} ± {ts:.1f} |")
     paired = summary.get("paired")
     if paired:
         out += ["", "Paired by seed (same batches, head initialisation and test bodies), test accuracy points:", "",
@@ -526,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha-lrs", default=",".join(f"{x:g}" for x in ALPHA_LRS), help="learning rates (alpha plan)")
     ap.add_argument("--methods", default=",".join(METHODS), help="methods of the main plan")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method at its best lr (default 3; quick 2)")
+    ap.add_argument("--seeds-at", default="",
+                    help="learning rates of the grid run with every seed too (besides the best one), e.g. 1e-3,3e-3")
     ap.add_argument("--shard", default="0/1", help="k/N: run every N-th run (several processes, one cache)")
     ap.add_argument("--reverse", action="store_true", help="take pending runs from the end of the list")
     ap.add_argument("--report", action="store_true", help="only aggregate the cached runs")
@@ -541,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rules = [x for x in args.rules.split(",") if x]
     args.alpha_lrs = [float(x) for x in args.alpha_lrs.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.seeds_at = [float(x) for x in args.seeds_at.split(",") if x]
     if set(args.methods) - set(METHODS):
         ap.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; known: {', '.join(METHODS)}")
     for rule in args.rules:

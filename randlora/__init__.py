@@ -30,7 +30,7 @@ from .errors import (
     TargetError,
 )
 from .export import save_lora, to_lora
-from .layer import RandLoraLinear
+from .layer import DEFAULT_INIT, INITS, RandLoraLinear
 from .peft_io import load_peft, read_peft, save_peft
 from .ops import RandLoraFunction, randlora_linear
 from .walker import (
@@ -55,8 +55,10 @@ __all__ = [
     "BasisBank",
     "CheckpointError",
     "ConfigError",
+    "DEFAULT_INIT",
     "Fingerprint",
     "FingerprintMismatch",
+    "INITS",
     "InjectReport",
     "RandLoraError",
     "RandLoraFunction",

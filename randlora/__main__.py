@@ -157,7 +157,8 @@ def _fingerprint_fields(t: torch.Tensor) -> dict:
 def _print_inspect(d: dict) -> None:
     s = d["settings"]
     print(f"adapter: {d['path']} ({d['format']})")
-    print(f"settings: r={s['r']} alpha={s['alpha']:g} dropout={s['dropout']:g} seed={s['seed']} "
+    print(f"settings: r={s['r']} alpha={s['alpha']:g} init={s.get('init', 'peft')} dropout={s['dropout']:g} "
+          f"seed={s['seed']} "
           f"bases={s['bases']} recipe={s['recipe']} bias={s['bias']}")
     if d["bases_saved"]:
         print(f"bases: saved, A {tuple(d['bases']['A'])}, B {tuple(d['bases']['B'])}")

@@ -459,8 +459,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
     if fresh:
         targets = "|".join(re.escape(t) for t in cfg.targets)
         try:
-            inject(model, targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, seed=cfg.seed, bases=cfg.bases,
-                   recipe=cfg.recipe, bias=cfg.bias, name=name)
+            inject(model, targets, r=cfg.r, alpha=cfg.alpha, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed,
+                   bases=cfg.bases, recipe=cfg.recipe, bias=cfg.bias, name=name)
         except (TargetError, ConfigError) as e:
             raise CheckpointError(f"cannot apply the adapter in {path} to this model: {e}") from None
     try:

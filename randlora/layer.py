@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,34 @@ from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, ke
 from .recipes import sparsity
 from .sparse import sparse_pays, sparse_randlora_linear
 
-__all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize"]
+__all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize", "INITS", "DEFAULT_INIT"]
+
+
+class Init(NamedTuple):
+    """A starting point for an adapter: ``λ = 0`` (so the layer starts equal to its base) and ``γ = gamma(n, m)``."""
+
+    gamma: Callable[[int, int], float]
+    """``γ``'s starting value on a layer with ``n`` bases of width ``m``."""
+    alpha_scale: float
+    """:func:`randlora.inject`'s default ``alpha / r`` with this initialisation (docs/benchmarks.md)."""
+
+
+INITS = {
+    "sqrt": Init(lambda n, m: max(n, m) ** -0.5, 2.0),  # γ at the scale of LoRA's A: AdamW works at 1e-3 and 3e-3
+    "peft": Init(lambda n, m: 1.0 / max(n, m), 6.0),  # peft's initialisation
+}
+DEFAULT_INIT = "sqrt"
+
+
+def get_init(name: str) -> Init:
+    """The initialisation called ``name``.
+
+    Raises:
+        ConfigError: ``name`` is not a key of :data:`INITS`.
+    """
+    if name not in INITS:
+        raise ConfigError(f"unknown init {name!r}; use one of {list(INITS)}")
+    return INITS[name]
 
 
 def _is_torchao(W: torch.Tensor) -> bool:
@@ -92,7 +120,8 @@ class RandLoraLinear(nn.Module):
     and ``A`` = the bank's ``A[:, :min(O, I)]``.
 
     Trainable: ``randlora_lambda`` ``(r, n)`` and ``randlora_gamma`` ``(n, min(O, I))``. Initialised to
-    ``λ = 0``, ``γ = 1 / max(n, m)`` so the layer starts equal to the base layer.
+    ``λ = 0`` (so the layer starts equal to the base layer) and ``γ = 1 / sqrt(max(n, m))`` (``init="sqrt"``)
+    or peft's ``γ = 1 / max(n, m)`` (``init="peft"``).
 
     The base layer's ``weight``/``bias`` Parameters are re-registered here under the same names, so the
     model's ``state_dict`` keys for them do not change; the original module object is kept (unregistered)
@@ -110,6 +139,7 @@ class RandLoraLinear(nn.Module):
         alpha: the update's scale is ``alpha / r``.
         dropout: dropout probability on the adapter's input (training only).
         fan_in_fan_out: the weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
+        init: the starting ``γ``, a key of :data:`INITS` (``reset_parameters`` and ``to_empty`` use it).
     """
 
     def __init__(
@@ -121,8 +151,11 @@ class RandLoraLinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         fan_in_fan_out: bool = False,
+        init: str = DEFAULT_INIT,
     ) -> None:
         super().__init__()
+        self.init = init
+        get_init(init)
         W = base.weight
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if is_quantized(base):  # packed storage: the shape is the module's
@@ -205,10 +238,10 @@ class RandLoraLinear(nn.Module):
                 destination[prefix + k] = p if keep_vars else p.detach()
 
     def reset_parameters(self) -> None:
-        """``λ = 0``, ``γ = 1 / max(n, m)``: the update starts at zero."""
+        """``λ = 0`` and ``γ`` as ``init`` says: the update starts at zero."""
         with torch.no_grad():
             self.randlora_lambda.zero_()
-            self.randlora_gamma.fill_(1.0 / max(self.n, self.m))
+            self.randlora_gamma.fill_(get_init(self.init).gamma(self.n, self.m))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         was_meta = self.randlora_lambda.is_meta
@@ -245,11 +278,12 @@ class RandLoraLinear(nn.Module):
         self.keep = keep
 
     # -- named adapters ------------------------------------------------------------------------
-    def add_adapter(self, name: str, *, alpha: float, dropout: float = 0.0) -> "NamedAdapter":
+    def add_adapter(self, name: str, *, alpha: float, dropout: float = 0.0,
+                    init: str = DEFAULT_INIT) -> "NamedAdapter":
         """Add a further adapter ``name`` on this layer (same bank and ``r``; its own ``λ``, ``γ``, scale)."""
         if "randlora_extra" not in self._modules:
             self.randlora_extra = nn.ModuleDict()
-        ad = NamedAdapter(self, alpha=alpha, dropout=dropout)
+        ad = NamedAdapter(self, alpha=alpha, dropout=dropout, init=init)
         self.randlora_extra[name] = ad
         return ad
 
@@ -432,7 +466,7 @@ class RandLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, n={self.n}, "
-                f"scaling={self.scaling:g}, bias={self.bias is not None}"
+                f"scaling={self.scaling:g}, init={self.init}, bias={self.bias is not None}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", merged" if self.merged else "") + (", disabled" if self.disabled else ""))
 
@@ -441,8 +475,11 @@ class NamedAdapter(nn.Module):
     """A further adapter on a :class:`RandLoraLinear`: its own ``λ`` ``(r, n)``, ``γ`` ``(n, m)``, scale
     ``s = alpha / r`` and dropout, on the layer's bank views (same ``r``, so the same ``A`` and ``B_i``)."""
 
-    def __init__(self, layer: RandLoraLinear, *, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, layer: RandLoraLinear, *, alpha: float, dropout: float = 0.0,
+                 init: str = DEFAULT_INIT) -> None:
         super().__init__()
+        self.init = init
+        get_init(init)
         ref = layer.randlora_lambda
         self.n, self.m = layer.n, layer.m
         self.alpha = float(alpha)
@@ -454,10 +491,10 @@ class NamedAdapter(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``λ = 0``, ``γ = 1 / max(n, m)``, as for the layer's own adapter."""
+        """``λ = 0`` and ``γ`` as ``init`` says, as for the layer's own adapter."""
         with torch.no_grad():
             self.randlora_lambda.zero_()
-            self.randlora_gamma.fill_(1.0 / max(self.n, self.m))
+            self.randlora_gamma.fill_(get_init(self.init).gamma(self.n, self.m))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         was_meta = self.randlora_lambda.is_meta
@@ -467,4 +504,4 @@ class NamedAdapter(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, m={self.m}, scaling={self.scaling:g}"
+        return f"n={self.n}, m={self.m}, scaling={self.scaling:g}, init={self.init}"

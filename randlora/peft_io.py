@@ -196,7 +196,7 @@ def _add_bases(tensors: dict[str, torch.Tensor], A: torch.Tensor | None, B: torc
 def _settings(cfg: dict, layers: list[str]) -> AdapterConfig:
     """This library's settings for the folder's config; peft's defaults fill what it leaves out."""
     return AdapterConfig(
-        targets=layers, r=cfg["r"], alpha=float(cfg.get("randlora_alpha", 640)),
+        targets=layers, r=cfg["r"], alpha=float(cfg.get("randlora_alpha", 640)), init="peft",
         dropout=float(cfg.get("randlora_dropout", 0.0) or 0.0), seed=int(cfg.get("projection_prng_key", 0) or 0),
         bases=_mode(cfg), recipe="peft", bias=cfg.get("bias", "none") or "none", fan_in_fan_out=[],
     )
@@ -252,8 +252,8 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                          "randlora.merge(model) before loading another")
     _check_layers(model, settings, cfg)
     targets = "|".join(re.escape(p) for p in settings.targets)
-    inject(model, targets, r=settings.r, alpha=settings.alpha, dropout=settings.dropout, seed=settings.seed,
-           bases=settings.bases, recipe="peft", bias=settings.bias)
+    inject(model, targets, r=settings.r, alpha=settings.alpha, init="peft", dropout=settings.dropout,
+           seed=settings.seed, bases=settings.bases, recipe="peft", bias=settings.bias)
     try:
         bank = require_bank(model)
         bank.registry.config().targets = list(settings.targets)  # the folder's order, for a faithful save_peft

@@ -15,7 +15,7 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
-from .layer import RandLoraLinear, dequantize, is_quantized
+from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quantized
 from .recipes import MODES, RECIPES, BankShape, bank_shape
 from .registry import DEFAULT, AdapterConfig, Registry
 
@@ -45,9 +45,6 @@ __all__ = [
 ]
 
 BANK_ATTR = "randlora_bank"
-# default alpha = DEFAULT_ALPHA_SCALE · r, i.e. a scale s = alpha / r of 6 whatever r: the scale at which AdamW
-# trains well from lr 1e-3 to 3e-3 without collapsing (docs/benchmarks.md, "Scale and initialisation")
-DEFAULT_ALPHA_SCALE = 6.0
 BIAS_MODES = ("none", "all", "randlora_only")
 
 
@@ -277,14 +274,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 # inject: validate -> plan -> apply
 # ------------------------------------------------------------------------------------------------
-def _settings(r, alpha, dropout, seed, bases, recipe, bias) -> AdapterConfig:
+def _settings(r, alpha, dropout, seed, bases, recipe, bias, init) -> AdapterConfig:
     """The validated settings (targets still empty): :class:`ConfigError` names the first bad one."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ConfigError(f"r must be a positive int, got {r!r}")
-    if alpha is None:
-        alpha = DEFAULT_ALPHA_SCALE * r
+    start = get_init(init)
+    if alpha is None:  # the scale measured best with this init (docs/benchmarks.md, "Scale and initialisation")
+        alpha = start.alpha_scale * r
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r} (default: 6 * r)")
+        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r} "
+                          f"(default: {start.alpha_scale:g} * r with init={init!r})")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
@@ -296,8 +295,8 @@ def _settings(r, alpha, dropout, seed, bases, recipe, bias) -> AdapterConfig:
     if bias not in BIAS_MODES:
         raise ConfigError(f"unknown bias {bias!r}; use one of {list(BIAS_MODES)}")
     # numpy scalars -> plain Python numbers (JSON-able settings)
-    return AdapterConfig(targets=[], r=int(r), alpha=float(alpha), dropout=float(dropout), seed=int(seed),
-                         bases=bases, recipe=recipe, bias=bias)
+    return AdapterConfig(targets=[], r=int(r), alpha=float(alpha), init=init, dropout=float(dropout),
+                         seed=int(seed), bases=bases, recipe=recipe, bias=bias)
 
 
 @dataclass
@@ -366,7 +365,7 @@ def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> Inje
     """Swap the planned layers, freeze the rest, attach the bank. Nothing here can fail half-way."""
     bank = BasisBank(seed=cfg.seed, mode=cfg.bases, recipe=cfg.recipe, shape=plan.shape, dtype=plan.dtype,
                      device=plan.device)
-    new = {n: RandLoraLinear(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+    new = {n: RandLoraLinear(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
                              fan_in_fan_out=n in cfg.fan_in_fan_out) for n, mod in plan.modules.items()}
     bank.registry = Registry(adapters={name: cfg}, active=name,
                              grad_flags={n: p.requires_grad for n, p in model.named_parameters()})
@@ -401,6 +400,7 @@ def inject(
     *,
     r: int = 32,
     alpha: float | None = None,
+    init: str = DEFAULT_INIT,
     dropout: float = 0.0,
     seed: int = 0,
     bases: str = "dense",
@@ -422,8 +422,11 @@ def inject(
             linear layer except the output head).
         r: rank of each random basis; ``n = ceil(min(O, I) / r)`` bases per layer, ``n·r + n·min(O, I)``
             trainable values per layer. At most the largest side of the targeted layers.
-        alpha: the update is scaled by ``alpha / r`` (default ``6 · r``: AdamW then works from 1e-3 to 3e-3,
-            see docs/benchmarks.md).
+        alpha: the update is scaled by ``alpha / r`` (default ``2 · r`` with ``init="sqrt"``, ``6 · r`` with
+            ``init="peft"``: the scales measured best for each, see docs/benchmarks.md).
+        init: where training starts (``λ = 0`` either way, so the model starts unchanged): ``"sqrt"``,
+            ``γ = 1 / sqrt(max(n, m))`` (AdamW then works at lr 1e-3 and 3e-3), or ``"peft"``, peft's
+            ``γ = 1 / max(n, m)`` (AdamW at 1e-3; 3e-3 only for runs of about 100 steps).
         dropout: dropout probability on the adapter's input, in ``[0, 1)``.
         seed: seed of the shared bases.
         bases: ``"dense"``, ``"sparse"`` or ``"very_sparse"`` (ternary bases).
@@ -440,12 +443,12 @@ def inject(
 
     Raises:
         TargetError: targets select nothing, non-linear modules, tied weights or aliased modules.
-        ConfigError: a bad setting (``r``, ``alpha``, ``dropout``, ``seed``, ``bases``, ``recipe``, ``bias``,
+        ConfigError: a bad setting (``r``, ``alpha``, ``init``, ``dropout``, ``seed``, ``bases``, ``recipe``, ``bias``,
             ``name``), non-floating-point weights, or layers on several devices.
         StateError: the model already has an adapter (and no ``name`` was given) or is merged.
     """
     _check_module(model)
-    cfg = _settings(r, alpha, dropout, seed, bases, recipe, bias)
+    cfg = _settings(r, alpha, dropout, seed, bases, recipe, bias, init)
     if name is not None:
         _check_name(name)
     if name is not None and bank_of(model) is not None:
@@ -482,7 +485,7 @@ def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
                           f"bank), but targets also select {plain[:5]}; narrow targets or exclude them")
     new = {n: model.get_submodule(n) for n in names}
     for l in new.values():
-        l.add_adapter(name, alpha=cfg.alpha, dropout=cfg.dropout)
+        l.add_adapter(name, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init)
     cfg.targets = names
     cfg.fan_in_fan_out = [n for n, l in new.items() if l.fan_in_fan_out]
     reg.adapters[name] = cfg  # off until use(model, name)

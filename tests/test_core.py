@@ -297,3 +297,49 @@ def test_api_rejects_non_modules():
             fn("not a model")
     with pytest.raises(randlora.RandLoraError, match="nn.Module"):
         randlora.inject([1, 2], ["q"])
+
+
+@pytest.mark.parametrize("init, scale, gamma", [("sqrt", 2.0, lambda k: k ** -0.5), ("peft", 6.0, lambda k: 1 / k)])
+def test_init_sets_the_start_and_default_alpha_and_is_saved(tmp_path, init, scale, gamma):
+    model = Net()
+    x = torch.randn(3, 12)
+    y0 = model(x)
+    randlora.inject(model, TARGETS, r=4, init=init)
+    assert torch.equal(model(x), y0)  # λ = 0 either way
+    for _, layer in adapted_layers(model):
+        assert layer.init == init and layer.scaling == scale
+        assert torch.equal(layer.randlora_gamma, torch.full_like(layer.randlora_gamma, gamma(max(layer.n, layer.m))))
+    randomize(model, 4)
+    y = model(x)
+    path = randlora.save(model, tmp_path / "a.safetensors", save_projection=False)
+    plain = Net()
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same base weights
+    randlora.load(plain, path)
+    assert torch.equal(plain(x), y) and randlora.walker.config_of(plain).init == init
+    for _, layer in adapted_layers(plain):
+        layer.reset_parameters()
+        assert layer.init == init
+        assert torch.equal(layer.randlora_gamma, torch.full_like(layer.randlora_gamma, gamma(max(layer.n, layer.m))))
+
+
+def test_file_without_init_setting_loads_as_peft_init(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = Net()
+    randlora.inject(model, TARGETS, r=4, init="peft")
+    randomize(model, 4)
+    path = randlora.save(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["config"])
+    del cfg["init"]  # as written before the setting existed
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=dict(meta, config=json.dumps(cfg)))
+    plain = Net()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    randlora.load(plain, tmp_path / "old.safetensors")
+    x = torch.randn(3, 12)
+    assert torch.equal(plain(x), model(x)) and randlora.walker.config_of(plain).init == "peft"
+    assert all(layer.init == "peft" for _, layer in adapted_layers(plain))

@@ -163,6 +163,8 @@ def test_quality_rules_set_scale_and_init() -> None:
                 assert torch.all(lam == 0) and torch.all(gam == 1.0 / max(layer.n, layer.m))
             elif init == "unit":
                 assert torch.all(lam == 0) and torch.all(gam == 1.0)
+            elif init == "sqrt":
+                assert torch.all(lam == 0) and torch.all(gam == max(layer.n, layer.m) ** -0.5)
             else:
                 assert torch.all(lam == 1.0 / max(layer.n, layer.r)) and torch.all(gam == 0)
         # both initialisations start from ΔW = 0: the adapted model equals the base model

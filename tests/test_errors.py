@@ -333,6 +333,7 @@ CASES: list[Case] = [
     Case("alpha < 0", _inject(alpha=-8.0), ConfigError, ("alpha must be a positive", "-8.0")),
     Case("alpha = inf", _inject(alpha=float("inf")), ConfigError, ("alpha", "finite", "inf")),
     Case("alpha = nan", _inject(alpha=float("nan")), ConfigError, ("alpha", "nan")),
+    Case("unknown init", _inject(init="lora"), ConfigError, ("unknown init 'lora'", "sqrt", "peft")),
     Case("dropout = 1", _inject(dropout=1.0), ConfigError, ("dropout", "[0, 1)", "1.0")),
     Case("dropout < 0", _inject(dropout=-0.1), ConfigError, ("dropout", "[0, 1)", "-0.1")),
     Case("unknown bases", _inject(bases="dens"), ConfigError, ("'dens'", "'dense'", "'very_sparse'")),

@@ -263,16 +263,19 @@ def test_first_adapter_may_be_named_and_eject_removes_all():
     torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
 
 
-def test_named_adapter_survives_meta_init_and_to_empty():
+@pytest.mark.parametrize("init_a, init_b", [("sqrt", "peft"), ("peft", "sqrt")])
+def test_named_adapter_survives_meta_init_and_to_empty(init_a, init_b):
     with torch.device("meta"):
         model = Net()
-    randlora.inject(model, TARGETS, r=4)
-    randlora.inject(model, TARGETS, r=4, name="b")
+    randlora.inject(model, TARGETS, r=4, init=init_a)
+    randlora.inject(model, TARGETS, r=4, name="b", init=init_b)
     model.to_empty(device="cpu")
+    start = {"sqrt": lambda k: k ** -0.5, "peft": lambda k: 1 / k}  # γ = 1/sqrt(max(n, m)) or 1/max(n, m)
     for _, layer in adapted_layers(model):
-        ad = layer.randlora_extra["b"]
-        assert torch.equal(ad.randlora_lambda, torch.zeros_like(ad.randlora_lambda))
-        assert torch.equal(ad.randlora_gamma, torch.full_like(ad.randlora_gamma, 1 / max(layer.n, layer.m)))
+        k = max(layer.n, layer.m)
+        for ad, init in ((layer, init_a), (layer.randlora_extra["b"], init_b)):
+            assert torch.equal(ad.randlora_lambda, torch.zeros_like(ad.randlora_lambda))
+            assert torch.equal(ad.randlora_gamma, torch.full_like(ad.randlora_gamma, start[init](k)))
 
 
 @settings(max_examples=8, deadline=None)
