@@ -158,8 +158,7 @@ def _print_inspect(d: dict) -> None:
     s = d["settings"]
     print(f"adapter: {d['path']} ({d['format']})")
     print(f"settings: r={s['r']} alpha={s['alpha']:g} init={s.get('init', 'peft')} dropout={s['dropout']:g} "
-          f"seed={s['seed']} "
-          f"bases={s['bases']} recipe={s['recipe']} bias={s['bias']}")
+          f"seed={s['seed']} bases={s['bases']} recipe={s['recipe']} bias={s['bias']}")
     if d["bases_saved"]:
         print(f"bases: saved, A {tuple(d['bases']['A'])}, B {tuple(d['bases']['B'])}")
     else:

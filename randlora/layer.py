@@ -154,8 +154,8 @@ class RandLoraLinear(nn.Module):
         init: str = DEFAULT_INIT,
     ) -> None:
         super().__init__()
-        self.init = init
         get_init(init)
+        self.init = init
         W = base.weight
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if is_quantized(base):  # packed storage: the shape is the module's
@@ -478,8 +478,8 @@ class NamedAdapter(nn.Module):
     def __init__(self, layer: RandLoraLinear, *, alpha: float, dropout: float = 0.0,
                  init: str = DEFAULT_INIT) -> None:
         super().__init__()
-        self.init = init
         get_init(init)
+        self.init = init
         ref = layer.randlora_lambda
         self.n, self.m = layer.n, layer.m
         self.alpha = float(alpha)

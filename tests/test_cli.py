@@ -186,7 +186,7 @@ def test_inspect(tmp_path, capsys):
     randlora.save(model, tmp_path / "ad.safetensors", save_projection=True)
     assert main(["inspect", str(tmp_path / "ad.safetensors")]) == 0
     text = capsys.readouterr().out
-    assert "r=6 alpha=12" in text and "seed=9" in text and "bases=sparse" in text
+    assert "r=6 alpha=12 init=sqrt" in text and "seed=9" in text and "bases=sparse" in text
     assert "fingerprint: version=1 seed=9" in text
     assert "layers.1.down_proj" in text
     lam_gam = sum(l.randlora_lambda.numel() + l.randlora_gamma.numel() for _, l in randlora.walker.adapted_layers(model))
@@ -203,7 +203,7 @@ def test_inspect(tmp_path, capsys):
     randlora.save_peft(model, tmp_path / "peft")
     assert main(["inspect", str(tmp_path / "peft")]) == 0
     text = capsys.readouterr().out
-    assert "(peft)" in text and "fingerprint: none" in text and "recipe=peft" in text
+    assert "(peft)" in text and "fingerprint: none" in text and "recipe=peft" in text and "init=peft" in text
 
 
 def test_inspect_bad_input(tmp_path, capsys):
