@@ -117,15 +117,12 @@ def apply_rule(enc: nn.Module, rule: str) -> None:
 
 def _rule_layer(layer: nn.Module, s: float, init: str) -> None:
     assert abs(layer.scaling - s) < 1e-9 * s, (layer.scaling, s)  # alpha was passed to inject
-    if init == "peft":
+    if init in randlora.INITS:  # the library's own starting points ("peft", "sqrt")
         layer.randlora_lambda.zero_()
-        layer.randlora_gamma.fill_(1.0 / max(layer.n, layer.m))
+        layer.randlora_gamma.fill_(randlora.INITS[init].gamma(layer.n, layer.m))
     elif init == "unit":
         layer.randlora_lambda.zero_()
         layer.randlora_gamma.fill_(1.0)
-    elif init == "sqrt":
-        layer.randlora_lambda.zero_()
-        layer.randlora_gamma.fill_(max(layer.n, layer.m) ** -0.5)
     elif init == "vision":
         layer.randlora_lambda.fill_(1.0 / max(layer.n, layer.r))
         layer.randlora_gamma.zero_()
