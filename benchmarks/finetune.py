@@ -305,9 +305,9 @@ def build(method: str, pristine: nn.Module, n_classes: int, seed: int, r: int,
         for p in enc.parameters():
             p.requires_grad_(True)
     elif method == "randlora":
-        alpha_scale = randlora.INITS[init].alpha_scale if alpha_scale is None else alpha_scale
-        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha_scale * r, init=init, seed=seed, bases=bases)
-        note = f"r={r}, alpha={alpha_scale:g}·r"
+        alpha = None if alpha_scale is None else alpha_scale * r  # None: the library's default for init
+        randlora.inject(enc, targets=TARGETS, r=r, alpha=alpha, init=init, seed=seed, bases=bases)
+        note = f"r={r}, alpha={randlora.walker.config_of(enc).alpha / r:g}·r"
     elif method == "lora":
         count = lora_count if lora_count is not None else sum(p.numel() for p in randlora_counts(pristine, r))
         ranks = lora_ranks(count, enc)

@@ -117,9 +117,9 @@ def apply_rule(enc: nn.Module, rule: str) -> None:
 
 def _rule_layer(layer: nn.Module, s: float, init: str) -> None:
     assert abs(layer.scaling - s) < 1e-9 * s, (layer.scaling, s)  # alpha was passed to inject
-    if init in randlora.INITS:  # the library's own starting points ("peft", "sqrt")
-        layer.randlora_lambda.zero_()
-        layer.randlora_gamma.fill_(randlora.INITS[init].gamma(layer.n, layer.m))
+    if init in randlora.INITS:  # the library's own starting points ("peft", "sqrt"): the layer writes them
+        layer.init = init
+        layer.reset_parameters()
     elif init == "unit":
         layer.randlora_lambda.zero_()
         layer.randlora_gamma.fill_(1.0)

@@ -46,6 +46,14 @@ def get_init(name: str) -> Init:
     return INITS[name]
 
 
+def start_(lam: torch.Tensor, gam: torch.Tensor, init: str) -> None:
+    """Write an adapter's starting values in place: ``λ = 0`` and ``γ`` as ``init`` says (``gam`` is ``(n, m)``)."""
+    n, m = gam.shape
+    with torch.no_grad():
+        lam.zero_()
+        gam.fill_(get_init(init).gamma(n, m))
+
+
 def _is_torchao(W: torch.Tensor) -> bool:
     """A torchao quantised weight (a ``TorchAOBaseTensor`` subclass, e.g. int8 weight-only's ``Int8Tensor``)."""
     return any(c.__name__ == "TorchAOBaseTensor" for c in type(W).__mro__)
@@ -239,9 +247,7 @@ class RandLoraLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """``λ = 0`` and ``γ`` as ``init`` says: the update starts at zero."""
-        with torch.no_grad():
-            self.randlora_lambda.zero_()
-            self.randlora_gamma.fill_(get_init(self.init).gamma(self.n, self.m))
+        start_(self.randlora_lambda, self.randlora_gamma, self.init)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         was_meta = self.randlora_lambda.is_meta
@@ -492,9 +498,7 @@ class NamedAdapter(nn.Module):
 
     def reset_parameters(self) -> None:
         """``λ = 0`` and ``γ`` as ``init`` says, as for the layer's own adapter."""
-        with torch.no_grad():
-            self.randlora_lambda.zero_()
-            self.randlora_gamma.fill_(get_init(self.init).gamma(self.n, self.m))
+        start_(self.randlora_lambda, self.randlora_gamma, self.init)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         was_meta = self.randlora_lambda.is_meta
