@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .ops import acc_dtype
+from .paths import on_root
 
 __all__ = ["DeltaCache", "cached"]
 
@@ -71,6 +72,7 @@ def _layer_bytes(layer) -> int:
 
 
 @contextlib.contextmanager
+@on_root
 def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[str]]:
     """Keep each adapted layer's ``s·ΔW`` between calls while inside the block; free it on exit.
 

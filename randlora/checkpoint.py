@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -22,14 +23,17 @@ from torch import nn
 from .bank import bases_checksum
 from .recipes import generate
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
+from .paths import PathMap, examples, locate, match_paths, on_root
 from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, drop_adapter, eject, inject, is_bias_name,
-                     registry_of, require_bank)
+                     is_linear, registry_of, require_bank)
 
-__all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "FORMAT"]
+__all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "adapter_path", "FORMAT", "ADAPTER_FILE"]
 
 FORMAT = "randlora"
+ADAPTER_FILE = "randlora_adapter.safetensors"  # the adapter file in a Trainer checkpoint folder (randlora.hf)
 BASES = ("randlora_A", "randlora_B")
 FP = "randlora_fingerprint"
+log = logging.getLogger("randlora")
 DIGEST = "sha256"  # metadata key: checksum of all stored tensors (files from 0.1.0 have none and are not checked)
 
 
@@ -39,6 +43,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
+@on_root
 def state_dict(model: nn.Module, *, save_projection: bool = True, name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors (``λ``, ``γ``, trained biases, fingerprint; bases once if ``save_projection``).
 
@@ -89,8 +94,9 @@ def _copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
     dest.copy_(src)
 
 
+@on_root
 def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
-                    name: str | None = None) -> None:
+                    name: str | None = None, prefix: object = None) -> None:
     """Restore an adapter state dict into adapter ``name``, all or nothing.
 
     Without bases the checkpoint's fingerprint must equal the model bank's; with bases, seed, recipe,
@@ -102,6 +108,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
         state: a dict from :func:`state_dict` or :func:`read_file`.
         strict: refuse missing and unexpected keys (otherwise the keys present are loaded).
         name: the adapter to load into (default: the active one).
+        prefix: how the checkpoint's layer paths map onto the model's, ``(FROM, TO)``: strip ``FROM``, put ``TO``
+            in front. By default the exact paths, else the unique prefix added or stripped that maps them all
+            (an adapter saved from a wrapper, a compiled or a DDP-wrapped model loads into the bare model).
 
     Returns:
         None; the adapter's ``λ``, ``γ``, trained biases and (when ``state`` holds them) the bases are replaced.
@@ -119,13 +128,37 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
         raise StateError("the model is merged: loading would change the ΔW folded into its weights, and unmerge "
                          "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
     dest = _targets(model, name)
-    problems = _layout_problems(state, dest, bank, strict)
+    state = _renamed(state, _state_map(state, dest, strict, prefix))
+    problems = _layout_problems(state, dest, model, strict)
     if problems:
-        raise CheckpointError("cannot load the adapter, nothing was loaded: " + "; ".join(problems)
-                              + ". Inject with the same targets and r as the checkpoint (or load with "
-                              "randlora.load on a plain model).")
+        raise CheckpointError(_layout_error(problems))
     _verify_bases(state, bank)
     _copy_state(state, dest, bank)
+
+
+_PARAMS = (".randlora_lambda", ".randlora_gamma")
+
+
+def _layer_paths(keys) -> set[str]:
+    return {k.rsplit(".", 1)[0] for k in keys if k.endswith(_PARAMS)}
+
+
+def _state_map(state: Mapping[str, torch.Tensor], dest: Mapping[str, torch.Tensor], strict: bool,
+               prefix: object) -> PathMap:
+    """The matching rule (:func:`randlora.paths.match_paths`) between the checkpoint's layers and the model's."""
+    try:
+        return match_paths(_layer_paths(state), _layer_paths(dest), prefix=prefix,
+                           model_desc="the model's adapted layers", partial=True)
+    except CheckpointError:
+        if strict or prefix is not None:
+            raise
+        return PathMap()  # strict=False: the keys present are loaded as they are
+
+
+def _renamed(state: Mapping[str, torch.Tensor], pm: PathMap) -> Mapping[str, torch.Tensor]:
+    if pm.identity:
+        return state
+    return {k if k in BASES or k == FP else pm(k): v for k, v in state.items()}
 
 
 def _has_bases(state: Mapping[str, torch.Tensor]) -> bool:
@@ -142,10 +175,25 @@ def _check_entries(state: object) -> None:
                               "was loaded. Pass the dict randlora.state_dict / randlora.read_file returns")
 
 
-def _layout_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bank,
+def _layout_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], model: nn.Module,
                      strict: bool) -> list[str]:
     """Every way the checkpoint's dtypes, keys and shapes do not fit the model, so one error names them all."""
-    return _dtype_problems(state, dest) + _key_problems(state, dest, strict) + _shape_problems(state, dest, bank)
+    return (_dtype_problems(state, dest) + _shape_problems(state, dest, model)
+            + _key_problems(state, dest, strict))
+
+
+def _layout_error(problems: list[str]) -> str:
+    """Cause first (the first problem), then the rest, then the fix that cause calls for."""
+    first = problems[0]
+    if "narrower" in first or "wider" in first or "other widths" in first:
+        fix = "Load it into the base model it was trained on"
+    elif first.startswith("the adapter was made with r="):
+        fix = ("Inject with the same targets and r as the file, or call randlora.load on a plain model (it "
+               "injects with the file's settings)")
+    else:
+        fix = ("Load it into the model it was trained on, inject with the same targets, or pass strict=False to "
+               "load the tensors present")
+    return f"{'; '.join(problems)}; nothing was loaded. {fix}."
 
 
 def _dtype_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor]) -> list[str]:
@@ -155,7 +203,8 @@ def _dtype_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Ten
                         f"{tuple(state[FP].shape)} (a corrupt checkpoint)")
     ints = sorted(k for k in (set(dest) | set(BASES)) & set(state) if not state[k].is_floating_point())
     if ints:
-        problems.append(f"{ints[:5]} hold {state[ints[0]].dtype} values where floating point is required")
+        problems.append(f"{len(ints)} tensors ({examples(ints)}) hold {state[ints[0]].dtype} values where "
+                        "floating point is required")
     return problems
 
 
@@ -166,17 +215,24 @@ def _key_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tenso
     missing = sorted(set(dest) - set(state))
     unexpected = sorted(set(state) - set(dest) - set(BASES) - {FP})
     if missing:
-        problems.append(f"missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        problems.append(f"{len(missing)} missing keys (the model's adapter tensors not in the checkpoint: "
+                        f"{examples(missing)})")
     if unexpected:
-        problems.append(f"unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        problems.append(f"{len(unexpected)} unexpected keys (checkpoint tensors with no place in the model: "
+                        f"{examples(unexpected)})")
     return problems
 
 
-def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bank) -> list[str]:
-    problems = []
-    for k in sorted(set(dest) & set(state)):
-        if tuple(state[k].shape) != tuple(dest[k].shape):
-            problems.append(f"{k}: checkpoint shape {tuple(state[k].shape)}, model {tuple(dest[k].shape)}")
+def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    bank = require_bank(model)
+    bad = [k for k in sorted(set(dest) & set(state)) if tuple(state[k].shape) != tuple(dest[k].shape)]
+    problems = _width_problem(state, dest, bad, model)
+    if problems:
+        bad = [k for k in bad if not k.endswith(_PARAMS)]
+    if bad:
+        problems.append(f"{len(bad)} tensors have other shapes than the model's: "
+                        + ", ".join(f"{k} is {tuple(state[k].shape)} in the checkpoint, {tuple(dest[k].shape)} here"
+                                    for k in bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else ""))
     if any(b in state for b in BASES) and not _has_bases(state):
         problems.append("the checkpoint holds only one of randlora_A / randlora_B")
     if _has_bases(state):
@@ -184,6 +240,30 @@ def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Ten
             if tuple(state[b].shape) != tuple(t.shape):
                 problems.append(f"{b}: checkpoint shape {tuple(state[b].shape)}, model bank {tuple(t.shape)}")
     return problems
+
+
+def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bad: list[str],
+                   model: nn.Module) -> list[str]:
+    """The cause behind λ/γ of other shapes: layers of other widths (γ is ``(n, min(O, I))``), or another ``r``."""
+    gam = [k for k in bad if k.endswith(".randlora_gamma") and state[k].dim() == 2]
+    wide = [k for k in gam if state[k].shape[1] != dest[k].shape[1]]
+    if wide:
+        here, there = [dest[k].shape[1] for k in wide], [state[k].shape[1] for k in wide]
+        how = ("narrower" if all(a < b for a, b in zip(here, there)) else
+               "wider" if all(a > b for a, b in zip(here, there)) else "of other widths")
+        path = wide[0][: -len(".randlora_gamma")]
+        layer = model.get_submodule(path)
+        return [f"the model's layers are {how} than the adapter's: {path} is ({layer.out_features}, "
+                f"{layer.in_features}) here, min(out, in) = {there[0]} in the file (γ shape "
+                f"{tuple(state[wide[0]].shape)}, here {tuple(dest[wide[0]].shape)}; {len(wide)} of {len(gam)} "
+                "layers differ)"]
+    lam = [k for k in bad if k.endswith(".randlora_lambda") and state[k].dim() == 2]
+    if lam:
+        k = lam[0]
+        return [f"the adapter was made with r={state[k].shape[0]}, this model's adapter has r={dest[k].shape[0]} "
+                f"(λ shape {tuple(state[k].shape)} in the file, {tuple(dest[k].shape)} here; {len(lam)} layers "
+                f"differ, e.g. {k[: -len('.randlora_lambda')]})"]
+    return []
 
 
 def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
@@ -293,6 +373,7 @@ def _decode_bases(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
             tensors[key] = t.to(torch.float32)
 
 
+@on_root
 def save(model: nn.Module, path: str | os.PathLike, *, save_projection: bool = True,
          name: str | None = None) -> Path:
     """Write an adapter to one ``.safetensors`` file (settings in its metadata), atomically.
@@ -394,9 +475,7 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapter
         CheckpointError: ``path`` is missing, not a safetensors file, not a randlora adapter, fails its
             checksum, or holds unreadable settings or bases.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist or is not a file")
+    path = adapter_path(path)
     tensors, meta = _read_safetensors(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a randlora adapter (no randlora metadata); "
@@ -410,6 +489,29 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapter
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} has bases with an unreadable encoding ({e}); the file is corrupt") from None
     return tensors, config
+
+
+def adapter_path(path: str | os.PathLike) -> Path:
+    """The adapter file ``path`` names: the file itself, or a Trainer checkpoint folder's ``ADAPTER_FILE``.
+
+    Raises:
+        CheckpointError: nothing is there, or a folder that holds no adapter file (a peft folder is named).
+    """
+    path = Path(path)
+    if path.is_dir():
+        inner = path / ADAPTER_FILE
+        if inner.is_file():
+            log.info("randlora: reading %s", inner)
+            return inner
+        names = sorted(p.name for p in path.iterdir())
+        hint = ("it is a peft adapter folder: use randlora.load_peft" if "adapter_config.json" in names else
+                f"it holds {len(names)} entries ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
+                "pass an adapter file written by randlora.save, or a checkpoint folder of randlora.hf.RandLoraTrainer")
+        raise CheckpointError(f"the folder {path} holds no {ADAPTER_FILE}: {hint}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass an adapter file written by randlora.save or a checkpoint "
+                              "folder of randlora.hf.RandLoraTrainer")
+    return path
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -434,16 +536,19 @@ def _settings(path: Path, meta: dict[str, str]) -> AdapterConfig:
                               "this library: save the adapter again") from None
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, prefix: object = None) -> nn.Module:
     """Load an adapter file, all or nothing.
 
-    On a plain model this first injects with the file's settings; on an injected model without adapter
-    ``name`` it adds that adapter (sharing the bank). On any error the model is left as it was.
+    On a plain model this first injects with the file's settings, on the module the adapter was trained on
+    (the file's layer paths are matched to the model's by :func:`randlora.paths.match_paths`: an adapter
+    saved from a wrapper loads into the bare model and the other way round); on an injected model without
+    adapter ``name`` it adds that adapter (sharing the bank). On any error the model is left as it was.
 
     Args:
-        model: a plain model, or one adapted by :func:`randlora.inject`.
-        path: a file written by :func:`save`.
+        model: a plain model, or one holding an adapter made by :func:`randlora.inject` (anywhere inside it).
+        path: a file written by :func:`save`, or a checkpoint folder of ``randlora.hf.RandLoraTrainer``.
         name: the adapter to load into (default: the active one, or ``"default"`` on a plain model).
+        prefix: ``(FROM, TO)`` to map the file's layer paths explicitly (strip ``FROM``, put ``TO`` in front).
 
     Returns:
         ``model``.
@@ -454,21 +559,29 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
         StateError: the model is merged.
     """
     tensors, cfg = read_file(path)
-    bank = bank_of(model)
-    fresh = bank is None or (name is not None and name not in bank.registry.adapters)
-    if fresh:
-        targets = "|".join(re.escape(t) for t in cfg.targets)
-        try:
-            inject(model, targets, r=cfg.r, alpha=cfg.alpha, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed,
-                   bases=cfg.bases, recipe=cfg.recipe, bias=cfg.bias, name=name)
-        except (TargetError, ConfigError) as e:
-            raise CheckpointError(f"cannot apply the adapter in {path} to this model: {e}") from None
+    found = locate(model)
+    root = model if found is None else found[1]
+    bank = bank_of(root)
+    if bank is not None and (name is None or name in bank.registry.adapters):
+        load_state_dict(root, tensors, name=name, prefix=prefix)
+        return model
+    linear = [n for n, m in root.named_modules() if n and is_linear(m)]
+    pm = match_paths(cfg.targets, linear, prefix=prefix)
+    if bank is None and pm.add and not pm.strip:  # the adapter belongs to a submodule: inject there
+        root, pm = root.get_submodule(pm.add[:-1]), PathMap()
+    tensors = dict(_renamed(tensors, pm))
+    targets = "|".join(re.escape(pm(t)) for t in cfg.targets)
     try:
-        load_state_dict(model, tensors, name=name)
+        inject(root, targets, r=cfg.r, alpha=cfg.alpha, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed,
+               bases=cfg.bases, recipe=cfg.recipe, bias=cfg.bias, name=name)
+    except (TargetError, ConfigError) as e:
+        raise CheckpointError(f"the adapter in {path} does not fit this model: {e}") from None
+    try:
+        load_state_dict(root, tensors, name=name)
     except Exception:
-        if fresh and bank is None:
-            eject(model)
-        elif fresh:
-            drop_adapter(model, name)  # type: ignore[arg-type]
+        if bank is None:
+            eject(root)
+        else:
+            drop_adapter(root, name)  # type: ignore[arg-type]
         raise
     return model

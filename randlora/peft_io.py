@@ -22,6 +22,7 @@ from .errors import CheckpointError, ConfigError, StateError, TargetError
 from .bank import bases_checksum
 from .checkpoint import atomic_write
 from .recipes import BankShape, bank_shape, generate
+from .paths import locate, match_paths, on_root
 from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, eject, inject, is_bias_name, is_conv1d,
                      is_linear, require_bank)
 
@@ -224,7 +225,7 @@ def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict) -> list[
     return conv
 
 
-def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+def load_peft(model: nn.Module, folder: str | os.PathLike, *, prefix: object = None) -> nn.Module:
     """Apply a peft RandLora adapter folder to a plain model (``inject`` with ``recipe="peft"``, then load).
 
     Bases come from the folder when it holds them, else they are regenerated with peft's recipe from
@@ -234,6 +235,8 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         model: a model without a RandLora adapter, with the module paths the adapter was trained on
             (peft's keys are relative to the model passed to ``get_peft_model``).
         folder: a peft RandLora adapter folder.
+        prefix: ``(FROM, TO)`` to map the folder's layer paths explicitly; by default they are matched to the
+            model's by :func:`randlora.paths.match_paths` (exact, else one leading prefix added or stripped).
 
     Returns:
         ``model``, adapted, with the folder's ``λ``, ``γ``, trained biases and bases.
@@ -247,9 +250,10 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     from .checkpoint import FP, load_state_dict
 
     tensors, settings, cfg = read_peft(folder)
-    if bank_of(model) is not None:
+    if locate(model) is not None:
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
                          "randlora.merge(model) before loading another")
+    model, tensors = _matched(model, settings, tensors, prefix)
     _check_layers(model, settings, cfg)
     targets = "|".join(re.escape(p) for p in settings.targets)
     inject(model, targets, r=settings.r, alpha=settings.alpha, init="peft", dropout=settings.dropout,
@@ -267,6 +271,17 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         eject(model)
         raise
     return model
+
+
+def _matched(model: nn.Module, settings: AdapterConfig, tensors: dict[str, torch.Tensor], prefix: object
+             ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The module to inject on and the tensors renamed for it, by the one matching rule: an adapter trained on
+    a submodule goes on that submodule; one trained on a wrapper loads into the bare model."""
+    pm = match_paths(settings.targets, [n for n, m in model.named_modules() if n and is_linear(m)], prefix=prefix)
+    if pm.add and not pm.strip:
+        return model.get_submodule(pm.add[:-1]), tensors
+    settings.targets = [pm(t) for t in settings.targets]
+    return model, {k if k.startswith("randlora_") else pm(k): v for k, v in tensors.items()}
 
 
 def _check_bases_fit(bank, tensors: dict[str, torch.Tensor]) -> None:
@@ -301,6 +316,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
+@on_root
 def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: bool = True,
               duplicate_bases: bool = False, name: str | None = None) -> Path:
     """Write the adapter as a peft RandLora folder that ``peft.PeftModel.from_pretrained`` loads.

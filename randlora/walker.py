@@ -17,6 +17,7 @@ from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
 from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quantized
 from .recipes import MODES, RECIPES, BankShape, bank_shape
+from .paths import BANK_ATTR, locate, on_root
 from .registry import DEFAULT, AdapterConfig, Registry
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "BANK_ATTR",
 ]
 
-BANK_ATTR = "randlora_bank"
 BIAS_MODES = ("none", "all", "randlora_only")
 
 
@@ -451,6 +451,7 @@ def inject(
     cfg = _settings(r, alpha, dropout, seed, bases, recipe, bias, init)
     if name is not None:
         _check_name(name)
+    _refuse_inner_adapter(model)
     if name is not None and bank_of(model) is not None:
         return _add_named(model, targets, name, cfg, layers, exclude)
     if bank_of(model) is not None or any(True for _ in adapted_layers(model)):
@@ -459,6 +460,15 @@ def inject(
                          "adapter on the same bank")
     plan = _plan(model, targets, cfg, layers, exclude)
     return _apply(model, plan, cfg, DEFAULT if name is None else name)
+
+
+def _refuse_inner_adapter(model: nn.Module) -> None:
+    """``inject`` on a module whose submodule already holds an adapter is refused, naming where it sits."""
+    found = locate(model)
+    if found is not None and found[0]:
+        raise StateError(f"the module at {found[0]!r} inside this model already holds a RandLora adapter (inject "
+                         f"was called on it): add a named adapter there with randlora.inject(model.get_submodule("
+                         f"{found[0]!r}), targets, name=...), or call randlora.eject(model) before injecting here")
 
 
 def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers, exclude) -> InjectReport:
@@ -492,6 +502,7 @@ def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
     return _report(model, new.items(), bank)
 
 
+@on_root
 def drop_adapter(model: nn.Module, name: str) -> None:
     """Remove the further adapter ``name`` again (not the first one, which owns the layers' parameters)."""
     reg = registry_of(model)
@@ -506,6 +517,7 @@ def drop_adapter(model: nn.Module, name: str) -> None:
         reg.active = reg.owner
 
 
+@on_root
 def use(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the active one: forward, :func:`merge`, :func:`state_dict` default to it.
 
@@ -521,11 +533,13 @@ def use(model: nn.Module, name: str) -> None:
     reg.active = name
 
 
+@on_root
 def adapter_names(model: nn.Module) -> list[str]:
     """The model's adapters, in the order they were added."""
     return list(registry_of(model).adapters)
 
 
+@on_root
 def active_adapter(model: nn.Module) -> str:
     """The name of the active adapter."""
     return registry_of(model).active
@@ -547,6 +561,7 @@ def _restore(model: nn.Module) -> None:
             p.requires_grad_(flags[n])
 
 
+@on_root
 def eject(model: nn.Module) -> None:
     """Remove the adapter without merging: the original layer objects come back, weights untouched.
 
@@ -584,6 +599,7 @@ def _plain_linear(layer: RandLoraLinear, weight: torch.Tensor, dtype: torch.dtyp
     return lin
 
 
+@on_root
 def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: str | None = None,
           dequantize: bool = False, dtype: torch.dtype = torch.float32) -> None:
     """Fold ``s·ΔW`` into every adapted weight (float32 accumulation, cast back to the weight's dtype).
@@ -653,6 +669,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
         _restore(model)
 
 
+@on_root
 def unmerge(model: nn.Module) -> None:
     """Undo ``merge(model, unload=False)``: subtract ``s·ΔW`` from every adapted weight again.
 
@@ -669,6 +686,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+@on_root
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: adapters off inside (the model computes the base layers only)."""
     require_bank(model)
@@ -689,6 +707,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@on_root
 def summary(model: nn.Module) -> str:
     """A per-layer table (shape, bases, trainable count), totals and the percentage of the model."""
     bank = require_bank(model)

@@ -443,12 +443,15 @@ CASES: list[Case] = [
     Case("a file for a model with other shapes", lambda m, tmp: randlora.load(m, saved(tmp, injected(toy(d=6)))),
          CheckpointError, ("shape", "nothing was loaded")),
     Case("a file for a model with other layer names", lambda m, tmp: randlora.load(m, _other_names(tmp)),
-         CheckpointError, ("cannot apply the adapter", "encoder", "match no layer")),
+         CheckpointError, ("not this model's", "encoder", "prefix=")),
     Case("a peft folder without adapter_config.json", lambda m, tmp: randlora.load_peft(m, _empty_dir(tmp)),
          CheckpointError, ("adapter_config.json", "peft adapter folder")),
     Case("saving to a directory", lambda m, tmp: randlora.save(m, tmp), CheckpointError,
          ("is a directory", "adapter.safetensors"), prep=lambda m, tmp: injected(m)),
 ]
+
+
+MAX_MESSAGE = 1500  # an error is read by a person: cause first, a few examples and a count, not a dump
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
@@ -461,6 +464,7 @@ def test_bad_input_is_refused_and_changes_nothing(case: Case, tmp_path: Path) ->
     msg = str(info.value)
     for piece in case.says:
         assert piece in msg, f"message lacks {piece!r}: {msg}"
+    assert len(msg) <= MAX_MESSAGE, f"{len(msg)} characters: {msg[:300]}..."
     assert isinstance(info.value, ValueError)
     assert_unchanged(before, snapshot(model))
     assert not (tmp_path / "PWNED").exists()
@@ -646,3 +650,80 @@ def test_corrupted_bytes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="corrupt"):
         randlora.load(model, path)
     assert_unchanged(before, snapshot(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# loading errors on a model of realistic size: short, cause first
+# ------------------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value, self.dense = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+
+class _Encoder(nn.Module):
+    """BERT-like names: 12 blocks of 6 linear layers (72 adapted layers, 144 adapter tensors)."""
+
+    def __init__(self, d: int = 8, blocks: int = 12) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(_Block(d) for _ in range(blocks))
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.encoder, self.head = _Encoder(d), nn.Linear(d, 2)
+
+
+def _saved_encoder(tmp: Path, d: int = 8, r: int = 2, wrapper: bool = False) -> Path:
+    model = _Wrapper(d) if wrapper else _Encoder(d)
+    randlora.inject(model, ["query", "key", "value", "dense", "up", "down"], r=r)
+    return randlora.save(model, tmp / f"a{d}{r}{wrapper}.safetensors", save_projection=False)
+
+
+LOAD_ERRORS = {
+    "other widths": (lambda tmp: _Encoder(4), lambda tmp: _saved_encoder(tmp, d=8),
+                     "the model's layers are narrower than the adapter's: layer.0.dense is (4, 4) here"),
+    "two submodules fit": (lambda tmp: nn.ModuleDict({"a": _Encoder(), "b": _Encoder()}),
+                           lambda tmp: _saved_encoder(tmp), "the adapter's layer paths fit the model in 2 ways"),
+    "no layer matches": (lambda tmp: nn.Sequential(*(nn.Linear(8, 8) for _ in range(40))),
+                         lambda tmp: _saved_encoder(tmp), "the adapter's layers are not this model's"),
+    "half the layers match": (lambda tmp: _Encoder(blocks=6), lambda tmp: _saved_encoder(tmp),
+                              "the adapter's layers are not this model's: with the paths as they are only 36 of 72"),
+}
+
+
+@pytest.mark.parametrize("kind", list(LOAD_ERRORS))
+def test_load_errors_on_a_large_model_are_short_and_name_the_cause(kind: str, tmp_path: Path) -> None:
+    make, file, cause = LOAD_ERRORS[kind]
+    model = make(tmp_path)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        randlora.load(model, file(tmp_path))
+    msg = str(info.value)
+    assert msg.startswith(cause), msg
+    assert len(msg) <= MAX_MESSAGE, f"{len(msg)} characters: {msg[:300]}..."
+    assert msg.count("layer.") <= 8, msg  # a few examples, not a list of every layer
+    assert_unchanged(before, snapshot(model))
+
+
+def test_state_dict_errors_on_a_large_model_are_short(tmp_path: Path) -> None:
+    model = _Encoder()
+    randlora.inject(model, ["query", "key", "value", "dense", "up", "down"], r=4)
+    sd = dict(randlora.state_dict(_injected_encoder(r=2), save_projection=False))
+    sd.update({f"extra.{i}.randlora_lambda": torch.zeros(1) for i in range(50)})
+    for k in list(sd)[:30]:
+        sd.pop(k)
+    with pytest.raises(CheckpointError) as info:
+        randlora.load_state_dict(model, sd)
+    msg = str(info.value)
+    assert msg.startswith("the adapter was made with r=2, this model's adapter has r=4"), msg
+    assert "missing keys" in msg and "50 unexpected keys" in msg
+    assert len(msg) <= MAX_MESSAGE, f"{len(msg)} characters: {msg[:300]}..."
+
+
+def _injected_encoder(r: int) -> nn.Module:
+    model = _Encoder()
+    randlora.inject(model, ["query", "key", "value", "dense", "up", "down"], r=r)
+    return model
