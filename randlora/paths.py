@@ -19,7 +19,7 @@ from torch import nn
 from .bank import BasisBank
 from .errors import CheckpointError, StateError
 
-__all__ = ["BANK_ATTR", "PathMap", "adapter_root", "locate", "match_paths", "on_root", "parse_prefix", "examples"]
+__all__ = ["BANK_ATTR", "PathMap", "adapter_root", "compiled_inner", "locate", "match_paths", "on_root", "parse_prefix", "examples"]
 
 BANK_ATTR = "randlora_bank"  # the attribute of the adapter's root that holds its bank
 
@@ -58,6 +58,13 @@ def _roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(bank, BasisBank):
             found.append((path, mod))
     return found
+
+
+def compiled_inner(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``_orig_mod``), or ``model`` itself: an adapter injected into
+    a compiled model belongs to the model inside, so its paths carry no ``_orig_mod.``."""
+    inner = model._modules.get("_orig_mod") if isinstance(model, nn.Module) else None
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def adapter_root(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
 from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quantized
 from .recipes import MODES, RECIPES, BankShape, bank_shape
-from .paths import BANK_ATTR, locate, on_root
+from .paths import BANK_ATTR, compiled_inner, locate, on_root
 from .registry import DEFAULT, AdapterConfig, Registry
 
 __all__ = [
@@ -448,6 +448,7 @@ def inject(
         StateError: the model already has an adapter (and no ``name`` was given) or is merged.
     """
     _check_module(model)
+    model = compiled_inner(model)
     cfg = _settings(r, alpha, dropout, seed, bases, recipe, bias, init)
     if name is not None:
         _check_name(name)
