@@ -1,11 +1,16 @@
-"""Command line: ``python -m randlora merge ...`` and ``python -m randlora inspect ...`` (also ``randlora ...``).
+"""Command line: ``python -m randlora merge|inspect|export-lora ...`` (also ``randlora ...``).
 
-``merge`` folds an adapter (this library's ``.safetensors`` file or a peft adapter folder) into a
-safetensors weight file with no model code: ``W' = W + s·ΔW`` per adapted weight (float32 accumulation,
-cast back to the weight's dtype, exactly as :func:`randlora.merge`), trained biases replaced. It streams:
-the output keeps the input's header and byte layout, untouched tensors are copied as raw bytes, and only
-one adapted tensor at a time is decoded. ``inspect`` prints an adapter's settings, layers, parameter
-counts and fingerprint.
+``merge`` folds an adapter (this library's ``.safetensors`` file, a Trainer checkpoint folder or a peft
+adapter folder) into a safetensors weight file with no model code: ``W' = W + s·ΔW`` per adapted weight
+(float32 accumulation, cast back to the weight's dtype, exactly as :func:`randlora.merge`), trained biases
+replaced. It streams: the output keeps the input's header and byte layout, untouched tensors are copied as
+raw bytes, and only one adapted tensor at a time is decoded. ``inspect`` prints an adapter's settings,
+layers, parameter counts and fingerprint. ``export-lora`` writes a plain LoRA folder
+(:func:`randlora.export.export_file`).
+
+The adapter's layer paths are mapped onto the weight file's keys by :func:`randlora.paths.match_paths`
+(exact, else the unique leading prefix added or stripped); ``--prefix FROM=TO`` overrides it. A command
+never replaces an existing output unless given ``--force``, and then atomically.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .checkpoint import FP, atomic_write
 from .errors import CheckpointError, RandLoraError
 from .files import layer_paths, read_adapter, read_for_weights
 from .ops import acc_dtype
+from .paths import PathMap
 from .walker import is_bias_name
 
 __all__ = ["main", "merge_file", "read_adapter"]
@@ -32,34 +38,41 @@ _COPY_BLOCK = 16 << 20  # bytes an untouched tensor is copied in at a time, so m
 
 
 def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
-               prefix: str = "") -> dict:
+               prefix: object = None, force: bool = False) -> dict:
     """Write ``out``: the safetensors weight file ``base`` with ``adapter`` folded in, streaming.
 
     ``W' = W + s·ΔW`` per adapted weight (float32 accumulation, cast back to the weight's dtype, exactly as
     :func:`randlora.merge`); trained biases are replaced. ``out`` keeps ``base``'s header and byte layout;
     untouched tensors are copied as raw bytes and one adapted tensor at a time is decoded. ``out`` is
-    written atomically (an existing file is replaced only once the new one is complete).
+    written atomically (with ``force``, an existing file is replaced only once the new one is complete).
 
     Args:
         base: the base model's ``.safetensors`` weight file.
-        adapter: this library's ``.safetensors`` adapter or a peft RandLora adapter folder.
+        adapter: this library's ``.safetensors`` adapter, a Trainer checkpoint folder holding one, or a peft
+            RandLora adapter folder.
         out: the merged weight file to write (its folder is created).
-        prefix: prepended to the adapter's module paths to find ``<prefix><path>.weight`` in ``base``.
+        prefix: None to map the adapter's module paths onto ``base``'s keys automatically (exact, else the
+            unique leading prefix added or stripped), or an override: ``"FROM=TO"``, ``"TO"`` (added) or
+            ``(FROM, TO)`` (see :func:`randlora.files.read_for_weights`).
+        force: replace an existing ``out`` (without it an existing ``out`` is refused before any work).
 
     Returns:
-        A summary: ``{"layers": layers merged, "biases": biases replaced, "format": "randlora" or "peft"}``.
+        A summary: ``{"layers": layers merged, "biases": biases replaced, "format": "randlora" or "peft",
+        "file": the adapter file read, "paths": the :class:`randlora.paths.PathMap` used}``.
 
     Raises:
-        CheckpointError: an unreadable adapter or weight file, adapted weights or biases missing from
-            ``base``, weights that are not 2-D floating point or do not fit the adapter's shapes, or stored
-            bases of the wrong shape or failing their checksum.
+        CheckpointError: ``out`` exists (without ``force``) or is a folder, an unreadable adapter or weight
+            file, layer paths that do not map onto ``base``'s weights (or map in several ways), trained biases
+            missing from ``base``, weights that are not 2-D floating point or do not fit the adapter's
+            shapes, or stored bases of the wrong shape or failing their checksum.
         FingerprintMismatch: regenerated bases that are not the ones the adapter was made with.
     """
     base, out = Path(base), Path(out)
+    check_new_file(out, force)
     fa = read_for_weights(adapter, base, prefix)
-    bias_keys = _bias_keys(base, fa.entries, fa.tensors, prefix)
+    bias_keys = fa.bias_keys()
     A, B = fa.bases()
-    by_key = {f"{prefix}{p}.weight": p for p in fa.layers}
+    by_key = {k: p for p, k in fa.keys.items()}
     touched = set(by_key) | set(bias_keys)
 
     def merged(key: str, t: torch.Tensor) -> torch.Tensor:
@@ -73,16 +86,23 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: _stream(base, tmp, 8 + fa.header_size, fa.entries, touched, merged))
-    return {"layers": len(fa.layers), "biases": len(bias_keys), "format": fa.info["format"]}
+    return {"layers": len(fa.layers), "biases": len(bias_keys), "format": fa.info["format"],
+            "file": str(fa.info["file"]), "paths": fa.pathmap}
 
 
-def _bias_keys(base: Path, entries: dict[str, dict], tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, str]:
-    """The weight file's key of each trained bias -> the adapter's key; each must be in the file."""
-    bias_keys = {f"{prefix}{k}": k for k in tensors if is_bias_name(k)}
-    nob = [k for k in bias_keys if k not in entries]
-    if nob:
-        raise CheckpointError(f"{base} has no tensors {nob[:3]} for the adapter's trained biases")
-    return bias_keys
+def check_new_file(out: Path, force: bool) -> None:
+    """The one rule for a command's output file: refuse an existing ``out`` unless ``force`` (then it is
+    replaced atomically by the caller), and always refuse a folder there.
+
+    Raises:
+        CheckpointError: ``out`` is a folder, or exists and ``force`` is False.
+    """
+    if out.is_dir():
+        raise CheckpointError(f"--out {out} is a folder; nothing was written. Pass the path of the .safetensors "
+                              "file to write")
+    if out.exists() and not force:
+        raise CheckpointError(f"--out {out} already exists; nothing was written. Pass --force to replace it "
+                              "(atomically: the old file stays until the new one is complete), or another path")
 
 
 def _stream(base: Path, tmp: str, start: int, entries: dict[str, dict], touched: set[str],
@@ -121,6 +141,7 @@ def describe(path: str | os.PathLike) -> dict:
     biases = sorted(k for k in tensors if is_bias_name(k))
     d: dict = {
         "path": str(path),
+        "file": str(info["file"]),
         "format": info["format"],
         "settings": cfg.to_dict(),
         "layers": rows,
@@ -157,6 +178,8 @@ def _fingerprint_fields(t: torch.Tensor) -> dict:
 def _print_inspect(d: dict) -> None:
     s = d["settings"]
     print(f"adapter: {d['path']} ({d['format']})")
+    if d["file"] != d["path"]:
+        print(f"read: {d['file']}")
     print(f"settings: r={s['r']} alpha={s['alpha']:g} init={s.get('init', 'peft')} dropout={s['dropout']:g} "
           f"seed={s['seed']} bases={s['bases']} recipe={s['recipe']} bias={s['bias']}")
     if d["bases_saved"]:
@@ -182,24 +205,39 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="fold an adapter into a safetensors weight file (streaming, no model code)")
     m.add_argument("--base", required=True, help="the base model's .safetensors weight file")
-    m.add_argument("--adapter", required=True, help="a randlora .safetensors adapter or a peft adapter folder")
-    m.add_argument("--out", required=True, help="where to write the merged .safetensors file")
-    m.add_argument("--prefix", default="", help="prepended to the adapter's module paths to find them in --base")
+    m.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
+    m.add_argument("--out", required=True, help="the merged .safetensors file to write (must not exist, or --force)")
+    m.add_argument("--prefix", default=None, metavar="FROM=TO", help=_PREFIX_HELP)
+    m.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
     i = sub.add_parser("inspect", help="print an adapter's settings, layers, parameter counts, fingerprint")
-    i.add_argument("adapter", help="a randlora .safetensors adapter or a peft adapter folder")
+    i.add_argument("adapter", help=_ADAPTER_HELP)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     e = sub.add_parser("export-lora", help="write a plain peft LoRA folder (truncated SVD of each layer's update)")
-    e.add_argument("adapter", help="a randlora .safetensors adapter or a peft RandLora adapter folder")
+    e.add_argument("adapter", help=_ADAPTER_HELP)
     e.add_argument("--base", required=True, help="the base model's .safetensors weight file (for the layer shapes)")
-    e.add_argument("--out", required=True, help="the LoRA folder to write (must not exist or be empty)")
+    e.add_argument("--out", required=True, help="the LoRA folder to write (must not exist or be empty, or --force)")
     k = e.add_mutually_exclusive_group(required=True)
     k.add_argument("--rank", help="LoRA rank of every layer (an int, or 'full' for exact)")
     k.add_argument("--energy", type=float, help="keep this fraction in (0, 1] of each layer's squared norm")
-    e.add_argument("--prefix", default="", help="prepended to the adapter's module paths to find them in --base")
+    e.add_argument("--prefix", default=None, metavar="FROM=TO", help=_PREFIX_HELP)
     e.add_argument("--method", default="auto", choices=["auto", "svd", "lowrank"], help="SVD algorithm")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="factor dtype (default: the weights')")
-    e.add_argument("--overwrite", action="store_true", help="replace the adapter files of a non-empty --out")
+    e.add_argument("--force", action="store_true", help="replace the adapter files of an existing, non-empty --out "
+                   "(each atomically)")
+    e.add_argument("--overwrite", action="store_true", dest="force", help=argparse.SUPPRESS)  # the old name
     return p
+
+
+_ADAPTER_HELP = ("a randlora .safetensors adapter, a checkpoint folder of randlora.hf.RandLoraTrainer, or a peft "
+                 "RandLora adapter folder")
+_PREFIX_HELP = ("map the adapter's module paths onto --base's keys: FROM=TO replaces the leading FROM by TO "
+                "(FROM= strips it), TO alone adds TO. Default: automatic (exact, else the unique prefix added or "
+                "stripped that maps every layer)")
+
+
+def _source(file: str, paths: PathMap) -> str:
+    """``adapter file X`` plus the path mapping when it is not the identity, for the commands' output."""
+    return f"adapter file {file}" + ("" if paths.identity else f", layer paths with {paths.describe()}")
 
 
 def _export_lora(args: argparse.Namespace) -> None:
@@ -213,9 +251,10 @@ def _export_lora(args: argparse.Namespace) -> None:
         except ValueError:
             raise RandLoraError(f"--rank must be a positive int or 'full', got {args.rank!r}") from None
     exp = export_file(args.adapter, args.base, args.out, rank, args.energy, prefix=args.prefix, method=args.method,
-                      dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite)
+                      dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.force)
     print(exp)
-    print(f"wrote a LoRA adapter (r={max(exp.ranks.values())}) to {args.out} in {exp.seconds:.2f} s")
+    print(f"wrote a LoRA adapter (r={max(exp.ranks.values())}) to {args.out} in {exp.seconds:.2f} s "
+          f"({_source(exp.source['file'], exp.source['paths'])})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,9 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "export-lora":
             _export_lora(args)
         elif args.cmd == "merge":
-            r = merge_file(args.base, args.adapter, args.out, prefix=args.prefix)
+            r = merge_file(args.base, args.adapter, args.out, prefix=args.prefix, force=args.force)
             print(f"merged {r['layers']} layers ({r['format']} adapter)"
-                  + (f" and {r['biases']} biases" if r["biases"] else "") + f" into {args.out}")
+                  + (f" and {r['biases']} biases" if r["biases"] else "") + f" into {args.out} "
+                  f"({_source(r['file'], r['paths'])})")
         else:
             d = describe(args.adapter)
             if args.json:

@@ -23,7 +23,7 @@ from torch import nn
 from .bank import bases_checksum
 from .recipes import generate
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
-from .paths import PathMap, examples, locate, match_paths, on_root
+from .paths import PathMap, canonical, compiled_inner, examples, linear_paths, locate, match_paths, on_root
 from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, drop_adapter, eject, inject, is_bias_name,
                      is_linear, registry_of, require_bank)
 
@@ -81,7 +81,7 @@ def _targets(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Te
             out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = p[0], p[1]
     for name, p in model.named_parameters():
         if p.requires_grad and is_bias_name(name):
-            out[name] = p
+            out[canonical(name)] = p
     return out
 
 
@@ -560,17 +560,18 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
     """
     tensors, cfg = read_file(path)
     found = locate(model)
-    root = model if found is None else found[1]
+    root = compiled_inner(model) if found is None else found[1]
     bank = bank_of(root)
     if bank is not None and (name is None or name in bank.registry.adapters):
         load_state_dict(root, tensors, name=name, prefix=prefix)
         return model
-    linear = [n for n, m in root.named_modules() if n and is_linear(m)]
+    linear = linear_paths(root, is_linear)
     pm = match_paths(cfg.targets, linear, prefix=prefix)
     if bank is None and pm.add and not pm.strip:  # the adapter belongs to a submodule: inject there
-        root, pm = root.get_submodule(pm.add[:-1]), PathMap()
+        root = compiled_inner(next(m for n, m in root.named_modules() if canonical(n) == pm.add[:-1]))
+        pm, linear = PathMap(), linear_paths(root, is_linear)
     tensors = dict(_renamed(tensors, pm))
-    targets = "|".join(re.escape(pm(t)) for t in cfg.targets)
+    targets = "|".join(re.escape(linear[pm(t)]) for t in cfg.targets)
     try:
         inject(root, targets, r=cfg.r, alpha=cfg.alpha, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed,
                bases=cfg.bases, recipe=cfg.recipe, bias=cfg.bias, name=name)

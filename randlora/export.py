@@ -13,10 +13,16 @@ model code (the ``export-lora`` command).
 A RandLora update is full rank, so a rank-``k`` LoRA drops the part of ``ΔW`` beyond its top ``k``
 singular directions: each layer reports its relative reconstruction error
 ``‖s·ΔW − B A‖_F / ‖s·ΔW‖_F`` (measured on the written factors, after the cast to their dtype).
+
+The factors do not depend on the number of threads: each layer's ``s·ΔW`` is built and factored on one
+CPU thread (LAPACK's and BLAS's results change with the thread count: measured, up to 0.13 element-wise
+on the benchmark model's float32 factors, the products agreeing), and each singular pair's sign is fixed
+(the largest-magnitude entry of each column of ``lora_B`` is positive) instead of left to LAPACK.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -32,6 +38,7 @@ from torch import nn
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, StateError
 from .files import read_for_weights
+from .paths import canonical, on_root
 
 __all__ = ["LoraLayer", "LoraExport", "to_lora", "save_lora", "export_file", "METHODS"]
 
@@ -87,6 +94,7 @@ class LoraExport:
     bias: str = "none"
     module_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    source: dict = field(default_factory=dict)  # export_file: "file" (the adapter file read), "paths" (mapping)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -222,9 +230,38 @@ def _choose_rank(S: torch.Tensor, energy: float) -> int:
     return min(k, S.numel())
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the enclosed torch CPU work on one thread (the caller's thread count is restored after): LAPACK's
+    SVD and BLAS's products round differently with another number of threads, and a singular vector of a
+    close pair of singular values can turn, so factors would depend on the machine's thread count."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular pairs with a defined sign: each column of ``U`` gets its largest-magnitude entry (the first
+    one on a tie) positive, and the matching row of ``Vh`` the same flip (``U Σ Vh`` is unchanged)."""
+    if U.shape[1] == 0:
+        return U, Vh
+    peak = U.gather(0, U.abs().argmax(0, keepdim=True))[0]
+    sign = torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, Vh * sign[:, None]
+
+
 def factor(D: torch.Tensor, *, rank: int | str | None = None, energy: float | None = None, method: str = "auto",
            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
     """Truncated SVD of one ``(O, I)`` update: ``(lora_A (k, I), lora_B (O, k), k, error, energy kept)``.
+
+    Deterministic whatever the thread count: the work runs on one CPU thread, and each singular pair's
+    sign is fixed (the largest-magnitude entry of each column of ``lora_B`` is positive).
 
     Args:
         D: the update ``s·ΔW`` (float32 or float64; the SVD runs in its dtype).
@@ -243,7 +280,11 @@ def factor(D: torch.Tensor, *, rank: int | str | None = None, energy: float | No
     _check_choice(rank, energy, method)
     if not D.is_floating_point() or D.dim() != 2:
         raise ConfigError(f"expected a 2-D floating-point update, got {D.dtype} of shape {tuple(D.shape)}")
-    D = D.detach()
+    with _one_thread():
+        return _factor(D.detach(), rank, energy, method, dtype)
+
+
+def _factor(D: torch.Tensor, rank, energy, method, dtype) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
     O, I = D.shape
     m = min(O, I)
     if energy is not None and method == "lowrank":
@@ -263,10 +304,11 @@ def factor(D: torch.Tensor, *, rank: int | str | None = None, energy: float | No
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
     if k is None:
         k = _choose_rank(S, float(energy))  # type: ignore[arg-type]
+    Uk, Vk = _fix_signs(U[:, :k], Vh[:k])
     root = S[:k].clamp_min(0).sqrt()
     out = D.dtype if dtype is None else dtype
-    B = (U[:, :k] * root).to(out).contiguous()
-    A = (root[:, None] * Vh[:k]).to(out).contiguous()
+    B = (Uk * root).to(out).contiguous()
+    A = (root[:, None] * Vk).to(out).contiguous()
     acc = D.dtype
     norm = float(torch.linalg.matrix_norm(D))
     if norm == 0.0:
@@ -282,12 +324,13 @@ def _export(items: Iterable[tuple[str, Callable[[], torch.Tensor], bool, torch.d
             dtype) -> dict[str, LoraLayer]:
     layers: dict[str, LoraLayer] = {}
     for path, delta, ffo, wdtype in items:
-        D = delta()
-        if not bool(torch.isfinite(D).all()):
-            raise StateError(f"layer {path}: its update s·ΔW holds inf/nan (λ/γ are non-finite or overflow); "
-                             "nothing was exported. Reload a good adapter")
-        A, B, k, err, kept = factor(D, rank=rank, energy=energy, method=method,
-                                    dtype=wdtype if dtype is None else dtype)
+        with _one_thread():  # s·ΔW too: its products may round differently with another thread count
+            D = delta()
+            if not bool(torch.isfinite(D).all()):
+                raise StateError(f"layer {path}: its update s·ΔW holds inf/nan (λ/γ are non-finite or overflow); "
+                                 "nothing was exported. Reload a good adapter")
+            A, B, k, err, kept = factor(D, rank=rank, energy=energy, method=method,
+                                        dtype=wdtype if dtype is None else dtype)
         del D
         layers[path] = LoraLayer(lora_A=A, lora_B=B, rank=k, error=err, energy=kept, fan_in_fan_out=ffo)
     return layers
@@ -299,10 +342,14 @@ def _check_dtype(dtype) -> None:
                           f"dtype), got {dtype!r}")
 
 
+@on_root
 def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | None = None, *, name: str | None = None,
             method: str = "auto", dtype: torch.dtype | None = None,
             svd_dtype: torch.dtype = torch.float32) -> LoraExport:
     """LoRA factors of every adapted layer's ``s·ΔW`` by a truncated SVD (the model is not changed).
+
+    The factors do not depend on ``torch.get_num_threads()``: each layer is built and factored on one CPU
+    thread (the caller's count is restored after), and each singular pair's sign is fixed.
 
     Args:
         model: a model adapted by :func:`randlora.inject` (or loaded with :func:`randlora.load`).
@@ -342,12 +389,12 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
         items = [(p, (lambda l=l: l.delta_weight(svd_dtype, adapter)), l.fan_in_fan_out,
                   torch.float32 if l.quantized else l.weight.dtype) for p, l in chosen]
         layers = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
-    biases = {n: p.detach().clone() for n, p in model.named_parameters()
+    biases = {canonical(n): p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and is_bias_name(n)}
     cfg = bank.registry.adapters[adapter]
     bias = _BIAS_MODES.get(cfg.bias, "all") if biases else "none"
     out = LoraExport(layers=layers, biases=biases, bias=bias,
-                     module_names=[n for n, _ in model.named_modules() if n])
+                     module_names=list(dict.fromkeys(canonical(n) for n, _ in model.named_modules() if n)))
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -359,8 +406,8 @@ def _check_folder(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} exists and is not a folder; pass a new folder path for the LoRA adapter")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise CheckpointError(f"{folder} exists and is not empty; pass a new folder, empty it, or pass "
-                              "overwrite=True (--overwrite) to replace its adapter files")
+        raise CheckpointError(f"{folder} exists and is not empty; nothing was written. Pass a new folder, empty "
+                              "it, or pass overwrite=True (--force on the command line) to replace its adapter files")
 
 
 def save_lora(model_or_export: nn.Module | LoraExport, folder: str | os.PathLike, rank: int | str | None = None,
@@ -409,31 +456,35 @@ def save_lora(model_or_export: nn.Module | LoraExport, folder: str | os.PathLike
 # from files (no model code)
 # ------------------------------------------------------------------------------------------------
 def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike | None = None,
-                rank: int | str | None = None, energy: float | None = None, *, prefix: str = "",
+                rank: int | str | None = None, energy: float | None = None, *, prefix: object = None,
                 method: str = "auto", dtype: torch.dtype | None = None, overwrite: bool = False) -> LoraExport:
     """Export an adapter file (or peft RandLora folder) to LoRA without model code.
 
-    The layers' shapes come from the header of the base model's safetensors weight file
-    (``<prefix><path>.weight``; no tensor is read: the update does not depend on ``W``); the bases come from
-    the adapter when it holds them, else they are regenerated from its seed and recipe and verified against
-    its fingerprint. ``s·ΔW`` is built in float32 from bases in the weight file's dtype, as
-    :func:`randlora.inject` builds them, so the result equals :func:`to_lora` on the adapted model.
+    The layers' shapes come from the header of the base model's safetensors weight file (each layer's
+    ``.weight``, its path mapped by :func:`randlora.paths.match_paths`; no tensor is read: the update does
+    not depend on ``W``); the bases come from the adapter when it holds them, else they are regenerated
+    from its seed and recipe and verified against its fingerprint. ``s·ΔW`` is built in float32 from bases
+    in the weight file's dtype, as :func:`randlora.inject` builds them, and factored on one thread, so the
+    result equals :func:`to_lora` on the adapted model bit for bit, whatever either's thread count.
 
     Args:
-        adapter: this library's ``.safetensors`` adapter or a peft RandLora adapter folder.
+        adapter: this library's ``.safetensors`` adapter, a Trainer checkpoint folder holding one, or a peft
+            RandLora adapter folder.
         base: the base model's ``.safetensors`` weight file.
         out: the LoRA folder to write (None: only return the export).
         rank, energy, method, dtype: as for :func:`to_lora` (``dtype`` default: the weight file's dtype).
-        prefix: prepended to the adapter's module paths to find them in ``base`` (the written keys keep the
-            adapter's paths).
+        prefix: None (the adapter's paths mapped onto ``base``'s automatically: exact, else the unique prefix
+            added or stripped) or an override, ``"FROM=TO"``, ``"TO"`` (added) or ``(FROM, TO)`` (see
+            :func:`randlora.files.read_for_weights`). The written keys keep the adapter's paths.
         overwrite: as for :func:`save_lora`.
 
     Returns:
         The :class:`LoraExport`.
 
     Raises:
-        CheckpointError: unreadable files, layers missing from ``base`` or of the wrong shape, an existing
-            non-empty ``out``; FingerprintMismatch when the regenerated bases are not the adapter's.
+        CheckpointError: unreadable files, layer paths that do not map onto ``base``'s weights (or map in
+            several ways), weights of the wrong shape, an existing non-empty ``out``; FingerprintMismatch
+            when the regenerated bases are not the adapter's.
         ConfigError: bad ``rank``/``energy``/``method``/``dtype``.
     """
     import time
@@ -444,20 +495,21 @@ def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | 
     _check_dtype(dtype)
     if out is not None:
         _check_folder(Path(out), overwrite)
-    fa = read_for_weights(adapter, Path(base), prefix)
+    fa = read_for_weights(adapter, base, prefix)
     A, B = fa.bases()
     t0 = time.perf_counter()
     with torch.no_grad():
         items = [(p, (lambda p=p: fa.delta(p, A, B, torch.float32)), p in fa.ffo, fa.dtypes[p]) for p in fa.layers]
         factored = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
     biases = {k: t for k, t in fa.tensors.items() if is_bias_name(k)}
-    names: set[str] = set()
+    names: set[str] = set()  # the file's module paths, in the adapter's namespace (the written keys')
+    pm = fa.pathmap
     for k in fa.entries:
-        if k.startswith(prefix):
-            parts = k[len(prefix):].split(".")[:-1]
+        if k.startswith(pm.add):
+            parts = (pm.strip + k[len(pm.add):]).split(".")[:-1]
             names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     exp = LoraExport(layers=factored, biases=biases, bias=_BIAS_MODES.get(fa.cfg.bias, "all") if biases else "none",
-                     module_names=sorted(names))
+                     module_names=sorted(names), source={"file": str(fa.info["file"]), "paths": pm})
     exp.seconds = time.perf_counter() - t0
     if out is not None:
         save_lora(exp, out, overwrite=overwrite)

@@ -1,9 +1,12 @@
 """Adapter files read without model code: what ``merge``, ``inspect`` and ``export-lora`` share.
 
-An adapter is this library's ``.safetensors`` file or a peft RandLora folder (:func:`read_adapter`); the
-base model is a safetensors weight file, of which only the header is parsed (:func:`read_header`) to learn
-each adapted layer's shape and dtype (:func:`weight_shapes`). The bases come from the adapter when it
-holds them, else they are regenerated from its settings and verified (:func:`adapter_bases`).
+An adapter is this library's ``.safetensors`` file, a Trainer checkpoint folder holding one, or a peft
+RandLora folder (:func:`read_adapter`); the base model is a safetensors weight file, of which only the
+header is parsed (:func:`read_header`). The adapter's layer paths are mapped onto the file's weight keys by
+the library's one matching rule (:func:`randlora.paths.match_paths`: exact, else the unique prefix added or
+stripped; ``prefix`` overrides), which gives each adapted layer's weight key, shape and dtype
+(:func:`weight_shapes`). The bases come from the adapter when it holds them, else they are regenerated
+from its settings and verified (:func:`adapter_bases`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from pathlib import Path
 import torch
 
 from .bank import Fingerprint, bases_checksum, layer_views
-from .checkpoint import FP, read_file
+from .checkpoint import ADAPTER_FILE, FP, adapter_path, read_file
 from .errors import CheckpointError, FingerprintMismatch
 from .ops import delta_weight
+from .paths import PathMap, examples, match_paths
 from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, read_peft
 from .recipes import bank_shape, generate, n_bases
-from .walker import AdapterConfig
+from .walker import AdapterConfig, is_bias_name
 
 __all__ = ["DTYPES", "FileAdapter", "read_for_weights", "read_adapter", "read_header", "tensor_entries",
-           "layer_paths", "fan_in_fan_out_layers", "weight_shapes", "bank_dtype", "adapter_bases"]
+           "layer_paths", "fan_in_fan_out_layers", "map_layers", "weight_shapes", "bank_dtype", "adapter_bases"]
 
 # safetensors dtype names of the weights an adapter can be folded into
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -47,6 +51,25 @@ class FileAdapter:
     ffo: set[str]  # the layers whose weight is stored ``(in, out)``
     shapes: dict[str, tuple[int, int]]  # each layer's ``(O, I)``
     dtypes: dict[str, torch.dtype]  # each layer's weight dtype
+    pathmap: PathMap  # the adapter's paths -> the weight file's module paths
+    keys: dict[str, str]  # each layer's weight key in the file (``pathmap(path) + ".weight"``)
+    base: Path  # the weight file (named in errors)
+
+    def bias_keys(self) -> dict[str, str]:
+        """The weight file's key of each trained bias -> the adapter's key (mapped by :attr:`pathmap`).
+
+        Raises:
+            CheckpointError: a trained bias has no tensor in the weight file.
+        """
+        keys = {self.pathmap(k): k for k in self.tensors if is_bias_name(k)}
+        missing = sorted(k for k in keys if k not in self.entries)
+        if missing:
+            raise CheckpointError(f"{len(missing)} of the adapter's {len(keys)} trained biases "
+                                  f"{'has' if len(missing) == 1 else 'have'} no tensor in "
+                                  f"{self.base} (looked for {examples(missing)}, with {self.pathmap.describe()}); "
+                                  "nothing was written. Merge into the weight file of the model the adapter was "
+                                  "trained on, whose biases it replaces")
+        return keys
 
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's bases (see :func:`adapter_bases`) in the dtype :func:`randlora.inject` would give the
@@ -63,60 +86,104 @@ class FileAdapter:
                             Bv, self.cfg.alpha / self.cfg.r, O < I, dtype)
 
 
-def read_for_weights(adapter: str | os.PathLike, base: Path, prefix: str = "") -> FileAdapter:
+def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix: object = None) -> FileAdapter:
     """Read ``adapter`` and the header of the weight file ``base``, and match each adapted layer to its weight.
 
     Args:
-        adapter: this library's ``.safetensors`` adapter or a peft RandLora adapter folder.
+        adapter: this library's ``.safetensors`` adapter, a Trainer checkpoint folder holding one, or a peft
+            RandLora adapter folder.
         base: the base model's ``.safetensors`` weight file (only its header is read).
-        prefix: prepended to the adapter's module paths to find ``<prefix><path>.weight`` in ``base``.
+        prefix: None to map the adapter's paths onto the file's by :func:`randlora.paths.match_paths` (exact,
+            else the unique leading prefix added or stripped); or an override: ``"FROM=TO"`` (replace the
+            leading ``FROM`` by ``TO``; ``"FROM="`` strips it), ``"TO"`` (add ``TO``) or ``(FROM, TO)``.
 
     Returns:
         A :class:`FileAdapter`.
 
     Raises:
-        CheckpointError: an unreadable adapter or weight file, an adapter without layers, or layers whose
-            weights are missing from ``base`` or do not fit the adapter (see :func:`weight_shapes`).
+        CheckpointError: an unreadable adapter or weight file, an adapter without layers, layer paths that
+            no prefix (or not the one given) maps onto the file's weights, or several prefixes that do, or
+            weights that do not fit the adapter (see :func:`weight_shapes`).
         ConfigError: a peft folder with settings this library does not support.
     """
+    base = Path(base)
     tensors, cfg, info = read_adapter(adapter)
     header_size, header = read_header(base)
     entries = tensor_entries(header)
     layers = layer_paths(tensors)
     if not layers:
-        raise CheckpointError(f"{adapter} holds no adapted layer (no randlora_lambda tensors)")
+        raise CheckpointError(f"{info['file']} holds no adapted layer (no randlora_lambda tensors); is it an "
+                              "adapter written by randlora.save or randlora.save_peft?")
+    pathmap = map_layers(layers, entries, base, prefix)
+    keys = {p: f"{pathmap(p)}.weight" for p in layers}
     ffo = fan_in_fan_out_layers(cfg, info, layers)
-    shapes, dtypes = weight_shapes(base, entries, tensors, cfg, layers, ffo, prefix)
-    return FileAdapter(tensors, cfg, info, header_size, entries, layers, ffo, shapes, dtypes)
+    shapes, dtypes = weight_shapes(base, entries, tensors, cfg, layers, ffo, keys)
+    return FileAdapter(tensors, cfg, info, header_size, entries, layers, ffo, shapes, dtypes, pathmap, keys, base)
+
+
+_CLI_PREFIX = ("On the command line, --prefix FROM=TO replaces the leading FROM of the adapter's paths by TO "
+               "(--prefix FROM= strips it, --prefix TO adds TO)")
+
+
+def map_layers(layers: list[str], entries: dict[str, dict], base: Path, prefix: object = None) -> PathMap:
+    """How the adapter's layer paths map onto the module paths of the weight file's ``*.weight`` keys.
+
+    :func:`randlora.paths.match_paths` with the file's keys ending in ``.weight`` (that suffix removed) as
+    the model's paths; ``prefix`` is its override (None or ``""``: automatic).
+
+    Raises:
+        CheckpointError: no prefix maps every layer, several do, or the one given leaves some unmapped; the
+            message names the cause, a few paths of both sides and how to pass ``--prefix``.
+    """
+    have = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+    try:
+        return match_paths(layers, have, prefix=prefix if prefix != "" else None,
+                           model_desc=f"the weights of {base}")
+    except CheckpointError as e:
+        # the rule's words are the loaders'; from files, nothing is written either
+        msg = str(e).replace("nothing was loaded", "nothing was written").replace("Nothing was loaded",
+                                                                                   "Nothing was written")
+        raise CheckpointError(f"{msg}. {_CLI_PREFIX}") from None
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
     """Read this library's adapter file or a peft adapter folder (never unpickles).
 
     Args:
-        path: a ``.safetensors`` adapter written by :func:`randlora.save`, a peft RandLora adapter folder,
-            or the ``adapter_model.safetensors`` file inside such a folder.
+        path: a ``.safetensors`` adapter written by :func:`randlora.save`, a checkpoint folder of
+            :class:`randlora.hf.RandLoraTrainer` (its ``randlora_adapter.safetensors`` is read, through
+            :func:`randlora.checkpoint.read_file`), a peft RandLora adapter folder, or the
+            ``adapter_model.safetensors`` file inside such a folder.
 
     Returns:
         ``(tensors, settings, info)``: the tensors under this library's keys, the adapter's settings, and
-        ``info["format"]`` (``"randlora"`` or ``"peft"``); for peft also ``info["fan_in_fan_out"]`` (the
-        folder's flag, which applies to every layer) and ``info["raw"]`` (its ``adapter_config.json``).
+        ``info["format"]`` (``"randlora"`` or ``"peft"``) and ``info["file"]`` (the file read); for peft also
+        ``info["fan_in_fan_out"]`` (the folder's flag, which applies to every layer) and ``info["raw"]`` (its
+        ``adapter_config.json``).
 
     Raises:
-        CheckpointError: a folder without ``adapter_config.json``, or an unreadable or corrupt adapter.
+        CheckpointError: a folder holding neither ``adapter_config.json`` nor ``randlora_adapter.safetensors``,
+            or an unreadable or corrupt adapter.
         ConfigError: a peft folder with settings this library does not support.
     """
     path = Path(path)
     if path.is_file() and path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
         path = path.parent
-    if path.is_dir():
-        if not is_peft_folder(path):
-            raise CheckpointError(f"{path} is a folder without {PEFT_CONFIG}; pass an adapter .safetensors file "
-                                  "or a peft adapter folder")
+    if is_peft_folder(path):
         tensors, cfg, raw = read_peft(path)
-        return tensors, cfg, {"format": "peft", "fan_in_fan_out": bool(raw.get("fan_in_fan_out")), "raw": raw}
+        return tensors, cfg, {"format": "peft", "fan_in_fan_out": bool(raw.get("fan_in_fan_out")), "raw": raw,
+                              "file": path / PEFT_WEIGHTS}
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass an adapter .safetensors file, a checkpoint folder of "
+                              "randlora.hf.RandLoraTrainer or a peft adapter folder")
+    if path.is_dir() and not (path / ADAPTER_FILE).is_file():
+        names = sorted(p.name for p in path.iterdir())
+        raise CheckpointError(f"the folder {path} holds neither {PEFT_CONFIG} nor {ADAPTER_FILE} (it holds "
+                              f"{len(names)} entries{': ' + examples(names) if names else ''}); pass an adapter "
+                              ".safetensors file, a checkpoint folder of randlora.hf.RandLoraTrainer or a peft "
+                              "adapter folder")
     tensors, cfg = read_file(path)
-    return tensors, cfg, {"format": "randlora"}
+    return tensors, cfg, {"format": "randlora", "file": adapter_path(path)}
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -155,8 +222,8 @@ def fan_in_fan_out_layers(cfg: AdapterConfig, info: dict, layers: list[str]) -> 
 
 
 def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch.Tensor], cfg: AdapterConfig,
-                  layers: list[str], ffo: set[str], prefix: str) -> tuple[dict[str, tuple[int, int]],
-                                                                         dict[str, torch.dtype]]:
+                  layers: list[str], ffo: set[str], keys: dict[str, str]) -> tuple[dict[str, tuple[int, int]],
+                                                                               dict[str, torch.dtype]]:
     """Each adapted layer's ``(O, I)`` and weight dtype, from the weight file's header entries.
 
     Args:
@@ -166,7 +233,7 @@ def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch
         cfg: the adapter's settings (``r``).
         layers: the adapter's module paths.
         ffo: the layers whose weight is stored ``(in, out)``.
-        prefix: prepended to a module path to find ``<prefix><path>.weight`` among ``entries``.
+        keys: each layer's weight key in the file (from :func:`map_layers`).
 
     Returns:
         ``(shapes, dtypes)``, both keyed by module path.
@@ -175,15 +242,13 @@ def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch
         CheckpointError: a layer's weight is missing, not a 2-D floating-point tensor, or of a shape the
             adapter's ``randlora_gamma`` does not fit.
     """
-    missing = [f"{prefix}{p}.weight" for p in layers if f"{prefix}{p}.weight" not in entries]
+    missing = [keys[p] for p in layers if keys[p] not in entries]
     if missing:
-        some = [k for k in entries if k.endswith(".weight")][:3]
-        raise CheckpointError(f"{base} has no tensors {missing[:3]}{' ...' if len(missing) > 3 else ''} for the "
-                              f"adapter's layers; its weights are named like {some}. Use --prefix to map the "
-                              "adapter's module paths onto the file's keys")
+        raise CheckpointError(f"{base} has no tensors for {len(missing)} of the adapter's {len(layers)} layers "
+                              f"(looked for {examples(missing)}). {_CLI_PREFIX}")
     shapes, dtypes = {}, {}
     for p in layers:
-        k = f"{prefix}{p}.weight"
+        k = keys[p]
         e = entries[k]
         if len(e["shape"]) != 2 or e["dtype"] not in DTYPES:
             raise CheckpointError(f"{k} in {base} is {e['dtype']} {e['shape']}; a 2-D floating-point weight is needed")

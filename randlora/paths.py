@@ -19,7 +19,7 @@ from torch import nn
 from .bank import BasisBank
 from .errors import CheckpointError, StateError
 
-__all__ = ["BANK_ATTR", "PathMap", "adapter_root", "compiled_inner", "locate", "match_paths", "on_root", "parse_prefix", "examples"]
+__all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "compiled_inner", "linear_paths", "locate", "match_paths", "on_root", "parse_prefix", "examples"]
 
 BANK_ATTR = "randlora_bank"  # the attribute of the adapter's root that holds its bank
 
@@ -58,6 +58,23 @@ def _roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(bank, BasisBank):
             found.append((path, mod))
     return found
+
+
+WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+"""Path components that module wrappers insert (``torch.compile``, activation checkpointing, FSDP1): an adapter
+names its layers without them, so a file does not depend on which blocks were compiled or wrapped."""
+
+
+def canonical(path: str) -> str:
+    """``path`` without the components wrappers insert (:data:`WRAPPER_PARTS`)."""
+    if not any(w in path for w in WRAPPER_PARTS):
+        return path
+    return ".".join(p for p in path.split(".") if p not in WRAPPER_PARTS)
+
+
+def linear_paths(model: nn.Module, is_linear) -> dict[str, str]:
+    """``{canonical path: real path}`` of the modules ``is_linear`` accepts (the root excluded)."""
+    return {canonical(n): n for n, m in model.named_modules() if n and is_linear(m)}
 
 
 def compiled_inner(model: nn.Module) -> nn.Module:

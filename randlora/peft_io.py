@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, StateError, TargetError
+from .errors import CheckpointError, ConfigError, StateError
 from .bank import bases_checksum
 from .checkpoint import atomic_write
 from .recipes import BankShape, bank_shape, generate
-from .paths import locate, match_paths, on_root
+from .paths import canonical, compiled_inner, linear_paths, locate, match_paths, on_root
 from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, eject, inject, is_bias_name, is_conv1d,
                      is_linear, require_bank)
 
@@ -203,21 +203,9 @@ def _settings(cfg: dict, layers: list[str]) -> AdapterConfig:
     )
 
 
-def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict) -> list[str]:
-    """The adapter's layer paths must all be linear modules of ``model``; Conv1D needs ``fan_in_fan_out``."""
-    mods = dict(model.named_modules())
-    missing = [p for p in settings.targets if p not in mods]
-    if missing:
-        have = [n for n, m in mods.items() if n and is_linear(m)][:3]
-        raise TargetError(f"the peft adapter adapts modules the model does not have: {missing[:5]}"
-                          f"{' ...' if len(missing) > 5 else ''}. Linear modules here are named like {have}; "
-                          "apply it to the model it was trained on (peft keys are relative to the model passed "
-                          "to get_peft_model)")
-    bad = [p for p in settings.targets if not is_linear(mods[p])]
-    if bad:
-        raise TargetError(f"the peft adapter adapts modules that are not linear layers here: "
-                          f"{[(p, type(mods[p]).__name__) for p in bad[:5]]}")
-    conv = [p for p in settings.targets if is_conv1d(mods[p])]
+def _check_layers(model: nn.Module, settings: AdapterConfig, cfg: dict, real: dict[str, str]) -> list[str]:
+    """Conv1D layers need ``fan_in_fan_out`` (the adapter's paths are the model's linear layers already)."""
+    conv = [p for p in settings.targets if is_conv1d(model.get_submodule(real[p]))]
     if conv and not cfg.get("fan_in_fan_out", False):
         raise ConfigError(f"layers {conv[:3]} are Conv1D (weights stored (in, out)) but the adapter config has "
                           "fan_in_fan_out=false; set \"fan_in_fan_out\": true in adapter_config.json if the "
@@ -243,9 +231,9 @@ def load_peft(model: nn.Module, folder: str | os.PathLike, *, prefix: object = N
 
     Raises:
         StateError: the model already has a RandLora adapter.
-        TargetError: the adapter names modules the model lacks, or that are not linear layers.
         ConfigError: unsupported settings, or Conv1D layers with ``fan_in_fan_out=false``.
-        CheckpointError: an unreadable folder, bases of the wrong shapes, or biases the model lacks.
+        CheckpointError: an unreadable folder, layers that are not the model's (see
+            :func:`randlora.paths.match_paths`), bases of the wrong shapes, or biases the model lacks.
     """
     from .checkpoint import FP, load_state_dict
 
@@ -253,9 +241,9 @@ def load_peft(model: nn.Module, folder: str | os.PathLike, *, prefix: object = N
     if locate(model) is not None:
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
                          "randlora.merge(model) before loading another")
-    model, tensors = _matched(model, settings, tensors, prefix)
-    _check_layers(model, settings, cfg)
-    targets = "|".join(re.escape(p) for p in settings.targets)
+    model, tensors, real = _matched(model, settings, tensors, prefix)
+    _check_layers(model, settings, cfg, real)
+    targets = "|".join(re.escape(real[p]) for p in settings.targets)
     inject(model, targets, r=settings.r, alpha=settings.alpha, init="peft", dropout=settings.dropout,
            seed=settings.seed, bases=settings.bases, recipe="peft", bias=settings.bias)
     try:
@@ -274,14 +262,18 @@ def load_peft(model: nn.Module, folder: str | os.PathLike, *, prefix: object = N
 
 
 def _matched(model: nn.Module, settings: AdapterConfig, tensors: dict[str, torch.Tensor], prefix: object
-             ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The module to inject on and the tensors renamed for it, by the one matching rule: an adapter trained on
-    a submodule goes on that submodule; one trained on a wrapper loads into the bare model."""
-    pm = match_paths(settings.targets, [n for n, m in model.named_modules() if n and is_linear(m)], prefix=prefix)
+             ) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, str]]:
+    """The module to inject on, the tensors renamed for it and its ``{path: real module path}``, by the one
+    matching rule: an adapter trained on a submodule goes on that submodule; one trained on a wrapper loads
+    into the bare model."""
+    model = compiled_inner(model)
+    real = linear_paths(model, is_linear)
+    pm = match_paths(settings.targets, real, prefix=prefix)
     if pm.add and not pm.strip:
-        return model.get_submodule(pm.add[:-1]), tensors
+        model = compiled_inner(next(m for n, m in model.named_modules() if canonical(n) == pm.add[:-1]))
+        return model, tensors, linear_paths(model, is_linear)
     settings.targets = [pm(t) for t in settings.targets]
-    return model, {k if k.startswith("randlora_") else pm(k): v for k, v in tensors.items()}
+    return model, {k if k.startswith("randlora_") else pm(k): v for k, v in tensors.items()}, real
 
 
 def _check_bases_fit(bank, tensors: dict[str, torch.Tensor]) -> None:
@@ -310,7 +302,8 @@ def _peft_matches(entry_list: list[str], name: str) -> bool:
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """Exact module paths as a list when peft's list matching selects exactly them, else a full-match regex."""
     chosen = set(names)
-    clash = [n for n, _ in model.named_modules() if n and n not in chosen and _peft_matches(names, n)]
+    paths = dict.fromkeys(canonical(n) for n, _ in model.named_modules() if n)
+    clash = [n for n in paths if n not in chosen and _peft_matches(names, n)]
     if not clash:
         return sorted(names)
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
@@ -389,6 +382,7 @@ def _peft_tensors(model: nn.Module, layers: list) -> dict[str, torch.Tensor]:
         tensors[f"{PREFIX}{n}.randlora_gamma"] = params[1].detach().to("cpu", torch.float32).clone()
     adapted = {n for n, _, _ in layers}
     for pname, p in model.named_parameters():
+        pname = canonical(pname)
         if p.requires_grad and is_bias_name(pname):
             # peft keeps an adapted layer's own bias on its wrapped base_layer
             owner = pname[: -len(".bias")] if pname != "bias" else ""

@@ -17,7 +17,7 @@ from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
 from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quantized
 from .recipes import MODES, RECIPES, BankShape, bank_shape
-from .paths import BANK_ATTR, compiled_inner, locate, on_root
+from .paths import BANK_ATTR, canonical, compiled_inner, locate, on_root
 from .registry import DEFAULT, AdapterConfig, Registry
 
 __all__ = [
@@ -255,7 +255,13 @@ def _check_name(name: str) -> None:
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
-    """``(name, layer)`` for every adapted layer."""
+    """``(path, layer)`` for every adapted layer; paths as files name them (:func:`randlora.paths.canonical`)."""
+    for name, mod in _adapted_modules(model):
+        yield canonical(name), mod
+
+
+def _adapted_modules(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
+    """``(real module path, layer)`` for every adapted layer (for ``get_submodule`` and swapping)."""
     for name, mod in model.named_modules():
         if isinstance(mod, RandLoraLinear):
             yield name, mod
@@ -356,7 +362,7 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Pl
                           f"bank would hold r-sized bases no layer can use (and a huge r runs out of memory). Pass "
                           f"r <= {largest}; smaller r means more bases (n = ceil(min(O, I) / r)) and more "
                           "trainable values")
-    cfg.targets, cfg.fan_in_fan_out = names, fan
+    cfg.targets, cfg.fan_in_fan_out = [canonical(n) for n in names], [canonical(n) for n in fan]
     return _Plan(modules=mods, shape=bank_shape(cfg.recipe, cfg.r, shapes),
                  dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=devices.pop())
 
@@ -497,8 +503,8 @@ def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
     new = {n: model.get_submodule(n) for n in names}
     for l in new.values():
         l.add_adapter(name, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init)
-    cfg.targets = names
-    cfg.fan_in_fan_out = [n for n, l in new.items() if l.fan_in_fan_out]
+    cfg.targets = [canonical(n) for n in names]
+    cfg.fan_in_fan_out = [canonical(n) for n, l in new.items() if l.fan_in_fan_out]
     reg.adapters[name] = cfg  # off until use(model, name)
     return _report(model, new.items(), bank)
 
@@ -547,7 +553,7 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def _restore(model: nn.Module) -> None:
-    for name, layer in list(adapted_layers(model)):
+    for name, layer in list(_adapted_modules(model)):
         base = layer.base_layer
         base.weight = layer.weight
         if layer.bias is not None:
@@ -631,7 +637,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     name = registry_of(model).resolve(name)
-    every = list(adapted_layers(model))
+    every = list(_adapted_modules(model))
     if any(l.merged for _, l in every):
         raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
                          "randlora.eject(model) to drop the wrappers")

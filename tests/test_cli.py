@@ -127,6 +127,8 @@ def test_merge_peft_folder_with_portable_bases(tmp_path):
 
 
 def test_module_entry_point_and_prefix(tmp_path):
+    """The file's keys carry a prefix the adapter's paths lack: found without --prefix, and the output says so;
+    ``--prefix TO`` still adds TO, as before."""
     model = make()
     save_file({f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()},
               str(tmp_path / "base.safetensors"))
@@ -134,15 +136,255 @@ def test_module_entry_point_and_prefix(tmp_path):
     perturb(model)
     randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
     randlora.merge(model)
+    want = {f"model.{k}": v for k, v in model.state_dict().items()}
     cmd = [sys.executable, "-m", "randlora", "merge", "--base", str(tmp_path / "base.safetensors"),
            "--adapter", str(tmp_path / "ad.safetensors"), "--out", str(tmp_path / "m.safetensors")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1 and "--prefix" in res.stderr and "layers.0.q_proj.weight" in res.stderr
-    assert not (tmp_path / "m.safetensors").exists()
-    res = subprocess.run(cmd + ["--prefix", "model."], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "merged 2 layers" in res.stdout
-    assert_same_file_as(tmp_path / "m.safetensors", {f"model.{k}": v for k, v in model.state_dict().items()})
+    assert "merged 2 layers" in res.stdout and "the prefix 'model.' added" in res.stdout
+    assert f"adapter file {tmp_path / 'ad.safetensors'}" in res.stdout
+    assert_same_file_as(tmp_path / "m.safetensors", want)
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "ad.safetensors"),
+                 "--out", str(tmp_path / "m2.safetensors"), "--prefix", "model."]) == 0
+    assert_same_file_as(tmp_path / "m2.safetensors", want)
+
+
+# ------------------------------------------------------------------------------------------------
+# path matching: an adapter trained on a wrapper, merged into the wrapped model's own weight file
+# ------------------------------------------------------------------------------------------------
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([Block(), Block()])
+
+
+class Encoder(nn.Module):
+    """A bare encoder: its own weight file has keys ``encoder.layer.N...``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 24)
+        self.encoder = Stack()
+
+
+class Wrapper(nn.Module):
+    """A task model around the encoder: its adapter's paths are ``encoder.encoder.layer.N...``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Linear(24, 3)
+
+
+def wrapper_case(tmp_path, bias="randlora_only"):
+    """The bare encoder's weight file, an adapter trained on the wrapper, and the encoder's merged weights."""
+    torch.manual_seed(0)
+    model = Wrapper()
+    write_base(model.encoder, tmp_path / "encoder.safetensors")
+    randlora.inject(model, ["q_proj", "up_proj"], r=4, alpha=8, bias=bias)
+    perturb(model)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    randlora.merge(model)
+    return tmp_path / "encoder.safetensors", tmp_path / "ad.safetensors", model.encoder.state_dict()
+
+
+def test_merge_maps_a_wrapper_adapter_onto_the_bare_model_file(tmp_path, capsys):
+    base, ad, want = wrapper_case(tmp_path)
+    assert sorted(randlora.checkpoint.read_file(ad)[0])[0].startswith("encoder.encoder.layer.0.")
+    assert main(["merge", "--base", str(base), "--adapter", str(ad), "--out", str(tmp_path / "auto.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "merged 4 layers (randlora adapter) and 4 biases" in out and "the prefix 'encoder.' stripped" in out
+    assert_same_file_as(tmp_path / "auto.safetensors", want)
+    # the explicit override gives the same file
+    assert main(["merge", "--base", str(base), "--adapter", str(ad), "--out", str(tmp_path / "explicit.safetensors"),
+                 "--prefix", "encoder.="]) == 0
+    assert_same_file_as(tmp_path / "explicit.safetensors", want)
+
+
+def test_export_maps_a_wrapper_adapter_onto_the_bare_model_file(tmp_path, capsys):
+    from randlora.export import LORA_WEIGHTS
+
+    torch.manual_seed(0)
+    model = Wrapper()
+    write_base(model.encoder, tmp_path / "encoder.safetensors")
+    randlora.inject(model, ["q_proj", "up_proj"], r=4, alpha=8)
+    perturb(model)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    api = randlora.to_lora(model, rank=3)
+    assert main(["export-lora", str(tmp_path / "ad.safetensors"), "--base", str(tmp_path / "encoder.safetensors"),
+                 "--out", str(tmp_path / "lora"), "--rank", "3"]) == 0
+    assert "the prefix 'encoder.' stripped" in capsys.readouterr().out
+    got = load_file(str(tmp_path / "lora" / LORA_WEIGHTS))
+    assert len(got) == 2 * len(api.layers) == 8
+    for p, l in api.layers.items():  # the written keys keep the adapter's (the wrapper's) paths
+        assert p.startswith("encoder.encoder.layer.")
+        assert torch.equal(got[f"base_model.model.{p}.lora_A.weight"], l.lora_A)
+        assert torch.equal(got[f"base_model.model.{p}.lora_B.weight"], l.lora_B)
+
+
+def test_path_errors_name_the_cause_first_and_the_fix(tmp_path, capsys):
+    base, ad, _ = wrapper_case(tmp_path)
+    out = tmp_path / "m.safetensors"
+    common = ["merge", "--base", str(base), "--adapter", str(ad), "--out", str(out)]
+
+    # an add-prefix cannot map these paths: the old advice ("Use --prefix", which only added) is gone
+    assert main([*common, "--prefix", "encoder."]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("randlora: error: 4 of the adapter's 4 layers are not in the weights of ")
+    assert "'encoder.encoder.encoder.layer.0.q_proj'" in err and "--prefix FROM=TO" in err and "--prefix FROM= " in err
+    assert len(err) < 1500
+
+    # an explicit FROM=TO that does not fit
+    assert main([*common, "--prefix", "decoder.=model."]) == 1
+    err = capsys.readouterr().err
+    assert "4 of the adapter's 4 layers are not in the weights of" in err and "'decoder.' -> 'model.'" in err
+
+    # no prefix at all maps them: cause first, a few examples and a count, short
+    torch.manual_seed(0)
+    big = nn.Sequential(*[nn.Linear(8, 8) for _ in range(40)])
+    randlora.inject(big, "all-linear", r=2)
+    randlora.save(big, tmp_path / "big.safetensors", save_projection=False)
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "big.safetensors"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("randlora: error: the adapter's layers are not this model's")
+    assert "the adapter has 39 layers such as '0', '1' and 37 more" in err and "--prefix FROM=TO" in err
+    assert len(err) < 1500
+
+    # two prefixes map them equally well: both named, nothing chosen
+    torch.manual_seed(0)
+    two = nn.ModuleDict({"a": Encoder(), "b": Encoder()})
+    write_base(two, tmp_path / "two.safetensors")
+    torch.manual_seed(0)
+    bare = Encoder()
+    randlora.inject(bare, ["q_proj"], r=4)
+    perturb(bare)
+    randlora.save(bare, tmp_path / "bare.safetensors", save_projection=False)
+    assert main(["merge", "--base", str(tmp_path / "two.safetensors"), "--adapter", str(tmp_path / "bare.safetensors"),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "fit the model in 2 ways (the prefix 'a.' added or the prefix 'b.' added)" in err and "--prefix =a." in err
+    assert main(["merge", "--base", str(tmp_path / "two.safetensors"), "--adapter", str(tmp_path / "bare.safetensors"),
+                 "--out", str(out), "--prefix", "=b."]) == 0
+    merged = load_file(str(out))
+    before = load_file(str(tmp_path / "two.safetensors"))
+    assert torch.equal(merged["a.encoder.layer.0.q_proj.weight"], before["a.encoder.layer.0.q_proj.weight"])
+    assert not torch.equal(merged["b.encoder.layer.0.q_proj.weight"], before["b.encoder.layer.0.q_proj.weight"])
+
+
+def test_merge_refuses_trained_biases_the_file_lacks(tmp_path, capsys):
+    """bias="all" trains the wrapper's head bias too; the encoder's file has no place for it."""
+    base, ad, _ = wrapper_case(tmp_path, bias="all")
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--base", str(base), "--adapter", str(ad), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("randlora: error: 1 of the adapter's ")
+    assert "trained biases has no tensor in" in err and "'head.bias'" in err and "prefix 'encoder.' stripped" in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs: never replaced without --force, atomically with it
+# ------------------------------------------------------------------------------------------------
+def test_merge_refuses_an_existing_out_without_force(tmp_path, capsys):
+    model = make()
+    write_base(model, tmp_path / "base.safetensors")
+    randlora.inject(model, ["q_proj"], r=4, alpha=8)
+    perturb(model)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    randlora.merge(model)
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    cmd = ["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "ad.safetensors"),
+           "--out", str(out)]
+    assert main(cmd) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"randlora: error: --out {out} already exists") and "--force" in err
+    assert out.read_bytes() == b"precious"
+    assert main([*cmd, "--force"]) == 0
+    assert_same_file_as(out, model.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad.safetensors", "base.safetensors", "m.safetensors"]
+    # --force on a failing merge leaves the existing file as it was
+    before = out.read_bytes()
+    assert main([*cmd, "--force", "--prefix", "nope.="]) == 1
+    assert out.read_bytes() == before
+    # a folder is never replaced by a file
+    (tmp_path / "dir").mkdir()
+    assert main([*cmd[:-1], str(tmp_path / "dir"), "--force"]) == 1
+    assert "is a folder" in capsys.readouterr().err and (tmp_path / "dir").is_dir()
+
+
+def test_merge_file_refuses_an_existing_out(tmp_path):
+    from randlora.__main__ import merge_file
+    from randlora.errors import CheckpointError
+
+    model = make()
+    write_base(model, tmp_path / "base.safetensors")
+    randlora.inject(model, ["q_proj"], r=4)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    with pytest.raises(CheckpointError, match="already exists; nothing was written. Pass --force"):
+        merge_file(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path / "base.safetensors")
+    merge_file(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path / "base.safetensors", force=True)
+    assert_same_file_as(tmp_path / "base.safetensors", {k: v.detach() for k, v in make().state_dict().items()})
+
+
+def test_export_refuses_an_existing_out_without_force(tmp_path, capsys):
+    from randlora.export import LORA_CONFIG, LORA_WEIGHTS
+
+    model = make()
+    write_base(model, tmp_path / "base.safetensors")
+    randlora.inject(model, ["q_proj"], r=4)
+    perturb(model)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    out = tmp_path / "lora"
+    cmd = ["export-lora", str(tmp_path / "ad.safetensors"), "--base", str(tmp_path / "base.safetensors"),
+           "--out", str(out)]
+    assert main([*cmd, "--rank", "2"]) == 0  # a new folder
+    first = (out / LORA_WEIGHTS).read_bytes()
+    assert main([*cmd, "--rank", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"randlora: error: {out} exists and is not empty") and "--force" in err
+    assert (out / LORA_WEIGHTS).read_bytes() == first
+    assert main([*cmd, "--rank", "3", "--force"]) == 0
+    assert load_file(str(out / LORA_WEIGHTS))["base_model.model.layers.0.q_proj.lora_A.weight"].shape == (3, 24)
+    assert json.loads((out / LORA_CONFIG).read_text())["r"] == 3
+    assert sorted(p.name for p in out.iterdir()) == [LORA_CONFIG, LORA_WEIGHTS]  # no temporary file left
+    assert main([*cmd, "--rank", "2", "--overwrite"]) == 0  # the old spelling still works
+    assert json.loads((out / LORA_CONFIG).read_text())["r"] == 2
+    (tmp_path / "file").write_text("x")
+    assert main([*cmd[:-1], str(tmp_path / "file"), "--rank", "2", "--force"]) == 1
+    assert "is not a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------------
+# a Trainer checkpoint folder as the adapter
+# ------------------------------------------------------------------------------------------------
+def test_trainer_checkpoint_folder(tmp_path, capsys):
+    from randlora.checkpoint import ADAPTER_FILE
+
+    model = make()
+    write_base(model, tmp_path / "base.safetensors")
+    randlora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
+    perturb(model)
+    ckpt = tmp_path / "checkpoint-10"
+    ckpt.mkdir()
+    randlora.save(model, ckpt / ADAPTER_FILE, save_projection=False)
+    (ckpt / "trainer_state.json").write_text("{}")
+    randlora.merge(model)
+    assert main(["inspect", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert f"adapter: {ckpt} (randlora)\nread: {ckpt / ADAPTER_FILE}\n" in text and "4 layers" in text
+    assert main(["inspect", "--json", str(ckpt)]) == 0
+    assert json.loads(capsys.readouterr().out)["file"] == str(ckpt / ADAPTER_FILE)
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(ckpt),
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert f"(adapter file {ckpt / ADAPTER_FILE})" in capsys.readouterr().out
+    assert_same_file_as(tmp_path / "m.safetensors", model.state_dict())
+    # a folder holding neither kind of adapter
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    assert main(["inspect", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "holds neither adapter_config.json nor randlora_adapter.safetensors" in err and "'notes.txt'" in err
 
 
 def test_merge_refuses_a_fingerprint_mismatch(tmp_path):

@@ -302,6 +302,75 @@ def reference_named(model, path, name):
 
 
 # ------------------------------------------------------------------------------------------------
+# determinism
+# ------------------------------------------------------------------------------------------------
+def _with_threads(n, fn):
+    """``fn()`` run with ``torch.set_num_threads(n)``; the export must leave the count as it found it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        out = fn()
+        assert torch.get_num_threads() == n
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_same_factors(a: LoraExport, b: LoraExport):
+    assert a.ranks == b.ranks
+    for p, l in a.layers.items():
+        assert torch.equal(l.lora_A, b.layers[p].lora_A), p
+        assert torch.equal(l.lora_B, b.layers[p].lora_B), p
+
+
+# layers big enough that LAPACK's float32 SVD rounds differently on 1 and 2 threads (measured without the
+# single-thread factoring: every case differed, by up to 1.8e-4 element-wise on these layers)
+@pytest.mark.parametrize("kw", [{"rank": 6}, {"rank": 6, "method": "lowrank"}, {"rank": 40, "method": "svd"},
+                                {"rank": "full"}, {"energy": 0.8}])
+def test_factors_do_not_depend_on_the_thread_count(tmp_path, kw):
+    from randlora.__main__ import main
+
+    model = Net(d=160, h=400)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    randlora.inject(model, ["q_proj", "up_proj", "down_proj"], r=8, alpha=16)
+    randomize(model, 0)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    one = _with_threads(1, lambda: to_lora(model, **kw))
+    two = _with_threads(2, lambda: to_lora(model, **kw))
+    _assert_same_factors(one, two)
+    # the command line (2 threads) writes what save_lora writes on 1 thread, bit for bit
+    argv = [a for k, v in kw.items() for a in (f"--{k}", str(v))]
+    _with_threads(1, lambda: save_lora(model, tmp_path / "api", **kw))
+    assert _with_threads(2, lambda: main(["export-lora", str(tmp_path / "ad.safetensors"), "--base",
+                                          str(tmp_path / "base.safetensors"), "--out", str(tmp_path / "cli"),
+                                          *argv])) == 0
+    a, c = load_file(str(tmp_path / "api" / LORA_WEIGHTS)), load_file(str(tmp_path / "cli" / LORA_WEIGHTS))
+    assert set(a) == set(c) and len(a) == 12
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+
+
+def test_factor_signs_are_fixed_and_the_thread_count_restored_on_error():
+    model = Net(d=40, h=72)
+    randlora.inject(model, ["q_proj", "up_proj", "down_proj"], r=4, alpha=8)
+    randomize(model, 2)
+    for method in ("svd", "lowrank"):
+        exp = to_lora(model, rank=5, method=method)
+        for p, l in exp.layers.items():
+            B = l.lora_B
+            peak = B.gather(0, B.abs().argmax(0, keepdim=True))[0]
+            assert bool((peak > 0).all()), (p, method)  # the largest-magnitude entry of each column
+    with torch.no_grad():
+        model.layers[0].q_proj.randlora_lambda[0, 0] = float("inf")
+
+    def bad():
+        with pytest.raises(StateError, match="inf/nan"):
+            to_lora(model, rank=2)
+
+    _with_threads(2, bad)
+
+
+# ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,args", [({"rank": 6}, ["--rank", "6"]), ({"energy": 0.7}, ["--energy", "0.7"]),
@@ -359,15 +428,19 @@ def test_cli_peft_randlora_folder_with_prefix(tmp_path):
     randlora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8, recipe="peft")
     randomize(model, 0)
     randlora.save_peft(model, tmp_path / "peft", save_projection=False)
-    with pytest.raises(CheckpointError, match="--prefix"):
-        export_file(tmp_path / "peft", tmp_path / "base.safetensors", tmp_path / "x", rank=3)
+    # a prefix that maps no layer: refused before anything is written
+    with pytest.raises(CheckpointError, match="4 of the adapter's 4 layers are not in the weights .* --prefix FROM=TO"):
+        export_file(tmp_path / "peft", tmp_path / "base.safetensors", tmp_path / "x", rank=3, prefix="other.")
     assert not (tmp_path / "x").exists()
-    exp = export_file(tmp_path / "peft", tmp_path / "base.safetensors", tmp_path / "lora", rank=3, prefix="model.")
     api = to_lora(model, rank=3)
-    for p in api.layers:
-        assert torch.equal(exp.layers[p].lora_A, api.layers[p].lora_A)
-        assert torch.equal(exp.layers[p].lora_B, api.layers[p].lora_B)
-    assert sorted(load_file(str(tmp_path / "lora" / LORA_WEIGHTS)))[0].startswith("base_model.model.layers.")
+    # found without a prefix ('model.' added), or with it given: the same factors, keys of the adapter's paths
+    for out, prefix in (("auto", None), ("given", "model."), ("pair", ("", "model."))):
+        exp = export_file(tmp_path / "peft", tmp_path / "base.safetensors", tmp_path / out, rank=3, prefix=prefix)
+        assert exp.source["paths"].add == "model." and exp.source["file"].endswith("adapter_model.safetensors")
+        for p in api.layers:
+            assert torch.equal(exp.layers[p].lora_A, api.layers[p].lora_A)
+            assert torch.equal(exp.layers[p].lora_B, api.layers[p].lora_B)
+        assert sorted(load_file(str(tmp_path / out / LORA_WEIGHTS)))[0].startswith("base_model.model.layers.")
 
 
 def test_cli_bad_input(tmp_path, capsys):
@@ -389,10 +462,10 @@ def test_cli_bad_input(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert main(["export-lora", *common, "--out", str(tmp_path / "full"), "--rank", "2"]) == 1
-    assert "not empty" in capsys.readouterr().err
+    assert f"{tmp_path / 'full'} exists and is not empty; nothing was written" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "x" and not (tmp_path / "full" / LORA_WEIGHTS).exists()
-    assert main(["export-lora", *common, "--out", str(tmp_path / "full"), "--rank", "2", "--overwrite"]) == 0
-    assert (tmp_path / "full" / LORA_WEIGHTS).exists()
+    assert main(["export-lora", *common, "--out", str(tmp_path / "full"), "--rank", "2", "--force"]) == 0
+    assert (tmp_path / "full" / LORA_WEIGHTS).exists() and (tmp_path / "full" / "keep.txt").read_text() == "x"
     assert not (tmp_path / "o").exists()
 
 

@@ -14,7 +14,8 @@ import randlora
 from randlora.__main__ import merge_file
 from randlora.bank import FINGERPRINT_KEYS, Fingerprint, layer_views
 from randlora.checkpoint import atomic_write
-from randlora.files import read_for_weights
+from randlora.errors import CheckpointError
+from randlora.files import read_adapter, read_for_weights
 from randlora.recipes import BankShape, generate, n_bases
 
 
@@ -118,3 +119,50 @@ def test_read_for_weights_matches_the_adapted_model(tmp_path):
     for path, layer in randlora.walker.adapted_layers(model):
         # same bases, same λ/γ, same op and dtype: the file path must reproduce the module's update exactly
         assert torch.equal(fa.delta(path, A, B, torch.float64), layer.delta_weight(torch.float64))
+
+
+def test_read_for_weights_maps_paths_by_the_one_rule(tmp_path):
+    """The weight file's keys carry a prefix (added automatically), or the adapter's do (stripped); biases
+    follow the same mapping; an explicit prefix is used as given."""
+    torch.manual_seed(0)
+    model = Net()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file({f"model.{k}": v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
+    randlora.inject(model, ["up", "down"], r=4, bias="randlora_only")
+    adapter = randlora.save(model, tmp_path / "a.safetensors")
+    fa = read_for_weights(adapter, tmp_path / "prefixed.safetensors")
+    assert (fa.pathmap.strip, fa.pathmap.add) == ("", "model.")
+    assert fa.keys == {"up": "model.up.weight", "down": "model.down.weight"}
+    assert fa.bias_keys() == {"model.up.bias": "up.bias", "model.down.bias": "down.bias"}
+    assert fa.info["file"] == tmp_path / "a.safetensors"
+    for prefix in ("model.", "=model.", ("", "model.")):
+        assert read_for_weights(adapter, tmp_path / "prefixed.safetensors", prefix).keys == fa.keys
+    with pytest.raises(CheckpointError, match="2 of the adapter's 2 layers are not in the weights of"):
+        read_for_weights(adapter, tmp_path / "prefixed.safetensors", "other.=")
+
+    # the adapter's paths carry a prefix the file lacks (it was trained on a wrapper): stripped
+    torch.manual_seed(0)
+    wrapped = nn.Module()
+    wrapped.net = Net()
+    bare = tmp_path / "bare.safetensors"
+    save_file(sd, str(bare))
+    randlora.inject(wrapped, ["up", "down"], r=4, bias="randlora_only")
+    fw = read_for_weights(randlora.save(wrapped, tmp_path / "w.safetensors"), bare)
+    assert (fw.pathmap.strip, fw.pathmap.add) == ("net.", "")
+    assert fw.keys == {"net.up": "up.weight", "net.down": "down.weight"}
+    assert fw.bias_keys() == {"up.bias": "net.up.bias", "down.bias": "net.down.bias"}
+
+
+def test_read_adapter_reads_a_trainer_checkpoint_folder(tmp_path):
+    from randlora.checkpoint import ADAPTER_FILE
+
+    model, _ = _adapted_with_base_file(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    randlora.save(model, tmp_path / "ckpt" / ADAPTER_FILE, save_projection=False)
+    tensors, cfg, info = read_adapter(tmp_path / "ckpt")
+    assert info == {"format": "randlora", "file": tmp_path / "ckpt" / ADAPTER_FILE}
+    assert sorted(tensors) == sorted(randlora.state_dict(model, save_projection=False))
+    randlora.save_peft(model, tmp_path / "peft")
+    assert read_adapter(tmp_path / "peft")[2]["file"] == tmp_path / "peft" / "adapter_model.safetensors"
+    with pytest.raises(CheckpointError, match="does not exist; pass an adapter .safetensors file, a checkpoint"):
+        read_adapter(tmp_path / "missing")
