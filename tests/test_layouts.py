@@ -609,6 +609,32 @@ def test_adapter_saved_from_a_compiled_model_has_no_orig_mod(order, tmp_path):
     assert_close(L.out(fresh, x), want, L.out(L.plain(), x), f"{order} -> plain model")
 
 
+def test_activation_checkpoint_wrappers_do_not_change_the_adapter(tmp_path):
+    """torch's ``apply_activation_checkpointing`` puts ``_checkpoint_wrapped_module`` inside each block's path:
+    the adapter's file names the layers without it, loads into the plain model, and a plain model's file
+    loads into a wrapped one (the layers found through the wrapper)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    L = Layout("wrapper")
+    x = L.inputs()
+    wrapped = L.plain()
+    apply_activation_checkpointing(wrapped, check_fn=lambda mod: isinstance(mod, Block))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
+    randlora.inject(wrapped, NET_TARGETS, **SETTINGS)
+    fill_adapter(wrapped)
+    want = L.out(wrapped, x)
+    path = randlora.save(wrapped, tmp_path / "a.safetensors")
+    tensors, cfg = randlora.checkpoint.read_file(path)
+    for what in (list(tensors), cfg.targets):
+        assert not any("_checkpoint_wrapped_module" in k for k in what), what
+    plain = randlora.load(L.plain(), path)
+    assert_close(L.out(plain, x), want, L.out(L.plain(), x), "checkpoint-wrapped -> plain")
+    again = L.plain()
+    apply_activation_checkpointing(again, check_fn=lambda mod: isinstance(mod, Block))
+    randlora.load(again, randlora.save(plain, tmp_path / "b.safetensors"))
+    assert_close(L.out(again, x), want, L.out(L.plain(), x), "plain -> checkpoint-wrapped")
+
+
 def test_adapter_saved_from_a_ddp_model_has_no_module_prefix(ddp_group, tmp_path):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
