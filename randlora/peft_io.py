@@ -23,7 +23,7 @@ from .bank import bases_checksum
 from .checkpoint import atomic_write
 from .recipes import BankShape, bank_shape, generate
 from .paths import canonical, compiled_inner, linear_paths, locate, match_paths, on_root
-from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, eject, inject, is_bias_name, is_conv1d,
+from .walker import (AdapterConfig, adapted_layers, config_of, eject, inject, is_bias_name, is_conv1d,
                      is_linear, require_bank)
 
 __all__ = ["load_peft", "save_peft", "read_peft", "is_peft_folder", "PEFT_CONFIG", "PEFT_WEIGHTS"]

@@ -1,9 +1,11 @@
-"""The module-replacement walker: select target layers by name, swap them for ``RandLoraLinear`` and back."""
+"""The adapter's lifecycle: inject (validate, plan, swap layers for ``RandLoraLinear``), named adapters,
+merge / unmerge / eject, and the model-level state (bank, registry) every other module reads.
+
+Which layers a call selects is :mod:`randlora.selection`'s job; the names it exports are re-exported here."""
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import numbers
 import re
@@ -19,6 +21,7 @@ from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quanti
 from .recipes import MODES, RECIPES, BankShape, bank_shape
 from .paths import BANK_ATTR, canonical, compiled_inner, locate, on_root
 from .registry import DEFAULT, AdapterConfig, Registry
+from .selection import is_bias_name, is_conv1d, is_linear, select
 
 __all__ = [
     "AdapterConfig",
@@ -81,140 +84,6 @@ def _report(model: nn.Module, layers, bank: BasisBank) -> InjectReport:
 
 
 # ------------------------------------------------------------------------------------------------
-# selection
-# ------------------------------------------------------------------------------------------------
-def is_conv1d(mod: nn.Module) -> bool:
-    """GPT-2 style ``Conv1D``: a 2-D weight stored as ``(in, out)``, recognised by class name or by a
-    ``fan_in_fan_out = True`` attribute (duck typing; transformers is never imported)."""
-    if isinstance(mod, RandLoraLinear):
-        return False
-    if type(mod).__name__ != "Conv1D" and getattr(mod, "fan_in_fan_out", None) is not True:
-        return False
-    return isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2
-
-
-def is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, RandLoraLinear)) or is_conv1d(mod)
-
-
-def _name_matcher(spec: str | Sequence[str]):
-    if isinstance(spec, str):
-        pat = re.compile(spec)
-        return lambda name: pat.fullmatch(name) is not None
-    entries = list(spec)
-    return lambda name: any(name == e or name.endswith("." + e) for e in entries)
-
-
-_LAYER_IDX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def _layer_index(name: str) -> int | None:
-    m = _LAYER_IDX.search(name)
-    return int(m.group(1)) if m else None
-
-
-# last name components that mark an output head in models without ``get_output_embeddings()``
-HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score", "qa_outputs", "text_projection",
-                        "visual_projection", "output_projection"})
-
-
-def _output_heads(model: nn.Module) -> list[nn.Module]:
-    """The output head(s) ``"all-linear"`` leaves out: ``get_output_embeddings()`` when the model has one,
-    else the linear layers named like a head (``HEAD_NAMES``), else the last linear layer."""
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        try:
-            head = get()
-        except Exception:  # noqa: BLE001 - models without a head may raise
-            head = None
-        if isinstance(head, nn.Module):
-            return [head]
-    linear = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
-    named = [m for n, m in linear if n.rsplit(".", 1)[-1] in HEAD_NAMES]
-    return named or [m for _, m in linear[-1:]]
-
-
-def _close_names(model: nn.Module, wanted: Sequence[str]) -> str:
-    tails = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)})
-    sugg = []
-    for w in wanted:
-        sugg += difflib.get_close_matches(w, tails, n=3)
-    sugg = list(dict.fromkeys(sugg)) or tails[:8]
-    return f"linear layers here are named like: {', '.join(sugg)}" if sugg else "the model has no linear layers"
-
-
-def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, exclude=None) -> list[str]:
-    """Names of the modules ``targets`` selects (validated: all linear, at least one)."""
-    if isinstance(targets, (list, tuple)) and len(targets) == 0:
-        raise TargetError("targets is empty: name at least one layer, e.g. targets=['q_proj', 'v_proj']")
-    if not isinstance(targets, (str, list, tuple)) or (
-        isinstance(targets, (list, tuple)) and not all(isinstance(t, str) for t in targets)
-    ):
-        raise TargetError(f"targets must be a list of names, a regex string or 'all-linear', got {targets!r}")
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if targets == "all-linear":
-        heads = _output_heads(model)
-        chosen = [n for n, m in named if is_linear(m) and not any(m is h for h in heads)]
-    else:
-        try:
-            match = _name_matcher(targets)
-        except re.error as e:
-            raise TargetError(f"targets {targets!r} is not a valid regular expression ({e})") from None
-        chosen = [n for n, _ in named if match(n)]
-        bad = [n for n in chosen if not is_linear(dict(named)[n])]
-        if bad:
-            kinds = ", ".join(f"{n} ({type(dict(named)[n]).__name__})" for n in bad[:5])
-            raise TargetError(f"targets match modules that are not linear layers: {kinds}. "
-                              "Name the nn.Linear modules inside them instead (e.g. 'q_proj').")
-    if exclude is not None:
-        if not isinstance(exclude, (str, list, tuple)) or (
-            not isinstance(exclude, str) and not all(isinstance(e, str) for e in exclude)
-        ):
-            raise TargetError(f"exclude must be a list of names or a regex string, got {exclude!r}")
-        try:
-            ex = _name_matcher(exclude)
-        except re.error as e:
-            raise TargetError(f"exclude {exclude!r} is not a valid regular expression ({e})") from None
-        before_exclude, chosen = chosen, [n for n in chosen if not ex(n)]
-    if layers is not None:
-        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple, range)) or not all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
-        ):
-            raise TargetError(f"layers must be an int or a list of block indices (ints), got {layers!r}")
-        if len(layers) == 0:
-            raise TargetError("layers is empty: pass block indices such as layers=[0, 1], or layers=None for all")
-        layers = [int(i) for i in layers]
-        idx = {_layer_index(n) for n in chosen} - {None}
-        missing = sorted(set(layers) - idx)
-        if missing:
-            raise TargetError(f"layers {missing} do not exist among the targets (block indices present: "
-                              f"{sorted(idx) or 'none'}); pass indices from that list")
-        chosen = [n for n in chosen if _layer_index(n) in set(layers)]
-    if not chosen:
-        if exclude is not None and before_exclude:
-            raise TargetError(f"exclude {exclude!r} removes every layer targets {targets!r} selects "
-                              f"({before_exclude[:5]}); narrow exclude")
-        wanted = [targets] if isinstance(targets, str) else list(targets)
-        hint = ""
-        if isinstance(targets, str) and targets != "all-linear":
-            hint = (f". A single string is a regular expression that must match the FULL module name "
-                    f"(e.g. '.*{targets}'); a list such as [{targets!r}] matches names ending with it")
-        raise TargetError(f"targets {targets!r} match no layer of the model; {_close_names(model, wanted)}{hint}")
-    aliases: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(n)
-    by_name = dict(named)
-    shared = [aliases[id(by_name[n])] for n in chosen if len(aliases[id(by_name[n])]) > 1]
-    if shared:
-        raise TargetError(f"target module {shared[0][0]!r} is registered under several names {shared[0]}; "
-                          "an adapter would only replace one of them. Give each place its own module "
-                          "(copy.deepcopy) or exclude it")
-    return chosen
-
-
-# ------------------------------------------------------------------------------------------------
 # model-level state
 # ------------------------------------------------------------------------------------------------
 def _check_module(model) -> None:
@@ -265,11 +134,6 @@ def _adapted_modules(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
     for name, mod in model.named_modules():
         if isinstance(mod, RandLoraLinear):
             yield name, mod
-
-
-def is_bias_name(name: str) -> bool:
-    """Whether a parameter name is a bias (``bias`` or ``<module>.bias``): the ones ``bias=`` trains."""
-    return name == "bias" or name.endswith(".bias")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
