@@ -27,7 +27,7 @@ from .paths import PathMap, canonical, compiled_inner, examples, linear_paths, l
 from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, drop_adapter, eject, inject, is_bias_name,
                      is_linear, registry_of, require_bank)
 
-__all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "adapter_path", "FORMAT", "ADAPTER_FILE"]
+__all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "read_safetensors", "adapter_path", "FORMAT", "ADAPTER_FILE"]
 
 FORMAT = "randlora"
 ADAPTER_FILE = "randlora_adapter.safetensors"  # the adapter file in a Trainer checkpoint folder (randlora.hf)
@@ -476,14 +476,14 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapter
             checksum, or holds unreadable settings or bases.
     """
     path = adapter_path(path)
-    tensors, meta = _read_safetensors(path)
+    tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a randlora adapter (no randlora metadata); "
                               "for a peft adapter folder use randlora.load_peft")
     if DIGEST in meta and _digest(tensors) != meta[DIGEST]:
         raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum stored when it was saved "
                               "(a flipped or truncated byte); nothing was loaded. Use an intact copy of the file")
-    config = _settings(path, meta)
+    config = _file_config(path, meta)
     try:
         _decode_bases(tensors, meta)
     except (ValueError, RuntimeError) as e:
@@ -514,7 +514,7 @@ def adapter_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and the metadata of a safetensors file."""
     from safetensors import safe_open
 
@@ -528,7 +528,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, meta
 
 
-def _settings(path: Path, meta: dict[str, str]) -> AdapterConfig:
+def _file_config(path: Path, meta: dict[str, str]) -> AdapterConfig:
     try:
         return AdapterConfig(**json.loads(meta["config"]))
     except (TypeError, ValueError) as e:

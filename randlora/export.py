@@ -23,7 +23,6 @@ on the benchmark model's float32 factors, the products agreeing), and each singu
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 import os
@@ -35,16 +34,15 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, StateError
 from .files import read_for_weights
 from .paths import canonical, on_root
+from .peft_format import (CONFIG_FILE, KEY_PREFIX, LORA_BIAS, PEFT_VERSION, WEIGHTS_FILE, bias_key, target_modules,
+                          write_folder)
 
 __all__ = ["LoraLayer", "LoraExport", "to_lora", "save_lora", "export_file", "METHODS"]
 
-PREFIX = "base_model.model."
-LORA_CONFIG = "adapter_config.json"
-LORA_WEIGHTS = "adapter_model.safetensors"
+PREFIX, LORA_CONFIG, LORA_WEIGHTS = KEY_PREFIX, CONFIG_FILE, WEIGHTS_FILE
 METHODS = ("auto", "svd", "lowrank")
 # svd_lowrank settings: oversampling columns and power iterations. With 4 iterations the randomized
 # factors' error stayed within 0.6 % of the optimal truncation's on trained-like RandLora updates, whose
@@ -54,8 +52,6 @@ _NITER = 4
 # ``method="auto"`` uses the randomized SVD while ``k + oversampling`` is at most this fraction of
 # ``min(O, I)``: at 0.27 it was still 1.8x faster than the full SVD, at 0.5 0.8-0.9x (benchmarks/export.py).
 _LOWRANK_MAX_FRACTION = 0.3
-_PEFT_VERSION_WRITTEN = "0.21.2"  # the peft release whose LoRA layout this module follows
-_BIAS_MODES = {"none": "none", "all": "all", "randlora_only": "lora_only"}
 
 
 @dataclass
@@ -117,9 +113,7 @@ class LoraExport:
             sd[f"{PREFIX}{p}.lora_A.weight"] = l.lora_A.detach().to("cpu").contiguous()
             sd[f"{PREFIX}{p}.lora_B.weight"] = l.lora_B.detach().to("cpu").contiguous()
         for k, t in self.biases.items():
-            owner = k[: -len(".bias")] if k != "bias" else ""
-            key = f"{PREFIX}{owner}.base_layer.bias" if owner in self.layers else f"{PREFIX}{k}"
-            sd[key] = t.detach().to("cpu").contiguous()
+            sd[bias_key(k, self.layers)] = t.detach().to("cpu").contiguous()
         return sd
 
     def adapter_config(self) -> dict:
@@ -130,7 +124,7 @@ class LoraExport:
         r = max(self.ranks.values())
         paths = sorted(self.layers)
         names = set(self.module_names) | set(paths)
-        targets = _target_modules(names, paths)
+        targets = target_modules(paths, names)
         rank_pattern = {}
         for p in paths:
             k = self.layers[p].rank
@@ -158,7 +152,7 @@ class LoraExport:
             "lora_dropout": 0.0,
             "modules_to_save": None,
             "peft_type": "LORA",
-            "peft_version": _PEFT_VERSION_WRITTEN,
+            "peft_version": PEFT_VERSION,
             "r": r,
             "rank_pattern": rank_pattern,
             "revision": None,
@@ -183,16 +177,6 @@ class LoraExport:
 # ------------------------------------------------------------------------------------------------
 # naming (peft's target_modules / rank_pattern matching)
 # ------------------------------------------------------------------------------------------------
-def _target_modules(names: set[str], paths: list[str]) -> list[str] | str:
-    """Exact module paths as a list when peft's list matching (equal, or ends with ``.entry``) selects
-    exactly them, else a full-match regular expression."""
-    chosen = set(paths)
-    clash = [n for n in names if n and n not in chosen and any(n.endswith("." + p) for p in paths)]
-    if not clash:
-        return list(paths)
-    return "(" + "|".join(re.escape(p) for p in paths) + ")"
-
-
 def _pattern_key(names: set[str], path: str) -> str:
     """A ``rank_pattern`` key selecting ``path`` only. peft matches keys as ``(.*\\.)?(key)$``: the plain
     path (what peft itself writes) unless another module's name ends with it; then an anchored regex."""
@@ -392,7 +376,7 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     biases = {canonical(n): p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and is_bias_name(n)}
     cfg = bank.registry.adapters[adapter]
-    bias = _BIAS_MODES.get(cfg.bias, "all") if biases else "none"
+    bias = LORA_BIAS.get(cfg.bias, "all") if biases else "none"
     out = LoraExport(layers=layers, biases=biases, bias=bias,
                      module_names=list(dict.fromkeys(canonical(n) for n, _ in model.named_modules() if n)))
     out.seconds = time.perf_counter() - t0
@@ -431,8 +415,6 @@ def save_lora(model_or_export: nn.Module | LoraExport, folder: str | os.PathLike
             ``nn.Linear`` layers mixed (peft has one ``fan_in_fan_out`` per adapter).
         StateError: as for :func:`to_lora`.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     _check_folder(folder, overwrite)
     if isinstance(model_or_export, LoraExport):
@@ -445,10 +427,7 @@ def save_lora(model_or_export: nn.Module | LoraExport, folder: str | os.PathLike
     else:
         raise ConfigError(f"expected an adapted torch.nn.Module or a LoraExport, got {type(model_or_export).__name__}")
     config = exp.adapter_config()  # validates before anything is written
-    tensors = exp.state_dict()
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / LORA_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / LORA_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    write_folder(folder, exp.state_dict(), config)
     return exp
 
 
@@ -508,7 +487,7 @@ def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | 
         if k.startswith(pm.add):
             parts = (pm.strip + k[len(pm.add):]).split(".")[:-1]
             names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    exp = LoraExport(layers=factored, biases=biases, bias=_BIAS_MODES.get(fa.cfg.bias, "all") if biases else "none",
+    exp = LoraExport(layers=factored, biases=biases, bias=LORA_BIAS.get(fa.cfg.bias, "all") if biases else "none",
                      module_names=sorted(names), source={"file": str(fa.info["file"]), "paths": pm})
     exp.seconds = time.perf_counter() - t0
     if out is not None:

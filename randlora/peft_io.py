@@ -20,24 +20,20 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, StateError
 from .bank import bases_checksum
-from .checkpoint import atomic_write
 from .recipes import BankShape, bank_shape, generate
+from .peft_format import CONFIG_FILE, KEY_PREFIX, PEFT_VERSION, WEIGHTS_FILE, bias_key, is_folder, target_modules, write_folder
+from .registry import BIAS_MODES
 from .paths import canonical, compiled_inner, linear_paths, locate, match_paths, on_root
 from .walker import (AdapterConfig, adapted_layers, config_of, eject, inject, is_bias_name, is_conv1d,
                      is_linear, require_bank)
 
 __all__ = ["load_peft", "save_peft", "read_peft", "is_peft_folder", "PEFT_CONFIG", "PEFT_WEIGHTS"]
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+PEFT_CONFIG, PEFT_WEIGHTS, PREFIX = CONFIG_FILE, WEIGHTS_FILE, KEY_PREFIX
 SHARED = ("base_model.randlora_A", "base_model.randlora_B")
-_PEFT_VERSION_WRITTEN = "0.21.2"  # the peft release whose layout this module follows
 
 
-def is_peft_folder(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder holding a peft ``adapter_config.json``."""
-    return Path(path).is_dir() and (Path(path) / PEFT_CONFIG).is_file()
+is_peft_folder = is_folder
 
 
 def _mode(cfg: dict) -> str:
@@ -60,7 +56,7 @@ def _check_config(cfg: dict, folder: Path) -> None:
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         problems.append(f"r={r!r} (must be a positive int)")
-    if cfg.get("bias", "none") not in ("none", "all", "randlora_only"):
+    if cfg.get("bias", "none") not in BIAS_MODES:
         problems.append(f"bias={cfg.get('bias')!r}")
     if problems:
         raise ConfigError(f"the peft adapter in {folder} uses settings this library does not support: "
@@ -96,7 +92,7 @@ def read_peft(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adapt
     layers = _check_pairs(tensors, cfg["r"], wpath)
     _add_bases(tensors, raw.get(SHARED[0], per_layer_bases.get("randlora_A")),
                raw.get(SHARED[1], per_layer_bases.get("randlora_B")), cfg["r"], wpath)
-    return tensors, _settings(cfg, layers), cfg
+    return tensors, _adapter_config(cfg, layers), cfg
 
 
 def _peft_files(folder: Path) -> tuple[Path, Path]:
@@ -126,13 +122,9 @@ def _read_config(cpath: Path) -> dict:
 
 
 def _read_weights(wpath: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from .checkpoint import read_safetensors
 
-    try:
-        with safe_open(str(wpath), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise CheckpointError(f"{wpath} is not a readable .safetensors file ({type(e).__name__}: {e})") from None
+    return read_safetensors(wpath)[0]
 
 
 def _own_keys(raw: dict[str, torch.Tensor], wpath: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -194,7 +186,7 @@ def _add_bases(tensors: dict[str, torch.Tensor], A: torch.Tensor | None, B: torc
     tensors["randlora_B"] = B.to(torch.float32)
 
 
-def _settings(cfg: dict, layers: list[str]) -> AdapterConfig:
+def _adapter_config(cfg: dict, layers: list[str]) -> AdapterConfig:
     """This library's settings for the folder's config; peft's defaults fill what it leaves out."""
     return AdapterConfig(
         targets=layers, r=cfg["r"], alpha=float(cfg.get("randlora_alpha", 640)), init="peft",
@@ -295,20 +287,6 @@ def _load_biases_strictly(model: nn.Module, tensors: dict[str, torch.Tensor], fo
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-def _peft_matches(entry_list: list[str], name: str) -> bool:
-    return name in entry_list or any(name.endswith("." + e) for e in entry_list)
-
-
-def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """Exact module paths as a list when peft's list matching selects exactly them, else a full-match regex."""
-    chosen = set(names)
-    paths = dict.fromkeys(canonical(n) for n, _ in model.named_modules() if n)
-    clash = [n for n in paths if n not in chosen and _peft_matches(names, n)]
-    if not clash:
-        return sorted(names)
-    return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
-
-
 @on_root
 def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: bool = True,
               duplicate_bases: bool = False, name: str | None = None) -> Path:
@@ -336,8 +314,6 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
             adapter); or a bank that is not the one peft would build.
         StateError: the model has no RandLora adapter, or no adapter ``name``.
     """
-    from safetensors.torch import save_file
-
     bank = require_bank(model)
     cfg = config_of(model, name)
     layers = [(n, l, p) for n, l in adapted_layers(model) if (p := l.adapter_params(name)) is not None]
@@ -346,11 +322,10 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
     tensors = _peft_tensors(model, layers)
     if save_projection:
         tensors.update(_peft_bases(bank, shape, adapted if duplicate_bases else []))
-    config = _peft_config(cfg, conv, save_projection, _target_modules(model, adapted))
+    names = dict.fromkeys(canonical(n) for n, _ in model.named_modules() if n)
+    config = _peft_config(cfg, conv, save_projection, target_modules(adapted, names))
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    write_folder(folder, tensors, config)
     return folder
 
 
@@ -382,12 +357,8 @@ def _peft_tensors(model: nn.Module, layers: list) -> dict[str, torch.Tensor]:
         tensors[f"{PREFIX}{n}.randlora_gamma"] = params[1].detach().to("cpu", torch.float32).clone()
     adapted = {n for n, _, _ in layers}
     for pname, p in model.named_parameters():
-        pname = canonical(pname)
         if p.requires_grad and is_bias_name(pname):
-            # peft keeps an adapted layer's own bias on its wrapped base_layer
-            owner = pname[: -len(".bias")] if pname != "bias" else ""
-            key = f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{pname}"
-            tensors[key] = p.detach().to("cpu").clone()
+            tensors[bias_key(canonical(pname), adapted)] = p.detach().to("cpu").clone()
     return tensors
 
 
@@ -415,7 +386,7 @@ def _peft_config(cfg: AdapterConfig, conv: bool, save_projection: bool, targets:
         "layers_to_transform": None,
         "modules_to_save": None,
         "peft_type": "RANDLORA",
-        "peft_version": _PEFT_VERSION_WRITTEN,
+        "peft_version": PEFT_VERSION,
         "projection_prng_key": cfg.seed,
         "r": cfg.r,
         "randlora_alpha": int(alpha) if float(alpha).is_integer() else alpha,

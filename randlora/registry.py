@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import StateError
 
-__all__ = ["AdapterConfig", "Registry", "DEFAULT"]
+__all__ = ["AdapterConfig", "Registry", "DEFAULT", "BIAS_MODES"]
 
 DEFAULT = "default"
+BIAS_MODES = ("none", "all", "randlora_only")  # AdapterConfig.bias
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .errors import ConfigError, RandLoraError, StateError, TargetError
 from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quantized
 from .recipes import MODES, RECIPES, BankShape, bank_shape
 from .paths import BANK_ATTR, canonical, compiled_inner, locate, on_root
-from .registry import DEFAULT, AdapterConfig, Registry
+from .registry import BIAS_MODES, DEFAULT, AdapterConfig, Registry
 from .selection import is_bias_name, is_conv1d, is_linear, select
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "BANK_ATTR",
 ]
 
-BIAS_MODES = ("none", "all", "randlora_only")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 # inject: validate -> plan -> apply
 # ------------------------------------------------------------------------------------------------
-def _settings(r, alpha, dropout, seed, bases, recipe, bias, init) -> AdapterConfig:
+def _validated_config(r, alpha, dropout, seed, bases, recipe, bias, init) -> AdapterConfig:
     """The validated settings (targets still empty): :class:`ConfigError` names the first bad one."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ConfigError(f"r must be a positive int, got {r!r}")
@@ -319,7 +318,7 @@ def inject(
     """
     _check_module(model)
     model = compiled_inner(model)
-    cfg = _settings(r, alpha, dropout, seed, bases, recipe, bias, init)
+    cfg = _validated_config(r, alpha, dropout, seed, bases, recipe, bias, init)
     if name is not None:
         _check_name(name)
     _refuse_inner_adapter(model)
