@@ -4,33 +4,47 @@ A model adapted by :func:`randlora.inject` trains under ``transformers.Trainer``
 Trainer's checkpoints then hold the whole model and resuming knows nothing of the adapter. The Trainer
 class made here changes only how the MODEL part of a checkpoint is written and read:
 
-- ``_save`` (used for every ``checkpoint-N`` folder and by ``trainer.save_model()``) writes
+- ``save_model`` / ``_save`` (every ``checkpoint-N`` folder and ``trainer.save_model()``) write
   ``randlora_adapter.safetensors`` (:func:`randlora.save` with ``save_projection=False``: ``λ``, ``γ``,
-  trained biases, the fingerprint) and the training arguments, not the model's weights. Optimiser,
-  scheduler, RNG and trainer state are written by ``Trainer`` as usual.
+  trained biases, the fingerprint) and the training arguments, never the model's weights. Optimiser,
+  scheduler, RNG and trainer state are written by ``Trainer`` as usual; under FSDP2 the optimiser goes
+  through accelerate's optimiser writer without the model writer, under DeepSpeed through the engine's
+  ``save_checkpoint(exclude_frozen_parameters=True)``, so no engine file holds the frozen weights either.
 - ``_load_from_checkpoint`` (``trainer.train(resume_from_checkpoint=...)``) and ``_load_best_model``
   (``load_best_model_at_end=True``) load that file into the model (verified against the model's bases,
-  all or nothing).
+  all or nothing); under DeepSpeed the engine's own checkpoint restores the optimiser (and its fp32 copies)
+  first, then the adapter file is loaded on top.
 
-Models without a RandLora adapter are handed to ``Trainer``'s own methods unchanged. transformers is
-imported only when the class is first used (``RandLoraTrainer`` or :func:`trainer_class`).
+The adapter is found wherever it sits in the Trainer's model (:func:`randlora.paths.locate`): on the model
+itself or on any submodule (``inject(wrapper.encoder, ...)``), under DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``, accelerate's FSDP2 and DeepSpeed wrappers. A Trainer whose model holds no RandLora adapter
+is refused when it is built (:class:`randlora.StateError`), as are set-ups whose checkpoints this class
+cannot write adapter-only (FSDP1, XLA/TPU, SageMaker model parallel): nothing falls back to writing the
+whole model.
 
-Scope: one process or DDP (rank 0 writes). Under DeepSpeed or FSDP the Trainer saves through its own
-engine paths; those are refused with a clear error rather than writing a checkpoint that cannot resume.
+Engines: one process, DDP, FSDP2 (accelerate) and DeepSpeed ZeRO stages 0-3 (tested: 2 and 3); every
+rank takes part in the gathers, the main process writes. transformers is imported only when the class is
+first used (``RandLoraTrainer`` or :func:`trainer_class`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import ADAPTER_FILE
 from .errors import CheckpointError, StateError
 
 __all__ = ["ADAPTER_FILE", "RandLoraTrainer", "trainer_class", "adapter_file"]
 
-ADAPTER_FILE = "randlora_adapter.safetensors"
-TRAINING_ARGS = "training_args.bin"  # the name transformers uses for the pickled TrainingArguments
+TRAINING_ARGS = "training_args.bin"  # the names transformers uses for the pickled TrainingArguments
+SCHEDULER = "scheduler.pt"           # ... and for the scheduler's state
+FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+log = logging.getLogger("randlora")
 
 _cache: dict[type, type] = {}
 
@@ -40,84 +54,241 @@ def adapter_file(checkpoint: str | os.PathLike) -> Path:
     return Path(checkpoint) / ADAPTER_FILE
 
 
-def _unwrap(trainer, model=None):
-    model = trainer.model if model is None else model
-    try:
-        return trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
-    except (AttributeError, TypeError):
-        return getattr(model, "module", model)
+def _root(model: Any, who: str = "RandLoraTrainer's model"):
+    """The module holding ``model``'s adapter, wherever it sits; refuses a model that holds none."""
+    from torch import nn
 
-
-def _has_adapter(model) -> bool:
-    from .walker import bank_of
+    from .paths import locate
 
     try:
-        return bank_of(model) is not None
-    except Exception:  # noqa: BLE001 - not an nn.Module (unusual wrappers): not ours
-        return False
+        found = locate(model) if isinstance(model, nn.Module) else None
+    except StateError:  # several adapters: say it for the Trainer, which needs the whole model
+        from .paths import _roots, examples
+
+        roots = [p or "<the model itself>" for p, _ in _roots(model)]
+        raise StateError(f"{who} holds {len(roots)} separate RandLora adapters, injected at {examples(roots)}, and "
+                         "a checkpoint holds one adapter file. Inject once, on a module that holds every layer to "
+                         "adapt (the model itself, with targets naming those layers), or use transformers.Trainer"
+                         ) from None
+    if found is None:
+        what = type(model).__name__
+        size = sum(1 for _ in model.modules()) if isinstance(model, nn.Module) else 0
+        raise StateError(f"{who} holds no RandLora adapter (searched the {what} and its {max(size - 1, 0)} "
+                         "submodules): its checkpoints would hold the whole model, not an adapter. Call "
+                         "randlora.inject(model, targets, ...) on the model or any submodule of it before "
+                         "building the Trainer, or use transformers.Trainer for a model without an adapter")
+    return found[1]
 
 
-def _load_adapter(model, folder: str | os.PathLike, what: str) -> None:
-    from .checkpoint import load_state_dict, read_file
+def _check_trainable(model, root) -> None:
+    """Refuse a model that trains parameters the adapter file does not hold (a head outside the injected
+    submodule, a module unfrozen after inject): adapter-only checkpoints would silently drop them."""
+    from .checkpoint import _targets
+    from .paths import examples
+
+    held = {id(t) for t in _targets(root).values()}
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if extra:
+        raise StateError(f"RandLoraTrainer's model trains {len(extra)} parameter tensor{'s' * (len(extra) > 1)} that "
+                         f"the adapter file does not hold: {examples(extra)}. Its adapter-only checkpoints would drop "
+                         "their training, so resuming or loading the best checkpoint would not restore them. Freeze "
+                         "them (p.requires_grad_(False)), or inject on the module that holds them (inject freezes "
+                         "everything it does not adapt), or use transformers.Trainer")
+
+
+def _full_checkpoint(folder: str | os.PathLike) -> bool:
+    """A folder holding whole-model weights (a run without this integration)."""
+    return any((Path(folder) / n).is_file() for n in FULL_WEIGHTS)
+
+
+def _read_adapter(folder: str | os.PathLike, what: str) -> dict:
+    """The adapter file's tensors, checked (present, intact) before anything is loaded."""
+    from .checkpoint import read_file
 
     path = adapter_file(folder)
     if not path.is_file():
+        names = sorted(p.name for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise CheckpointError(f"{what} {folder} holds no {ADAPTER_FILE}: it was not written by randlora's Trainer "
-                              f"integration (files there: {sorted(p.name for p in Path(folder).iterdir())[:8]}). "
+                              f"integration ({len(names)} entries there: {shown or 'none'}); nothing was loaded. "
                               "Resume from a checkpoint of a run that used randlora.hf.RandLoraTrainer")
     tensors, _ = read_file(path)
-    load_state_dict(model, tensors)
+    return tensors
 
 
-def _refuse_engines(trainer) -> None:
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise StateError("randlora's Trainer integration writes adapter-only checkpoints from one process or DDP; "
-                         "DeepSpeed/FSDP checkpoints go through their own engines. Use the plain transformers "
-                         "Trainer there and randlora.save(model, ...) on every rank after training")
+def _z3_params(root) -> list:
+    """The adapter's parameters partitioned by DeepSpeed ZeRO-3 (they carry ``ds_id``), else []."""
+    params = [p for n, p in root.named_parameters() if p.requires_grad or "randlora_" in n]
+    return params if any(hasattr(p, "ds_id") for p in params) else []
+
+
+def _gathered(root, modify: bool = False):
+    """Under ZeRO-3 the adapter's parameters whole on every rank (a collective; rank 0's edits are kept)."""
+    params = _z3_params(root)
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 class _Mixin:
     """What :func:`trainer_class` adds to a ``Trainer`` class (see the module docstring)."""
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:  # type: ignore[override]
-        model = _unwrap(self)
-        if not _has_adapter(model):
-            return super()._save(output_dir, state_dict=state_dict)  # type: ignore[misc]
-        _refuse_engines(self)
-        from .checkpoint import save
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from torch import nn
 
-        output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
-        if not self.args.should_save:  # type: ignore[attr-defined]
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        save(model, Path(output_dir) / ADAPTER_FILE, save_projection=False)
-        if getattr(self, "processing_class", None) is not None:
-            self.processing_class.save_pretrained(output_dir)  # type: ignore[attr-defined]
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module):  # refuse before the Trainer moves or wraps anything
+            _check_trainable(model, _root(model))
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._check_model()  # a model from model_init, or one a subclass loaded
+        self._refuse_unsupported()
+
+    def _check_model(self):
+        model = self.model  # type: ignore[attr-defined]
+        root = _root(model)
+        _check_trainable(model, root)
+        return root
+
+    # -- what this class cannot write adapter-only -------------------------------------------------
+    def _refuse_unsupported(self) -> None:
+        from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
+
+        cause = None
+        if is_torch_xla_available():
+            cause = "XLA/TPU runs save through save_tpu_checkpoint, which writes the whole model"
+        elif is_sagemaker_mp_enabled():
+            cause = "SageMaker model parallel saves through smp, which writes the whole model"
+        elif self.is_fsdp_enabled:  # type: ignore[attr-defined]
+            plugin = self.accelerator.state.fsdp_plugin  # type: ignore[attr-defined]
+            if getattr(plugin, "fsdp_version", 1) != 2:
+                cause = ("FSDP1 (fsdp_config version 1) shards parameters into flat buffers that the adapter "
+                         "cannot be gathered from; set fsdp_config={'version': 2} (FSDP2, transformers' default)")
+        elif self.is_deepspeed_enabled and not callable(  # type: ignore[attr-defined]
+                getattr(super(), "_prepare_for_training", None)):
+            cause = ("this transformers has no Trainer._prepare_for_training, where resuming under DeepSpeed is "
+                     "routed; use transformers 5.x (tested: 5.24)")
+        if cause:
+            raise StateError(f"RandLoraTrainer cannot write adapter-only checkpoints here: {cause}. Train one "
+                             "process, DDP, FSDP2 or DeepSpeed ZeRO, or use transformers.Trainer and "
+                             "randlora.save(model, path) after training")
+
+    def _adapter_root(self):
+        return _root(self.model)  # type: ignore[attr-defined]
+
+    # -- writing ---------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:  # type: ignore[override]
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:  # type: ignore[attr-defined]
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)  # type: ignore[attr-defined]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:  # type: ignore[override]
+        """Every rank gathers (FSDP2 DTensors, ZeRO-3 partitions); the main process writes the adapter file.
+        A ``state_dict`` passed in (Trainer's whole-model one) is not written."""
         import torch
 
+        from .checkpoint import save, state_dict as adapter_state
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
+        root = self._adapter_root()
+        with _gathered(root):
+            if not self.args.should_save:  # type: ignore[attr-defined]
+                adapter_state(root, save_projection=False)  # the same gathers as save() on the main process
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            save(root, Path(output_dir) / ADAPTER_FILE, save_projection=False)
+        if getattr(self, "processing_class", None) is not None:
+            self.processing_class.save_pretrained(output_dir)  # type: ignore[attr-defined]
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS))  # type: ignore[attr-defined]
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:  # type: ignore[override]
+        """Under FSDP2 and DeepSpeed, Trainer's own version also writes the model through the engine; here
+        only the optimiser (and scheduler) is written."""
+        if self.is_fsdp_enabled:  # type: ignore[attr-defined]
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator,  # type: ignore[attr-defined]
+                                self.optimizer, self.model, output_dir)  # type: ignore[attr-defined]
+            self._save_scheduler(output_dir)
+        elif self.is_deepspeed_enabled:  # type: ignore[attr-defined]
+            # optimiser partitions, fp32 master copies and the trainable parameters: no frozen weights
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)  # type: ignore[attr-defined]
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            if not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):  # type: ignore[attr-defined]
+                self._save_scheduler(output_dir)  # the engine saved its own scheduler otherwise
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+
+    def _save_scheduler(self, output_dir: str) -> None:
+        import warnings
+
+        import torch
+
+        if self.args.should_save:  # type: ignore[attr-defined]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "please also save the optimizer" notice
+                state = self.lr_scheduler.state_dict()  # type: ignore[attr-defined]
+                torch.save(state, os.path.join(output_dir, SCHEDULER))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _load_adapter(self, tensors: dict) -> None:
+        from .checkpoint import load_state_dict
+
+        root = self._adapter_root()
+        with _gathered(root, modify=True):
+            load_state_dict(root, tensors)
+
+    def _legacy(self, folder: str | os.PathLike) -> bool:
+        """A folder of a run without this integration (whole-model weights, no adapter file), one process or
+        DDP: Trainer's own loader reads it. Later checkpoints of this run are adapter-only all the same."""
+        engine = self.is_fsdp_enabled or self.is_deepspeed_enabled  # type: ignore[attr-defined]
+        legacy = not engine and not adapter_file(folder).is_file() and _full_checkpoint(folder)
+        if legacy:
+            log.warning("randlora: %s holds whole-model weights and no %s (a run without RandLoraTrainer); "
+                        "loading it with Trainer's own loader", folder, ADAPTER_FILE)
+        return legacy
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:  # type: ignore[override]
-        target = _unwrap(self, model)
-        if not _has_adapter(target) or (not adapter_file(resume_from_checkpoint).is_file()
-                                        and _full_checkpoint(resume_from_checkpoint)):
+        if self._legacy(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        _refuse_engines(self)
-        _load_adapter(target, resume_from_checkpoint, "the checkpoint")
+        self._load_adapter(_read_adapter(resume_from_checkpoint, "the checkpoint"))
 
     def _load_best_model(self) -> None:  # type: ignore[override]
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-        model = _unwrap(self)
-        if not _has_adapter(model) or (not adapter_file(best).is_file() and _full_checkpoint(best)):
+        if self._legacy(best):
             return super()._load_best_model()  # type: ignore[misc]
-        _refuse_engines(self)
-        _load_adapter(model, best, "the best checkpoint")
+        tensors = _read_adapter(best, "the best checkpoint")
+        if self.is_deepspeed_enabled:  # type: ignore[attr-defined]
+            self._load_engine(best)
+        self._load_adapter(tensors)
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):  # type: ignore[override]
+        """Under DeepSpeed Trainer resumes with a strict load of the engine's module state, which holds only
+        the trainable parameters here; this class loads the engine's state itself, then the adapter file."""
+        self._check_model()  # train() may have made a new model (model_init), or parameters were unfrozen
+        if not self.is_deepspeed_enabled or resume_from_checkpoint is None:  # type: ignore[attr-defined]
+            return super()._prepare_for_training(  # type: ignore[misc]
+                max_steps, train_dataloader, resume_from_checkpoint)
+        tensors = _read_adapter(resume_from_checkpoint, "the checkpoint")  # before anything is loaded
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)  # type: ignore[misc]
+        self._load_engine(resume_from_checkpoint)
+        self._load_adapter(tensors)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)  # type: ignore[attr-defined]
+        self._load_scaler(resume_from_checkpoint)  # type: ignore[attr-defined]
+        return model, train_dataloader
 
-def _full_checkpoint(folder: str | os.PathLike) -> bool:
-    """A folder holding whole-model weights (a run without this integration): Trainer's own loader applies."""
-    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-    return any((Path(folder) / n).is_file() for n in names)
+    def _load_engine(self, folder: str) -> None:
+        """DeepSpeed's checkpoint: optimiser partitions, fp32 master copies, trainable parameters."""
+        if not any(Path(folder).glob("global_step*")):
+            raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint (global_step*/): it was written with "
+                                  "save_only_model=True or without DeepSpeed, so the optimiser cannot be restored; "
+                                  "nothing was loaded. Resume from a checkpoint of a DeepSpeed run")
+        path, _ = self.model_wrapped.load_checkpoint(folder, load_module_strict=False,  # type: ignore[attr-defined]
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder} (see its log above)")
 
 
 def trainer_class(base: type | None = None) -> type:
@@ -128,7 +299,8 @@ def trainer_class(base: type | None = None) -> type:
         base: the Trainer class to extend.
 
     Returns:
-        The subclass (cached per ``base``).
+        The subclass (cached per ``base``). Building it refuses (:class:`randlora.StateError`) a model that
+        holds no RandLora adapter, and set-ups it cannot write adapter-only (FSDP1, XLA, SageMaker MP).
 
     Raises:
         ImportError: transformers is not installed.

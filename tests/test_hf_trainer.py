@@ -150,16 +150,6 @@ def test_resume_from_a_folder_without_the_adapter_is_refused(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_models_without_an_adapter_keep_the_trainer_behaviour(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                                   vocab_size=VOCAB)
-    model = transformers.LlamaForCausalLM(cfg)
-    trainer(model, tmp_path, max_steps=2).train()
-    files = {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
-    assert "model.safetensors" in files and ADAPTER_FILE not in files
-
-
 def test_trainer_class_checks_its_base_and_import_is_lazy():
     with pytest.raises(TypeError, match="transformers.Trainer"):
         trainer_class(dict)
