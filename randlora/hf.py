@@ -7,7 +7,9 @@ class made here changes only how the MODEL part of a checkpoint is written and r
 - ``save_model`` / ``_save`` (every ``checkpoint-N`` folder and ``trainer.save_model()``) write
   ``randlora_adapter.safetensors`` (:func:`randlora.save` with ``save_projection=False``: ``λ``, ``γ``,
   trained biases, the fingerprint) and the training arguments, never the model's weights. Optimiser,
-  scheduler, RNG and trainer state are written by ``Trainer`` as usual; under FSDP2 the optimiser goes
+  scheduler, RNG and trainer state are written by ``Trainer`` as usual. Parameters trained outside the
+  adapter (a task head outside the injected submodule) go to ``randlora_trainable.safetensors`` beside it
+  and are restored with it; under FSDP2 the optimiser goes
   through accelerate's optimiser writer without the model writer, under DeepSpeed through the engine's
   ``save_checkpoint(exclude_frozen_parameters=True)``, so no engine file holds the frozen weights either.
 - ``_load_from_checkpoint`` (``trainer.train(resume_from_checkpoint=...)``) and ``_load_best_model``
@@ -38,8 +40,9 @@ from typing import Any
 from .checkpoint import ADAPTER_FILE
 from .errors import CheckpointError, StateError
 
-__all__ = ["ADAPTER_FILE", "RandLoraTrainer", "trainer_class", "adapter_file"]
+__all__ = ["ADAPTER_FILE", "EXTRA_FILE", "RandLoraTrainer", "trainer_class", "adapter_file"]
 
+EXTRA_FILE = "randlora_trainable.safetensors"  # parameters trained outside the adapter (e.g. a task head)
 TRAINING_ARGS = "training_args.bin"  # the names transformers uses for the pickled TrainingArguments
 SCHEDULER = "scheduler.pt"           # ... and for the scheduler's state
 FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -80,20 +83,45 @@ def _root(model: Any, who: str = "RandLoraTrainer's model"):
     return found[1]
 
 
-def _check_trainable(model, root) -> None:
-    """Refuse a model that trains parameters the adapter file does not hold (a head outside the injected
-    submodule, a module unfrozen after inject): adapter-only checkpoints would silently drop them."""
+def _extra(model, root) -> dict:
+    """The parameters ``model`` trains that the adapter file does not hold (a task head outside the injected
+    submodule, a module unfrozen after inject), by path without wrapper components: checkpoints hold them in
+    ``EXTRA_FILE`` beside the adapter."""
     from .checkpoint import _targets
-    from .paths import examples
+    from .paths import canonical
 
     held = {id(t) for t in _targets(root).values()}
-    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
-    if extra:
-        raise StateError(f"RandLoraTrainer's model trains {len(extra)} parameter tensor{'s' * (len(extra) > 1)} that "
-                         f"the adapter file does not hold: {examples(extra)}. Its adapter-only checkpoints would drop "
-                         "their training, so resuming or loading the best checkpoint would not restore them. Freeze "
-                         "them (p.requires_grad_(False)), or inject on the module that holds them (inject freezes "
-                         "everything it does not adapt), or use transformers.Trainer")
+    return {canonical(n): p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
+
+
+def _save_extra(extra: dict, path: Path, write: bool) -> None:
+    """Gather the extra parameters (FSDP2 DTensors; every rank) and, on the main process, write them."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import _full, atomic_write
+
+    tensors = {k: _full(p.detach()).to("cpu").contiguous().clone() for k, p in extra.items()}
+    if write:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _read_extra(folder: str | os.PathLike, extra: dict, what: str) -> dict:
+    """``EXTRA_FILE``'s tensors, checked against the parameters the model trains outside the adapter."""
+    from .checkpoint import read_safetensors
+    from .paths import examples
+
+    path = Path(folder) / EXTRA_FILE
+    tensors = read_safetensors(path)[0] if path.is_file() else {}
+    missing, stray = sorted(set(extra) - set(tensors)), sorted(set(tensors) - set(extra))
+    shapes = [k for k in set(extra) & set(tensors) if tuple(tensors[k].shape) != tuple(extra[k].shape)]
+    if missing or stray or shapes:
+        parts = ([f"{len(missing)} trained parameters outside the adapter are not in it ({examples(missing)})"]
+                 * bool(missing) + [f"it holds {len(stray)} the model does not train ({examples(stray)})"]
+                 * bool(stray) + [f"{len(shapes)} have other shapes ({examples(sorted(shapes))})"] * bool(shapes))
+        raise CheckpointError(f"{what} {folder} does not fit the parameters this model trains besides the adapter: "
+                              f"{'; '.join(parts)} ({EXTRA_FILE}); nothing was loaded. Resume with the same "
+                              "parameters trainable (requires_grad) as the run that wrote it")
+    return tensors
 
 
 def _full_checkpoint(folder: str | os.PathLike) -> bool:
@@ -116,15 +144,16 @@ def _read_adapter(folder: str | os.PathLike, what: str) -> dict:
     return tensors
 
 
-def _z3_params(root) -> list:
-    """The adapter's parameters partitioned by DeepSpeed ZeRO-3 (they carry ``ds_id``), else []."""
+def _z3_params(root, extra: dict) -> list:
+    """The adapter's and the extra parameters partitioned by DeepSpeed ZeRO-3 (they carry ``ds_id``), else []."""
     params = [p for n, p in root.named_parameters() if p.requires_grad or "randlora_" in n]
+    params += [p for p in extra.values() if all(p is not q for q in params)]
     return params if any(hasattr(p, "ds_id") for p in params) else []
 
 
-def _gathered(root, modify: bool = False):
+def _gathered(root, extra: dict, modify: bool = False):
     """Under ZeRO-3 the adapter's parameters whole on every rank (a collective; rank 0's edits are kept)."""
-    params = _z3_params(root)
+    params = _z3_params(root, extra)
     if not params:
         return contextlib.nullcontext()
     import deepspeed
@@ -140,16 +169,16 @@ class _Mixin:
 
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, nn.Module):  # refuse before the Trainer moves or wraps anything
-            _check_trainable(model, _root(model))
+            _root(model)
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self._check_model()  # a model from model_init, or one a subclass loaded
         self._refuse_unsupported()
 
     def _check_model(self):
-        model = self.model  # type: ignore[attr-defined]
-        root = _root(model)
-        _check_trainable(model, root)
-        return root
+        return _root(self.model)  # type: ignore[attr-defined]
+
+    def _extra(self) -> dict:
+        return _extra(self.model, self._adapter_root())  # type: ignore[attr-defined]
 
     # -- what this class cannot write adapter-only -------------------------------------------------
     def _refuse_unsupported(self) -> None:
@@ -191,12 +220,16 @@ class _Mixin:
         from .checkpoint import save, state_dict as adapter_state
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
-        root = self._adapter_root()
-        with _gathered(root):
-            if not self.args.should_save:  # type: ignore[attr-defined]
+        root, extra = self._adapter_root(), self._extra()
+        write = self.args.should_save  # type: ignore[attr-defined]
+        with _gathered(root, extra):
+            if write:
+                os.makedirs(output_dir, exist_ok=True)
+            if extra:
+                _save_extra(extra, Path(output_dir) / EXTRA_FILE, write)
+            if not write:
                 adapter_state(root, save_projection=False)  # the same gathers as save() on the main process
                 return
-            os.makedirs(output_dir, exist_ok=True)
             save(root, Path(output_dir) / ADAPTER_FILE, save_projection=False)
         if getattr(self, "processing_class", None) is not None:
             self.processing_class.save_pretrained(output_dir)  # type: ignore[attr-defined]
@@ -233,12 +266,20 @@ class _Mixin:
                 torch.save(state, os.path.join(output_dir, SCHEDULER))
 
     # -- reading ---------------------------------------------------------------------------------
-    def _load_adapter(self, tensors: dict) -> None:
-        from .checkpoint import load_state_dict
+    def _load_adapter(self, folder: str | os.PathLike, what: str) -> None:
+        """The adapter file and the other trained parameters (``EXTRA_FILE``), all checked before any is loaded."""
+        import torch
 
-        root = self._adapter_root()
-        with _gathered(root, modify=True):
+        from .checkpoint import _copy_into, load_state_dict
+
+        root, extra = self._adapter_root(), self._extra()
+        tensors = _read_adapter(folder, what)
+        others = _read_extra(folder, extra, what)
+        with _gathered(root, extra, modify=True):
             load_state_dict(root, tensors)
+            with torch.no_grad():
+                for k, p in extra.items():
+                    _copy_into(p, others[k])
 
     def _legacy(self, folder: str | os.PathLike) -> bool:
         """A folder of a run without this integration (whole-model weights, no adapter file), one process or
@@ -253,16 +294,17 @@ class _Mixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:  # type: ignore[override]
         if self._legacy(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        self._load_adapter(_read_adapter(resume_from_checkpoint, "the checkpoint"))
+        self._load_adapter(resume_from_checkpoint, "the checkpoint")
 
     def _load_best_model(self) -> None:  # type: ignore[override]
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
         if self._legacy(best):
             return super()._load_best_model()  # type: ignore[misc]
-        tensors = _read_adapter(best, "the best checkpoint")
+        _read_adapter(best, "the best checkpoint")  # checked before the engine loads anything
+        _read_extra(best, self._extra(), "the best checkpoint")
         if self.is_deepspeed_enabled:  # type: ignore[attr-defined]
             self._load_engine(best)
-        self._load_adapter(tensors)
+        self._load_adapter(best, "the best checkpoint")
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):  # type: ignore[override]
         """Under DeepSpeed Trainer resumes with a strict load of the engine's module state, which holds only
@@ -271,10 +313,11 @@ class _Mixin:
         if not self.is_deepspeed_enabled or resume_from_checkpoint is None:  # type: ignore[attr-defined]
             return super()._prepare_for_training(  # type: ignore[misc]
                 max_steps, train_dataloader, resume_from_checkpoint)
-        tensors = _read_adapter(resume_from_checkpoint, "the checkpoint")  # before anything is loaded
+        _read_adapter(resume_from_checkpoint, "the checkpoint")  # checked before anything is loaded
+        _read_extra(resume_from_checkpoint, self._extra(), "the checkpoint")
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)  # type: ignore[misc]
         self._load_engine(resume_from_checkpoint)
-        self._load_adapter(tensors)
+        self._load_adapter(resume_from_checkpoint, "the checkpoint")
         self._load_optimizer_and_scheduler(resume_from_checkpoint)  # type: ignore[attr-defined]
         self._load_scaler(resume_from_checkpoint)  # type: ignore[attr-defined]
         return model, train_dataloader

@@ -47,7 +47,19 @@ def tiny_model():
     model = base_model()
     randlora.inject(model.model, TARGETS, r=8, alpha=16, dropout=0.1)  # a submodule, not the Trainer's model
     model.lm_head.requires_grad_(False)  # outside the injected submodule: inject left it trainable
+    if trains_extra(ENGINE):
+        model.model.norm.weight.requires_grad_(True)  # trained beside the adapter: checkpoints hold it in EXTRA_FILE
     return model
+
+
+EXTRA = "model.norm.weight"  # the parameter trained outside the adapter (its path in the Trainer's model)
+
+
+def trains_extra(engine: str) -> bool:
+    """Whether the run also trains ``EXTRA``. Not under FSDP2 on the CPU: there the optimiser-state writer
+    (accelerate's save_fsdp_optimizer -> torch's get_optimizer_state_dict) fails with a KeyError on that
+    parameter (docs/trainer.md; not investigated further)."""
+    return engine != "fsdp2"
 
 
 def data(n, seed):
@@ -115,7 +127,8 @@ def adapter_state(model):
     from randlora.paths import locate
 
     root = locate(model)[1]
-    params = [p for n, p in root.named_parameters() if "randlora_" in n]
+    extra = model.get_parameter(EXTRA) if trains_extra(ENGINE) else None
+    params = [p for n, p in root.named_parameters() if "randlora_" in n] + [extra] * (extra is not None)
     ctx = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -123,7 +136,10 @@ def adapter_state(model):
         ctx = deepspeed.zero.GatheredParameters(params)
     with ctx:
         sd = randlora.state_dict(root, save_projection=False)
-        return {k: v.detach().to("cpu").clone() for k, v in sd.items() if k != "randlora_fingerprint"}
+        out = {k: v.detach().to("cpu").clone() for k, v in sd.items() if k != "randlora_fingerprint"}
+        if extra is not None:
+            out[EXTRA] = extra.detach().to("cpu").clone()
+        return out
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ from randlora.layer import RandLoraLinear
 transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
 peft = pytest.importorskip("peft", reason="peft is an optional test dependency")
 
-from randlora.hf import ADAPTER_FILE, trainer_class  # noqa: E402
+from randlora.hf import ADAPTER_FILE, EXTRA_FILE, trainer_class  # noqa: E402
 
 TOL = 1e-5  # outputs (fp32)
 RESUME_TOL = 1e-6  # adapter values after resuming
@@ -398,45 +398,54 @@ def adapter_values(model):
             if k != "randlora_fingerprint"}
 
 
+def trained_values(full):
+    """Every parameter the Trainer trains: the adapter's and, with inject on a submodule, the rest (head)."""
+    return {n: p.detach().clone() for n, p in full.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("where", WHERE)
 def test_trainer_checkpoint_then_resume(L, where, tmp_path):
     Trainer = trainer_class()
-    if where == "sub":
-        # the rest of the model (the head, the bare model's final norm) still trains: adapter-only
-        # checkpoints would drop it, so the Trainer refuses it when built
-        inner, full = L.adapted(where, fill=False)
-        with pytest.raises(randlora.StateError, match="trains"):
-            Trainer(model=full, args=train_args(tmp_path / "x"), train_dataset=L.data())
 
     def run(out, stop=None, resume=None):
-        inner, full = L.adapted(where, fill=False, freeze=True)
+        # with inject on a submodule the rest of the model (the head, the bare model's final norm) still trains:
+        # the checkpoints hold it beside the adapter (EXTRA_FILE)
+        inner, full = L.adapted(where, fill=False)
         trainer = Trainer(model=full, args=train_args(out), train_dataset=L.data(),
                           callbacks=[StopAt(stop)] if stop else None)
         trainer.train(resume_from_checkpoint=resume)
         return inner, full
 
-    straight, _ = run(tmp_path / "a")
+    straight, straight_full = run(tmp_path / "a")
     want = adapter_values(straight)
     assert any(v.abs().max() > 0 for k, v in want.items() if k.endswith("randlora_lambda")), "nothing trained"
+    want_all = trained_values(straight_full)
+    outside = {n for n in want_all if "randlora_" not in n and not n.endswith(".bias")}
+    assert bool(outside) == (where == "sub"), outside
 
     run(tmp_path / "b", stop=STOP)
     ck = tmp_path / "b" / f"checkpoint-{STOP}"
     files = {p.name for p in ck.iterdir()}
     assert ADAPTER_FILE in files, files
+    assert (EXTRA_FILE in files) == (where == "sub"), files
     assert not files & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}, files
     assert file_layers(ck / ADAPTER_FILE) == layer_paths(L.host(straight, where))
 
-    resumed, _ = run(tmp_path / "b", resume=str(ck))
+    resumed, resumed_full = run(tmp_path / "b", resume=str(ck))
     got = adapter_values(resumed)
     assert set(got) == set(want)
     for k in want:
         assert (got[k] - want[k]).abs().max().item() <= RESUME_TOL, k
+    got_all = trained_values(resumed_full)
+    assert set(got_all) == set(want_all)
+    for k in want_all:  # the head trained outside the adapter resumes exactly too
+        assert (got_all[k] - want_all[k]).abs().max().item() <= RESUME_TOL, k
 
     # the last checkpoint folder loads as it is, into a plain copy and into the bare base module
     last = tmp_path / "b" / f"checkpoint-{MAX_STEPS}"
     x = L.inputs()
     resumed.eval()
-    fresh = randlora.load(L.plain(), last)
+    fresh = apply_extra(randlora.load(L.plain(), last), last)
     assert_close(L.out(fresh, x), L.out(resumed, x), L.out(L.plain(), x), "checkpoint -> copy")
     if L.name != "bare":
         base = randlora.load(L.plain_base(), str(last))
@@ -446,7 +455,18 @@ def test_trainer_checkpoint_then_resume(L, where, tmp_path):
     weights, load = write_weights(L, "inner", tmp_path / "weights")
     out = tmp_path / "merged" / "model.safetensors"
     assert cli(["merge", "--base", str(weights), "--adapter", str(last), "--out", str(out)]) == 0
-    assert_close(L.out(load(out), x), L.out(resumed, x), L.out(L.plain(), x), "checkpoint -> merge")
+    assert_close(L.out(apply_extra(load(out), last), x), L.out(resumed, x), L.out(L.plain(), x), "checkpoint -> merge")
+
+
+def apply_extra(model, checkpoint: Path):
+    """The parameters trained beside the adapter (EXTRA_FILE, e.g. the head), found by the matching rule."""
+    if (checkpoint / EXTRA_FILE).exists():
+        extra, params = load_file(str(checkpoint / EXTRA_FILE)), dict(model.named_parameters())
+        pm = randlora.paths.match_paths(extra, params)
+        with torch.no_grad():
+            for k, v in extra.items():
+                params[pm(k)].copy_(v)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

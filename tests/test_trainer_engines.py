@@ -26,12 +26,13 @@ import torch
 import torch.distributed as dist
 
 import randlora
-from randlora.errors import StateError
+from randlora.errors import CheckpointError, StateError
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
 
-from randlora.hf import ADAPTER_FILE, trainer_class  # noqa: E402
+from randlora.hf import ADAPTER_FILE, EXTRA_FILE, trainer_class  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import _engine_worker as worker  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
@@ -104,6 +105,8 @@ def adapter_keys() -> set[str]:
 
 def check_run(engine: str, out: Path, res: dict) -> None:
     keys = adapter_keys()
+    extra = {worker.EXTRA} if worker.trains_extra(engine) else set()
+    trained = keys | extra
     weights = sum(p.numel() * p.element_size() for p in worker.base_model().parameters())
 
     # checkpoints: the adapter file (root-relative keys), no model weights in any file
@@ -117,15 +120,19 @@ def check_run(engine: str, out: Path, res: dict) -> None:
         assert size < 32 * 1024 and size * 16 < weights, (folder, size, weights)  # λ, γ, the fingerprint
         tensors, _ = randlora.checkpoint.read_file(folder / ADAPTER_FILE)
         assert set(tensors) == keys | {"randlora_fingerprint"}, folder
+        if extra:  # trained beside the adapter
+            assert set(load_file(str(folder / EXTRA_FILE))) == extra, folder
+        else:
+            assert EXTRA_FILE not in names, folder
         big = [(p.name, p.stat().st_size) for p in folder.rglob("*") if p.is_file() and p.stat().st_size * 4 > weights]
         assert not big, f"{folder} holds a file the size of the model's weights ({weights} bytes): {big}"
-    assert {p.name for p in (out / "final").iterdir()} == {ADAPTER_FILE, "training_args.bin"}
+    assert {p.name for p in (out / "final").iterdir()} == {ADAPTER_FILE, "training_args.bin"} | ({EXTRA_FILE} if extra else set())
 
     # resumed at step 4 == uninterrupted, and it did train after resuming
     assert res["resumed_step"] == worker.MAX_STEPS
     straight, resumed, at4 = res["straight"], res["resumed"], res["at4"]
-    assert set(straight) == set(resumed) == keys
-    for k in keys:
+    assert set(straight) == set(resumed) == trained
+    for k in trained:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     assert all(not torch.allclose(resumed[k], at4[k], atol=1e-4) for k in keys if k.endswith("lambda"))
 
@@ -133,12 +140,16 @@ def check_run(engine: str, out: Path, res: dict) -> None:
     assert res["best_checkpoint"].endswith(os.path.join("d", "checkpoint-2")), res["best_checkpoint"]
     best, _ = randlora.checkpoint.read_file(out / "d" / "checkpoint-2" / ADAPTER_FILE)
     last, _ = randlora.checkpoint.read_file(out / "d" / "checkpoint-6" / ADAPTER_FILE)
-    assert all(torch.equal(res["best"][k], best[k]) for k in keys)
+    if extra:
+        best[worker.EXTRA] = load_file(str(out / "d" / "checkpoint-2" / EXTRA_FILE))[worker.EXTRA]
+    assert all(torch.equal(res["best"][k], best[k]) for k in trained)
     assert any(not torch.equal(res["best"][k], last[k]) for k in keys)
 
     # the final adapter file, on a plain model in this process, computes what the trained model computed
     plain = worker.base_model()
     randlora.load(plain.model, out / "final" / ADAPTER_FILE)
+    if extra:
+        plain.load_state_dict(load_file(str(out / "final" / EXTRA_FILE)), strict=False)
     plain.eval()
     with torch.no_grad():
         want = plain(input_ids=worker.probe_ids()).logits
@@ -189,7 +200,8 @@ def test_engine_checkpoints_hold_the_adapter_and_resume_exactly(engine, tmp_path
     if engine.startswith("zero"):  # DeepSpeed's own files: the trainable tensors, no frozen weights
         assert res["ds_files"]
         for name, held in res["ds_files"].items():
-            assert held["module"] == sorted(f"model.{k}" for k in adapter_keys()) and not held["frozen"], name
+            want = sorted([f"model.{k}" for k in adapter_keys()] + [worker.EXTRA] * worker.trains_extra(engine))
+            assert held["module"] == want and not held["frozen"], name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
@@ -235,18 +247,42 @@ def test_a_model_without_an_adapter_is_refused_when_the_trainer_is_built(tmp_pat
         Trainer(model_init=worker.base_model, args=_args(out), train_dataset=worker.data(8, 0))
 
 
-def test_parameters_trained_outside_the_adapter_are_refused(tmp_path):
-    model = worker.base_model()
-    randlora.inject(model.model, worker.TARGETS, r=8)  # leaves lm_head, outside model.model, trainable
-    with pytest.raises(StateError) as e:
-        trainer_class()(model=model, args=_args(tmp_path), train_dataset=worker.data(8, 0))
-    _check_message(str(e.value), "trains 1 parameter tensor that the adapter file does not hold", "'lm_head.weight'",
-                   "requires_grad_(False)")
-    model.lm_head.requires_grad_(False)
-    t = trainer_class()(model=model, args=_args(tmp_path), train_dataset=worker.data(8, 0))
-    model.model.norm.weight.requires_grad_(True)  # unfrozen after the Trainer was built: refused at train()
-    with pytest.raises(StateError, match="'model.norm.weight'"):
-        t.train()
+def _trained(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_parameters_trained_outside_the_adapter_are_checkpointed_beside_it(tmp_path):
+    """``inject(model.model)`` leaves ``lm_head`` trainable: checkpoints hold it in EXTRA_FILE, resume
+    restores it exactly, and a resume whose trainable parameters differ is refused before anything loads."""
+    def build():
+        model = worker.base_model()
+        randlora.inject(model.model, worker.TARGETS, r=8)  # leaves lm_head, outside model.model, trainable
+        return model
+
+    def run(out, max_steps, resume=None, model=None):
+        model = build() if model is None else model
+        args = _args(out, max_steps=max_steps, lr_scheduler_type="constant")  # the same rates stopped at 2 or not
+        t = trainer_class()(model=model, args=args, train_dataset=worker.data(16, 0))
+        t.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = _trained(run(tmp_path / "a", 4))
+    assert "lm_head.weight" in straight
+    run(tmp_path / "b", 2)
+    ck = tmp_path / "b" / "checkpoint-2"
+    files = {p.name for p in ck.iterdir()}
+    assert {ADAPTER_FILE, EXTRA_FILE} <= files and not files & WHOLE_MODEL
+    assert set(load_file(str(ck / EXTRA_FILE))) == {"lm_head.weight"}
+    resumed = _trained(run(tmp_path / "b", 4, resume=str(ck)))
+    assert set(resumed) == set(straight)
+    for k in straight:
+        assert (resumed[k] - straight[k]).abs().max().item() <= 1e-6, k
+    frozen = build()
+    frozen.lm_head.requires_grad_(False)
+    with pytest.raises(CheckpointError) as e:
+        run(tmp_path / "c", 4, resume=str(ck), model=frozen)
+    _check_message(str(e.value), "holds 1 the model does not train ('lm_head.weight')", EXTRA_FILE,
+                   "nothing was loaded")
 
 
 def test_several_separate_adapters_are_refused(tmp_path):
