@@ -160,14 +160,7 @@ def main() -> None:
         # the module itself: the attribute deepspeed.comm.torch is the torch package (deepspeed.comm imports it)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
-    class StopAt(transformers.TrainerCallback):
-        def __init__(self, step):
-            self.step = step
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == self.step:
-                control.should_training_stop = True
-            return control
+    from stop_at import StopAt
 
     res: dict = {}
     model = tiny_model()

@@ -11,11 +11,11 @@ import torch
 
 import randlora
 from randlora.errors import CheckpointError
-from randlora.walker import adapted_layers
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
 
 from randlora.hf import ADAPTER_FILE, trainer_class  # noqa: E402
+from stop_at import StopAt  # noqa: E402
 
 MAX_STEPS = 6
 VOCAB = 64
@@ -61,18 +61,6 @@ def trainer(model, out, callbacks=None, **kw):
     Trainer = trainer_class()
     return Trainer(model=model, args=args(out, **kw), train_dataset=data(), eval_dataset=data(8, seed=1),
                    callbacks=callbacks)
-
-
-class StopAt(transformers.TrainerCallback):
-    """Interrupts the run after ``step`` (after its checkpoint is written), like a killed job."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):

@@ -50,6 +50,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is an op
 peft = pytest.importorskip("peft", reason="peft is an optional test dependency")
 
 from randlora.hf import ADAPTER_FILE, EXTRA_FILE, trainer_class  # noqa: E402
+from stop_at import StopAt  # noqa: E402
 
 TOL = 1e-5  # outputs (fp32)
 RESUME_TOL = 1e-6  # adapter values after resuming
@@ -374,18 +375,6 @@ def test_load_state_dict_across_layouts():
 # ------------------------------------------------------------------------------------------------
 # Trainer checkpoint -> resume
 # ------------------------------------------------------------------------------------------------
-class StopAt(transformers.TrainerCallback):
-    """Interrupts the run after ``step`` (after its checkpoint is written), like a killed job."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 def train_args(out):
     return transformers.TrainingArguments(
         output_dir=str(out), max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=2e-2,

@@ -33,6 +33,7 @@ pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate
 
 from randlora.hf import ADAPTER_FILE, EXTRA_FILE, trainer_class  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from stop_at import StopAt  # noqa: E402
 
 import _engine_worker as worker  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
@@ -316,7 +317,7 @@ def test_resume_from_a_whole_model_checkpoint_of_a_plain_trainer_run(tmp_path):
         model = worker.tiny_model()
         model.lm_head.requires_grad_(False)
         args = _args(out, max_steps=4, per_device_train_batch_size=4, learning_rate=3e-2, seed=0, warmup_steps=1)
-        cb = [_StopAt(stop)] if stop else []
+        cb = [StopAt(stop)] if stop else []
         trainer_type(model=model, args=args, train_dataset=worker.data(24, 0), callbacks=cb).train(
             resume_from_checkpoint=resume)
         return {k: v.clone() for k, v in randlora.state_dict(model.model, save_projection=False).items()}
@@ -331,11 +332,3 @@ def test_resume_from_a_whole_model_checkpoint_of_a_plain_trainer_run(tmp_path):
     assert ADAPTER_FILE in names and not names & WHOLE_MODEL
 
 
-class _StopAt(transformers.TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
