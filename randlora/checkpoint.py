@@ -27,7 +27,8 @@ from .paths import PathMap, canonical, compiled_inner, examples, linear_paths, l
 from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, drop_adapter, eject, inject, is_bias_name,
                      is_linear, registry_of, require_bank)
 
-__all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "read_safetensors", "adapter_path", "FORMAT", "ADAPTER_FILE"]
+__all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "read_safetensors", "adapter_path",
+           "adapter_tensors", "full_tensor", "copy_into", "FORMAT", "ADAPTER_FILE"]
 
 FORMAT = "randlora"
 ADAPTER_FILE = "randlora_adapter.safetensors"  # the adapter file in a Trainer checkpoint folder (randlora.hf)
@@ -37,7 +38,7 @@ log = logging.getLogger("randlora")
 DIGEST = "sha256"  # metadata key: checksum of all stored tensors (files from 0.1.0 have none and are not checked)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor: a sharded one (``DTensor``, e.g. under FSDP2) is gathered first (a collective)."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
@@ -64,15 +65,17 @@ def state_dict(model: nn.Module, *, save_projection: bool = True, name: str | No
     """
     bank = require_bank(model)
     sd: dict[str, torch.Tensor] = {}
-    for k, t in _targets(model, name).items():
-        sd[k] = _full(t.detach())
+    for k, t in adapter_tensors(model, name).items():
+        sd[k] = full_tensor(t.detach())
     if save_projection:
         sd["randlora_A"], sd["randlora_B"] = bank.A.detach(), bank.B.detach()
     sd[FP] = bank.fingerprint.to_tensor()
     return sd
 
 
-def _targets(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The live tensors an adapter file holds for ``model`` (the root): ``λ``/``γ`` of adapter ``adapter`` and
+    the trained biases, by the keys files use."""
     adapter = registry_of(model).resolve(adapter)
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
@@ -85,7 +88,8 @@ def _targets(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Te
     return out
 
 
-def _copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
+def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """``dest.copy_(src)``; a sharded (``DTensor``) ``dest`` keeps its own part of ``src``."""
     mesh = getattr(dest, "device_mesh", None)
     if mesh is not None:  # a sharded (DTensor) parameter: keep this rank's part of the full tensor
         from torch.distributed.tensor import distribute_tensor
@@ -127,7 +131,7 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
     if any(l.merged for _, l in adapted_layers(model)):
         raise StateError("the model is merged: loading would change the ΔW folded into its weights, and unmerge "
                          "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
-    dest = _targets(model, name)
+    dest = adapter_tensors(model, name)
     state = _renamed(state, _state_map(state, dest, strict, prefix))
     problems = _layout_problems(state, dest, model, strict)
     if problems:
@@ -294,7 +298,7 @@ def _copy_state(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor]
     with torch.no_grad():
         for k, t in dest.items():
             if k in state:
-                _copy_into(t, state[k])
+                copy_into(t, state[k])
         if _has_bases(state):
             ck = int(state[FP][-1]) if FP in state else bases_checksum(state["randlora_A"], state["randlora_B"])
             bank.load_(state["randlora_A"], state["randlora_B"], ck)

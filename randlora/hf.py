@@ -66,9 +66,9 @@ def _root(model: Any, who: str = "RandLoraTrainer's model"):
     try:
         found = locate(model) if isinstance(model, nn.Module) else None
     except StateError:  # several adapters: say it for the Trainer, which needs the whole model
-        from .paths import _roots, examples
+        from .paths import roots, examples
 
-        roots = [p or "<the model itself>" for p, _ in _roots(model)]
+        roots = [p or "<the model itself>" for p, _ in roots(model)]
         raise StateError(f"{who} holds {len(roots)} separate RandLora adapters, injected at {examples(roots)}, and "
                          "a checkpoint holds one adapter file. Inject once, on a module that holds every layer to "
                          "adapt (the model itself, with targets naming those layers), or use transformers.Trainer"
@@ -87,10 +87,10 @@ def _extra(model, root) -> dict:
     """The parameters ``model`` trains that the adapter file does not hold (a task head outside the injected
     submodule, a module unfrozen after inject), by path without wrapper components: checkpoints hold them in
     ``EXTRA_FILE`` beside the adapter."""
-    from .checkpoint import _targets
+    from .checkpoint import adapter_tensors
     from .paths import canonical
 
-    held = {id(t) for t in _targets(root).values()}
+    held = {id(t) for t in adapter_tensors(root).values()}
     return {canonical(n): p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
 
 
@@ -98,9 +98,9 @@ def _save_extra(extra: dict, path: Path, write: bool) -> None:
     """Gather the extra parameters (FSDP2 DTensors; every rank) and, on the main process, write them."""
     from safetensors.torch import save_file
 
-    from .checkpoint import _full, atomic_write
+    from .checkpoint import full_tensor, atomic_write
 
-    tensors = {k: _full(p.detach()).to("cpu").contiguous().clone() for k, p in extra.items()}
+    tensors = {k: full_tensor(p.detach()).to("cpu").contiguous().clone() for k, p in extra.items()}
     if write:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
@@ -270,7 +270,7 @@ class _Mixin:
         """The adapter file and the other trained parameters (``EXTRA_FILE``), all checked before any is loaded."""
         import torch
 
-        from .checkpoint import _copy_into, load_state_dict
+        from .checkpoint import copy_into, load_state_dict
 
         root, extra = self._adapter_root(), self._extra()
         tensors = _read_adapter(folder, what)
@@ -279,7 +279,7 @@ class _Mixin:
             load_state_dict(root, tensors)
             with torch.no_grad():
                 for k, p in extra.items():
-                    _copy_into(p, others[k])
+                    copy_into(p, others[k])
 
     def _legacy(self, folder: str | os.PathLike) -> bool:
         """A folder of a run without this integration (whole-model weights, no adapter file), one process or

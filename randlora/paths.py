@@ -19,7 +19,8 @@ from torch import nn
 from .bank import BasisBank
 from .errors import CheckpointError, StateError
 
-__all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "compiled_inner", "linear_paths", "locate", "match_paths", "on_root", "parse_prefix", "examples"]
+__all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "compiled_inner", "examples",
+           "linear_paths", "locate", "match_paths", "on_root", "parse_prefix", "roots"]
 
 BANK_ATTR = "randlora_bank"  # the attribute of the adapter's root that holds its bank
 
@@ -40,16 +41,17 @@ def locate(model: nn.Module) -> tuple[str, nn.Module] | None:
     Raises:
         StateError: ``model`` holds several adapters made by separate ``inject`` calls on different submodules.
     """
-    roots = _roots(model)
-    if len(roots) > 1:
-        paths = [p or "<the model itself>" for p, _ in roots]
-        raise StateError(f"the model holds {len(roots)} separate RandLora adapters, injected at {examples(paths)}: "
+    found = roots(model)
+    if len(found) > 1:
+        paths = [p or "<the model itself>" for p, _ in found]
+        raise StateError(f"the model holds {len(found)} separate RandLora adapters, injected at {examples(paths)}: "
                          "it is ambiguous which one is meant. Pass that submodule (e.g. "
-                         f"model.get_submodule({roots[-1][0]!r})) instead of the whole model")
-    return roots[0] if roots else None
+                         f"model.get_submodule({found[-1][0]!r})) instead of the whole model")
+    return found[0] if found else None
 
 
-def _roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, root)`` of every module inside ``model`` that holds an adapter (one per ``inject`` root)."""
     if not isinstance(model, nn.Module):
         return []
     found = []
