@@ -30,9 +30,14 @@ STEPS, LR = 2, 1e-3
 
 
 def build() -> nn.Module:
-    """The same adapted model in every process: seeded weights, seeded bank, random (seeded) λ/γ."""
+    """The same adapted model in every process: seeded weights, seeded bank, random (seeded) λ/γ.
+
+    In float64: the runs sum the same terms in another order (halves, then the all-reduce), and in float32
+    one λ gradient entry with cancellation differed by 1.1e-5 of its tensor's largest entry on this machine's
+    BLAS (with the library of the previous release too); float64 keeps the comparison about what DDP/FSDP
+    reduce, not about float32 rounding."""
     torch.manual_seed(0)
-    model = Net()
+    model = Net().double()
     randlora.inject(model, TARGETS, r=4, seed=3)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -44,7 +49,8 @@ def build() -> nn.Module:
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
-    return torch.randn(8, 3, 12, generator=g), torch.randn(8, 3, 5, generator=g)
+    return (torch.randn(8, 3, 12, generator=g, dtype=torch.float64),
+            torch.randn(8, 3, 5, generator=g, dtype=torch.float64))
 
 
 def train(model: nn.Module, x: torch.Tensor, t: torch.Tensor, params) -> dict[str, torch.Tensor]:
@@ -237,7 +243,7 @@ def test_fsdp2_shards_the_adapter_not_the_bases_and_its_state_dict_round_trips(t
         assert out["reloaded_ok"]
     # the file written from the sharded model loads into a plain model and reproduces the reference
     x, _ = batch()
-    plain = Net()
+    plain = Net().double()
     plain.load_state_dict({k: v for k, v in ref_model.state_dict().items() if "randlora" not in k}, strict=False)
     randlora.load(plain, tmp_path / "adapter.safetensors")
     with torch.no_grad():
