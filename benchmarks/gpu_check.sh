@@ -10,3 +10,18 @@ python -m pytest -q tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
 python benchmarks/op.py --device cuda --dtype bf16 --reps 5 --out "$OUT/op.json" 2>&1 | tee "$OUT/op.txt"
 python benchmarks/step.py --device cuda --dtype bf16 --grid all:4096 all:8192 --reps 3 --steps 5 \
     --out "$OUT/step.json" 2>&1 | tee "$OUT/step.txt"
+# RandLoraTrainer under FSDP2 through accelerate as it is: on a GPU accelerate turns FSDP on by itself (on the
+# CPU test machine tests/test_trainer_engines.py has to switch accelerate's state to FSDP; docs/trainer.md)
+python -m pytest -q -rs tests/test_trainer_engines.py -k cuda 2>&1 | tee "$OUT/test_trainer_engines_cuda.txt"
+
+# --- the CUDA row of randlora.planner.DEVICE_COSTS (set from arithmetic counts until this runs) ---
+# spmm_weight / sampled_weight: time per multiply-add of the sparse route's embedding_bag products and of its
+# sampled ∂S (gather + bmm) against a dense GEMM's, on the GPU; copy the medians into DEVICE_COSTS["cuda"]
+# with this command as their `measured_by`. Then the routes that follow from them, one layer and one step:
+python benchmarks/sparse_op.py --kernels --device cuda --reps 5 --tokens 1024 4096 8192 2>&1 | tee "$OUT/sparse_kernels.txt"
+python -c "from randlora.planner import plan_call as p
+for T in (1024, 4096, 8192):
+    for O, I in ((1024, 1024), (2816, 1024), (1024, 2816)):
+        print(T, O, I, p(T=T, O=O, I=I, nr=1024, r=32, device='cuda', density=1 / 32))" 2>&1 | tee "$OUT/cuda_routes.txt"
+python benchmarks/step.py --device cuda --dtype bf16 --sparse --no-eval --grid all:4096 \
+    --kinds randlora randlora-vs peft-lora --reps 3 --steps 5 --out "$OUT/step_sparse.json" 2>&1 | tee "$OUT/step_sparse.txt"

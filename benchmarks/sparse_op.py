@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, median, timed, write_json  # noqa: E402
 
-from randlora import ops, sparse  # noqa: E402
+from randlora import ops, planner, sparse  # noqa: E402
 from randlora.bank import BasisBank  # noqa: E402
 from randlora.recipes import BankShape  # noqa: E402
 
@@ -41,9 +41,9 @@ def dense_floor(T, O, I, nr, path):
     return p["forward_cost"] + p["backward_cost"]
 
 
-def setup(O, I, T, r, mode, seed=0):
+def setup(O, I, T, r, mode, seed=0, device="cpu"):
     m, M = min(O, I), max(O, I)
-    bank = BasisBank(seed=seed, mode=mode, recipe="portable", shape=BankShape(r=r, M=M, m=m))
+    bank = BasisBank(seed=seed, mode=mode, recipe="portable", shape=BankShape(r=r, M=M, m=m), device=device)
     A, B = bank.views(O, I)
     idx = bank.sparse_index(O, I)
     n = math.ceil(m / r)
@@ -103,21 +103,24 @@ def bench(O, I, T, r, mode, reps):
 
 
 @torch.no_grad()
-def kernels(O, I, T, r, mode, reps):
+def kernels(O, I, T, r, mode, reps, device="cpu"):
     """Time per multiply-add of the route's sparse products (``S`` and ``B_flat`` by ``embedding_bag`` over
-    token blocks; the sampled ``∂S`` by gather + ``bmm``) relative to dense GEMMs of the same sizes."""
-    d = setup(O, I, T, r, mode)
+    token blocks; the sampled ``∂S`` by gather + ``bmm``) relative to dense GEMMs of the same sizes: the
+    ``spmm_weight`` / ``sampled_weight`` of ``device``'s row of ``randlora.planner.DEVICE_COSTS``."""
+    d = setup(O, I, T, r, mode, device=device)
     idx = d["idx"]
     _, s_a, b_val, _ = idx.operands(torch.float32)
     nr = idx.r * idx.n
-    x = torch.randn(T, idx.m)
-    u = torch.randn(T, nr)
-    c = sparse._block(T, x.device)
-    w = sparse._s_weights(d["lam"].detach(), d["gam"].detach(), idx, s_a, torch.float32)
+    x = torch.randn(T, idx.m, device=device)
+    u = torch.randn(T, nr, device=device)
+    threads = torch.get_num_threads() if device == "cpu" else 1
+    c = planner.sparse_op_route(T, torch.device(device).type, threads).block or T  # the planner's token block
+    w = sparse._s_weights(d["lam"].detach().to(device), d["gam"].detach().to(device), idx, s_a, torch.float32)
     B = (idx.b_offs, idx.b_idx, b_val)
     ub = sparse._to_blocks(u, c, torch.float32).clone()  # (its own copy: the route's scratch is reused below)
-    S_dense = torch.randn(nr, idx.m)
-    Bd = torch.randn(idx.M, nr)
+    S_dense = torch.randn(nr, idx.m, device=device)
+    Bd = torch.randn(idx.M, nr, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     xt, ut = x.t().contiguous(), u.t().contiguous()
     fns = {
         "S spmm": (lambda: sparse._chain(sparse._to_blocks(x, c, torch.float32), [sparse._S(idx, w)]),
@@ -132,7 +135,7 @@ def kernels(O, I, T, r, mode, reps):
     times = {k: [] for k in fns}
     for rep in range(reps):
         for k in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
-            times[k].append(timed(fns[k][0]))
+            times[k].append(timed(fns[k][0], sync))
     per = {k: median(times[k]) / fns[k][1] for k in fns}
     gemm = (per["GEMM S"] + per["GEMM B"]) / 2
     return dict(O=O, I=I, T=T, mode=mode, spmm_S=per["S spmm"] / gemm, spmm_B=per["B spmm"] / gemm,
@@ -142,13 +145,14 @@ def kernels(O, I, T, r, mode, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kernels", action="store_true", help="measure SPMM_WEIGHT / SAMPLED_WEIGHT instead")
+    ap.add_argument("--kernels", action="store_true", help="measure the spmm / sampled weights (planner.DEVICE_COSTS) instead")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     ap.add_argument("--shapes", nargs="*", default=None, help="OxI, e.g. 2816x1024")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="--kernels only: the device whose weights are measured")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -163,12 +167,13 @@ def main(argv=None):
         for O, I in shapes:
             for T in tokens:
                 for mode in args.modes:
-                    k = kernels(O, I, T, args.r, mode, args.reps)
+                    k = kernels(O, I, T, args.r, mode, args.reps, args.device)
                     rows.append([f"{O}×{I}", T, mode, f"{k['spmm_S']:.2f}", f"{k['spmm_B']:.2f}",
                                  f"{k['sampled']:.2f}"] + [f"{v:.1f}" for v in k["ms"].values()])
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
         print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
-              f"({info['torch_threads']} threads), fp32, r={args.r}; time per multiply-add relative to a GEMM's\n")
+              f"({info['torch_threads']} threads), {args.device}, fp32, r={args.r}; time per multiply-add relative "
+              "to a GEMM's\n")
         print(markdown_table(["O×I", "T", "bases", "S spmm / GEMM", "B spmm / GEMM", "sampled ∂S / GEMM",
                               "S spmm ms", "B spmm ms", "sampled ∂S ms", "GEMM S ms", "GEMM B ms"], rows))
         return

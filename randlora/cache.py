@@ -102,20 +102,17 @@ def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[s
                                   or max_bytes < 0):
         raise ConfigError(f"max_bytes must be a non-negative int (bytes) or None, got {max_bytes!r}")
     layers = list(adapted_layers(model))
-    before = [l._delta_cache for _, l in layers]
-    chosen, used = [], 0
+    chosen, used, before = [], 0, []
     for name, layer in layers:
         size = _layer_bytes(layer)
-        if layer.quantized:  # no float W to add s·ΔW to: the base layer computes its own part every call
-            layer._delta_cache = None
-        elif max_bytes is None or used + size <= max_bytes:
-            layer._delta_cache = DeltaCache()
+        # a quantised base has no float W to add s·ΔW to: it computes its own part every call
+        fits = not layer.quantized and (max_bytes is None or used + size <= max_bytes)
+        before.append(layer.set_cache(DeltaCache() if fits else None))
+        if fits:
             chosen.append(name)
             used += size
-        else:
-            layer._delta_cache = None
     try:
         yield chosen
     finally:
         for (_, layer), prev in zip(layers, before):
-            layer._delta_cache = prev
+            layer.set_cache(prev)

@@ -12,9 +12,11 @@ from torch import nn
 from .bank import BasisBank
 from .errors import ConfigError, StateError
 from .registry import DEFAULT
-from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, keep_pays, randlora_linear
+from . import planner
+from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, randlora_linear
+from .planner import Route
 from .recipes import sparsity
-from .sparse import sparse_pays, sparse_randlora_linear
+from .sparse import sparse_randlora_linear
 
 __all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize", "INITS", "DEFAULT_INIT"]
 
@@ -333,37 +335,27 @@ class RandLoraLinear(nn.Module):
         return delta_weight(p[0], p[1], A, B, p[2], self.out_features < self.in_features, dtype)
 
     # -- forward -------------------------------------------------------------------------------
-    def _plain(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, W, self.bias)
-
-    def _prebuilt(self, lam: torch.Tensor, gam: torch.Tensor, s: float, cd: torch.dtype, T: int,
-                  need_x: bool) -> torch.Tensor | None:
-        """``W + s·ΔW`` in ``cd`` to hand to the op (forward with one matmul, kept for ``∂x``), or None to
-        let the op choose its route.
-
-        A pure function of this call: grad mode, shapes, the layer's ``path``/``keep`` settings and
-        whether it sits inside :func:`randlora.cached`. Never of earlier calls, so a recomputed forward
-        (activation checkpointing) saves exactly what the first one saved.
-        """
-        if torch.compiler.is_compiling() or self.quantized:  # no float W to build on
-            return None
-        cache = self._delta_cache
-        if torch.is_grad_enabled():
-            if not keep_pays(T, self.out_features, self.in_features, lam.numel(), self.path, self.keep, need_x,
-                             reuse=cache is not None):
-                return None
-        elif cache is None or self.path == "activation":
-            return None
-        A, B = self._views()
-        tr = self.out_features < self.in_features
-        if cache is None:
-            return build_weight(self._w(), lam, gam, A, B, s, tr, cd)
-        acc = acc_dtype(self.weight.dtype)
-        bank = self._bank
-        D = cache.delta(lam, gam, s, (bank.A, bank.B, bank.generation),
-                        lambda: delta_weight(lam.detach(), gam.detach(), A, B, s, tr, acc))
-        with torch.no_grad():
-            return (self._w().to(acc) + D).to(cd)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b + s · dropout(x) ΔWᵀ``: one planned op call (:meth:`_op`) for the active adapter."""
+        if self.quantized:
+            return self._forward_quantized(x)
+        W = self._w()
+        if self.merged and self.disabled:  # the base layer: take the merged update back out
+            acc = acc_dtype(self.weight.dtype)
+            return F.linear(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype), self.bias)
+        p = None if (self.disabled or self.merged) else self.adapter_params()
+        if p is None:  # merged, adapters off, or the active named adapter is not on this layer
+            return F.linear(x, W, self.bias)
+        lam, gam, s, dmod = p
+        cd, out_dtype = self._compute_dtype(x, W.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(cd)
+            if self.training and isinstance(dmod, nn.Dropout):  # the frozen term, then the adapter's alone
+                b = self.bias.to(cd) if self.bias is not None else None
+                y = F.linear(xc, W.to(cd), b) + self._op(dmod(xc), None, None, lam, gam, s)
+            else:
+                y = self._op(xc, W, self.bias, lam, gam, s)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         """``base_layer(x) + s · dropout(x) ΔWᵀ``: the base's own forward (its own saved tensors), the adapter
@@ -373,72 +365,87 @@ class RandLoraLinear(nn.Module):
         if p is None:
             return y
         lam, gam, s, dmod = p
-        if torch.is_autocast_enabled(x.device.type):
-            cd = torch.get_autocast_dtype(x.device.type)
-        else:
-            cd = x.dtype if x.is_floating_point() else lam.dtype
+        cd, _ = self._compute_dtype(x, x.dtype if x.is_floating_point() else lam.dtype)
         with torch.autocast(x.device.type, enabled=False):
             d = self._op(dmod(x.to(cd)), None, None, lam, gam, s)
         return y + d.to(y.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized:
-            return self._forward_quantized(x)
-        W = self._w()
-        if self.merged:
-            if self.disabled:
-                acc = acc_dtype(self.weight.dtype)
-                return self._plain(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype))
-            return self._plain(x, W)
-        p = None if self.disabled else self.adapter_params()
-        if p is None:  # adapters off, or the active named adapter is not on this layer
-            return self._plain(x, W)
-        lam, gam, s, dmod = p
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+        """``(compute dtype, dtype to return in)``: autocast's dtype (returned as computed), else ``dtype``
+        (returned in ``x``'s)."""
         if torch.is_autocast_enabled(x.device.type):
-            cd, out_dtype = torch.get_autocast_dtype(x.device.type), None
-        else:
-            cd, out_dtype = W.dtype, x.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(cd)
-            if self.training and isinstance(dmod, nn.Dropout):
-                b = self.bias.to(cd) if self.bias is not None else None
-                y = F.linear(xc, W.to(cd), b) + self._op(dmod(xc), None, None, lam, gam, s)
-            else:
-                y = self._op(xc, W, self.bias, lam, gam, s, prebuild=True)
-        return y if out_dtype is None else y.to(out_dtype)
+            return torch.get_autocast_dtype(x.device.type), None
+        return dtype, x.dtype
 
     def _op(self, x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
-            gam: torch.Tensor, s: float, prebuild: bool = False) -> torch.Tensor:
+            gam: torch.Tensor, s: float) -> torch.Tensor:
         """``x (W + s·ΔW)ᵀ + b`` (``W`` None: the adapter term alone) on ``x`` in the compute dtype, by the
-        sparse route when this call takes it, else by the dense op (with a prebuilt ``W + s·ΔW`` when
-        ``prebuild`` and :meth:`_prebuilt` says so)."""
-        T = x.numel() // x.shape[-1]
-        idx = self._sparse_route(T, W is not None, x.requires_grad, lam, gam)
-        if idx is not None:
-            return sparse_randlora_linear(x, W, bias, lam, gam, idx, s)
-        weff = self._prebuilt(lam, gam, s, x.dtype, T, x.requires_grad) if prebuild else None
-        A, B = self._views()
-        return randlora_linear(x, W, bias, lam, gam, A, B, s, self.path, weff=weff)
+        route the planner gives this call (planned here, once; the ops only read it)."""
+        route = self._plan(x.numel() // x.shape[-1], x.requires_grad, W is not None, lam, gam, x.device.type)
+        A, B = self._views()  # (also the device check)
+        if route.kind == "sparse":
+            idx = self._bank.sparse_index(self.out_features, self.in_features)
+            return sparse_randlora_linear(x, W, bias, lam, gam, idx, s, route)
+        weff = self._weff(route, lam, gam, s, x.dtype, A, B)
+        return randlora_linear(x, W, bias, lam, gam, A, B, s, route, weff=weff)
 
-    def _sparse_route(self, T: int, fused: bool, need_x: bool, lam: torch.Tensor, gam: torch.Tensor):
-        """The bank's sparse index when this call takes the sparse route, else None.
-
-        Only for ternary bases. A pure function of the call (tokens, grad mode) and the settings: ``path``
-        ``"sparse"`` forces it, ``"weight"``/``"activation"`` and :func:`randlora.cached` rule it out, and
-        ``"auto"`` takes it when :func:`randlora.sparse.sparse_pays` predicts fewer (weighted) multiply-adds.
-        """
+    def _plan(self, T: int, need_x: bool, fused: bool, lam: torch.Tensor, gam: torch.Tensor,
+              device: str) -> Route:
+        """The planner's :class:`~randlora.planner.Route` for a call of ``T`` tokens: a pure function of the
+        call (shapes, device type, grad mode, which inputs need gradients) and of the explicit settings
+        (``path``, ``keep``, whether the layer sits inside :func:`randlora.cached`). Never of earlier calls, so
+        a recomputed forward (activation checkpointing) saves exactly what the first one saved."""
         bank = self._bank
-        if bank.mode == "dense" or self.path in ("weight", "activation") or self._delta_cache is not None:
+        ternary = bank.mode != "dense"
+        return planner.plan_call(
+            T=T, O=self.out_features, I=self.in_features, nr=lam.numel(), r=self.r, device=device,
+            grad=torch.is_grad_enabled(), need_x=need_x, need_S=lam.requires_grad or gam.requires_grad,
+            need_W=self.weight.requires_grad, fused=fused, path=self.path, keep=self.keep,
+            cached=self._delta_cache is not None,
+            density=1.0 / sparsity(bank.mode, bank.shape) if ternary else None,
+            threads=torch.get_num_threads() if (ternary and device == "cpu") else 1,
+            compiling=torch.compiler.is_compiling())
+
+    def _weff(self, route: Route, lam: torch.Tensor, gam: torch.Tensor, s: float, cd: torch.dtype,
+              A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
+        """The prebuilt ``W + s·ΔW`` in ``cd`` the route hands the op (``route.build``), or None."""
+        if route.build is None:
             return None
-        if self.path == "auto":
-            grad = torch.is_grad_enabled()
-            d = 1.0 / sparsity(bank.mode, bank.shape)  # the recipe's density: no index is built unless it pays
-            if not sparse_pays(T, self.out_features, self.in_features, lam.numel(), d, d, fused=fused,
-                               need_x=grad and need_x, need_S=grad and (lam.requires_grad or gam.requires_grad),
-                               need_W=grad and self.weight.requires_grad and fused, r=self.r):
-                return None
-        self._views()  # the device check
-        return bank.sparse_index(self.out_features, self.in_features)
+        tr = self.out_features < self.in_features
+        if route.build == "fresh":
+            return build_weight(self._w(), lam, gam, A, B, s, tr, cd)
+        acc = acc_dtype(self.weight.dtype)
+        bank = self._bank
+        D = self._delta_cache.delta(lam, gam, s, (bank.A, bank.B, bank.generation),
+                                    lambda: delta_weight(lam.detach(), gam.detach(), A, B, s, tr, acc))
+        with torch.no_grad():
+            return (self._w().to(acc) + D).to(cd)
+
+    def _prebuilt(self, lam: torch.Tensor, gam: torch.Tensor, s: float, cd: torch.dtype, T: int,
+                  need_x: bool) -> torch.Tensor | None:
+        """The ``W + s·ΔW`` a call of ``T`` tokens (with ``W``) would hand the op, or None."""
+        if self.quantized:  # no float W to build on
+            return None
+        route = self._plan(T, need_x, True, lam, gam, self.weight.device.type)
+        return self._weff(route, lam, gam, s, cd, *self._views())
+
+    def route(self, tokens: int, *, need_x: bool = True) -> Route | None:
+        """The routes a call of ``tokens`` tokens takes now (grad mode, settings and cache as they are; ``need_x``:
+        the input requires grad): the planner's :class:`~randlora.planner.Route`, or None when the call runs no
+        adapter op (merged, disabled, or the active adapter is not on this layer)."""
+        p = None if (self.disabled or self.merged) else self.adapter_params()
+        if p is None:
+            return None
+        fused = not self.quantized and not (self.training and isinstance(p[3], nn.Dropout))
+        return self._plan(tokens, need_x, fused, p[0], p[1], self.weight.device.type)
+
+    def set_cache(self, cache: "DeltaCache | None") -> "DeltaCache | None":
+        """Install ``cache`` (a :class:`randlora.cache.DeltaCache`, or None) as this layer's kept ``s·ΔW``;
+        returns the previous one. Used by :func:`randlora.cached`."""
+        prev = self._delta_cache
+        object.__setattr__(self, "_delta_cache", cache)
+        return prev
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The memory-lean autograd op of an adapted layer, and the cost model that picks its routes per call.
+"""The memory-lean autograd op of an adapted layer, and the kernel scaffold it shares with the sparse op.
 
 With ``S[k, i, j] = λ[k, i] · A[k, j] · γ[i, j]`` flattened to ``(r·n, m)`` (row ``k·n + i``) and
 ``B_flat`` the ``(M, n·r)`` bank view, ``P = B_flat @ S``; ``ΔW = P`` when ``I <= O`` else ``Pᵀ``, and
@@ -7,20 +7,30 @@ With ``S[k, i, j] = λ[k, i] · A[k, j] · γ[i, j]`` flattened to ``(r·n, m)``
 
 Forward runs either in *weight space* (build ``W + s·ΔW`` with one ``addmm``, then one matmul) or in
 *activation space* (``x → S → B``). Backward saves only ``x``, ``λ``, ``γ``, references to ``W`` and
-the bank views, and optionally a prebuilt ``W + s·ΔW`` (``weff``, see :func:`keep_pays`); it keeps no
-``T × n·r`` activation and no copy of the bases. Per call it picks the cheapest way to get ``∂x``
-(``"kept"``: ``gy @ weff``; ``"fused"``: rebuild ``W + s·ΔW``; ``"act"``: through the bases) and the
-``λ``/``γ`` gradients, which only need ``∂S = B_flatᵀ (gyᵀ x)`` (``"G"``) or ``(gy B_flat)ᵀ x``
-(``"act"``), reduced against ``A``, ``γ`` and ``λ`` with batched matmuls.
+the bank views, and optionally a prebuilt ``W + s·ΔW`` (``weff``); it keeps no ``T × n·r`` activation and
+no copy of the bases. ``∂x`` comes from ``"kept"`` (``gy @ weff``), ``"fused"`` (rebuild ``W + s·ΔW``) or
+``"act"`` (through the bases), and the ``λ``/``γ`` gradients from ``∂S = B_flatᵀ (gyᵀ x)`` (``"G"``) or
+``(gy B_flat)ᵀ x`` (``"act"``), reduced against ``A``, ``γ`` and ``λ`` with batched matmuls.
+
+Every route is decided before the op runs, once per call, by :mod:`randlora.planner` (a
+:class:`~randlora.planner.Route`); forward and backward only read it. The cost model and the planner's
+public helpers (``plan``, ``keep_pays``, ``forward_costs``, ``backward_costs``) are re-exported here.
+
+The scaffold shared with :mod:`randlora.sparse`: one per-thread scratch pool (:func:`scratch`, CPU only,
+freed by :func:`release_workspace`), the out-features rule, the ``(..., I)`` reshape, the backward's
+prologue/epilogue and the reduction of ``∂S`` to ``∂λ``, ``∂γ``.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import planner
+from .planner import KEEP_POLICIES, PATHS, Route, backward_costs, forward_costs, keep_pays, plan
 
 __all__ = [
     "RandLoraFunction",
@@ -38,17 +48,10 @@ __all__ = [
     "KEEP_POLICIES",
 ]
 
-PATHS = ("auto", "weight", "activation")
-KEEP_POLICIES = ("auto", "always", "never")
 
-# A kept ``W + s·ΔW`` may use at most this many times the memory of the layer's saved input (``T × I``,
-# which backward keeps anyway); see :func:`keep_pays` and docs/performance.md for the measured trade-off.
-KEEP_MEMORY_RATIO = 1.0
-# ... and this many times when the layer caches ``s·ΔW`` (inside ``randlora.cached``): the build is then
-# shared by the calls of an evaluation loop or of the micro-batches of an accumulation step.
-KEEP_REUSE_RATIO = 3.0
-
-
+# ------------------------------------------------------------------------------------------------
+# scaffold (shared with sparse.py)
+# ------------------------------------------------------------------------------------------------
 _WS = threading.local()
 
 
@@ -57,41 +60,106 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _workspace(role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor | None:
-    """A per-thread scratch buffer reused by every call (CPU only).
+def scratch(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """This thread's scratch buffer for ``role`` (one per role and dtype, grown to the largest call), viewed as
+    ``shape``; None where the device's row of ``planner.DEVICE_COSTS`` says not to pool (CUDA: the caching
+    allocator already does) or grad mode is on (a double-backward graph would keep it).
 
-    The op's transients (``S``, the rebuilt ``W + s·ΔW``) are the same few sizes at every layer; allocating
-    them afresh between long-lived activations fragments the CPU heap and raised the step's peak RSS by
-    about 60–100 MB on the Llama benchmark. One buffer per role and dtype, grown to the largest layer.
+    The ops' transients (``S``, a rebuilt ``W + s·ΔW``, the sparse route's activation-sized token blocks) are
+    the same few sizes at every layer; allocating them afresh between long-lived activations fragments the
+    CPU heap (+60–100 MB peak RSS on the Llama step) and costs page faults (46 MB block: 63 ms fresh, 20 ms
+    reused). Buffers hold memory, never values: every user overwrites what it reads.
     """
-    if like.device.type != "cpu" or torch.is_grad_enabled():  # (grad on: a double-backward graph)
+    if not planner.device_costs(device.type).scratch or torch.is_grad_enabled():
         return None
     d = getattr(_WS, "d", None)
     if d is None:
         d = _WS.d = {}
-    key = (role, like.dtype)
-    buf = d.get(key)
     n = 1
     for v in shape:
         n *= v
+    buf = d.get((role, dtype))
     if buf is None or buf.numel() < n:
-        buf = d[key] = torch.empty(n, dtype=like.dtype)
+        buf = d[(role, dtype)] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
 def release_workspace() -> None:
-    """Free this thread's scratch buffers (they are re-created on the next call)."""
+    """Free this thread's scratch buffers, dense and sparse (they are re-created on the next call)."""
     _WS.d = {}
 
 
+def out_features(I: int, m: int, M: int) -> int:
+    """``O`` of an adapter-only call (``W`` None) with input width ``I`` on bases of widths ``m <= M``."""
+    return M if I == m and M != m else m
+
+
+def on_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x2, *args)`` with ``x`` of shape ``(..., I)`` flattened to ``(T, I)``; the result reshaped back."""
+    lead = x.shape[:-1]
+    y = fn(x.reshape(-1, x.shape[-1]), *args)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def grad_prologue(ctx, gy: torch.Tensor, x: torch.Tensor) -> tuple[tuple[bool, ...], torch.Tensor]:
+    """A backward's start: which of ``(x, W, bias, λ, γ)`` need gradients, and ``gy`` in ``x``'s dtype."""
+    return tuple(ctx.needs_input_grad[:5]), gy.to(x.dtype)
+
+
+def grad_epilogue(gy: torch.Tensor, x: torch.Tensor, W: torch.Tensor | None, need: tuple[bool, ...],
+                  G: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂W, ∂b)`` as ``need`` asks (``∂W = gyᵀ x``, given as ``G`` when already computed)."""
+    gW = gb = None
+    if need[1]:
+        gW = (G if G is not None else torch.mm(gy.t(), x)).to(W.dtype)
+    if need[2]:
+        gb = gy.sum(0)
+    return gW, gb
+
+
+def reduce_grads(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor, s: float,
+                 need_lam: bool, need_gam: bool, cols: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``∂λ[k,i] = s Σ_j ∂S[k,i,j] A[k,j] γ[i,j]``, ``∂γ[i,j] = s Σ_k ∂S[k,i,j] A[k,j] λ[k,i]`` (float32+).
+
+    ``dS`` holds ``∂S`` at ``J`` columns per row ``k`` (``(r·n, J)`` or ``(r, n, J)``), ``a`` ``(r, J)`` ``A``'s
+    values there. ``cols`` None: every column (``J = m``, batched matmuls); else ``(r·J,)`` the columns of each
+    row ``k`` (the sparse route's pattern, zero ``a`` at pads): gathers and ``index_add_``.
+    """
+    r, n = lam.shape
+    acc = torch.promote_types(lam.dtype, torch.float32)
+    D = dS.to(acc).view(r, n, -1)  # a fresh tensor (or dS itself, ours): scale it in place
+    D.mul_(a.to(acc)[:, None, :])
+    J = D.shape[2]
+    dlam = dgam = None
+    if cols is None:
+        Dt = D.transpose(0, 1)  # (n, r, m), a view
+        if need_lam:
+            dlam = torch.bmm(Dt, gam.to(acc).unsqueeze(2)).squeeze(2).t().mul_(s).to(lam.dtype)
+        if need_gam:
+            dgam = torch.bmm(lam.to(acc).t().unsqueeze(1), Dt).squeeze(1).mul_(s).to(gam.dtype)
+        return dlam, dgam
+    if need_lam:
+        g = gam.to(acc).index_select(1, cols).view(n, r, J).transpose(0, 1)  # (r, n, J)
+        dlam = (D * g).sum(2).mul_(s).to(lam.dtype)
+    if need_gam:
+        E = (D * lam.to(acc)[:, :, None]).transpose(0, 1).reshape(n, r * J)
+        m = gam.shape[1]
+        dgam = torch.zeros(n, m, dtype=acc, device=D.device).index_add_(1, cols, E).mul_(s).to(gam.dtype)
+    return dlam, dgam
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------
 def scaled_bases(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype,
-                  ws_ok: bool = False) -> torch.Tensor:
+                 ws_ok: bool = False) -> torch.Tensor:
     """``S`` flattened to ``(r·n, m)``: ``S[k·n + i, j] = λ[k, i] · A[k, j] · γ[i, j]``.
 
     ``ws_ok``: write it into the thread's scratch buffer (only for values used within one op call)."""
     r, n = lam.shape
     acc = torch.promote_types(lam.dtype, A.dtype)
-    ws = _workspace("S", (r, n, A.shape[1]), A.to(acc)) if (ws_ok and acc == dtype) else None
+    ws = scratch("S", (r, n, A.shape[1]), acc, A.device) if (ws_ok and acc == dtype) else None
     if ws is not None:
         S = torch.mul(A.to(acc)[:, None, :], gam.to(acc)[None], out=ws)
     else:
@@ -104,7 +172,7 @@ def _build(W: torch.Tensor | None, S: torch.Tensor, B: torch.Tensor, s: float, t
            ws_ok: bool = False) -> torch.Tensor:
     """``W + s·ΔW`` (or ``s·ΔW`` when ``W`` is None) as an ``(O, I)`` tensor, one ``addmm``."""
     a, b = (S.t(), B.t()) if tr else (B, S)
-    ws = _workspace("W", (a.shape[0], b.shape[1]), S) if ws_ok else None
+    ws = scratch("W", (a.shape[0], b.shape[1]), S.dtype, S.device) if ws_ok else None
     if W is None:
         return torch.mm(a, b, out=ws).mul_(s) if ws is not None else torch.mm(a, b).mul_(s)
     if ws is not None:
@@ -129,140 +197,51 @@ def build_weight(W: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch
 
 
 # ------------------------------------------------------------------------------------------------
-# cost model (multiply-adds)
-# ------------------------------------------------------------------------------------------------
-def forward_costs(T: int, O: int, I: int, nr: int, fused: bool, kept: bool = False) -> dict[str, int]:
-    """Extra multiply-adds over the frozen layer for each forward path (``kept``: ``W + s·ΔW`` prebuilt)."""
-    build = 0 if kept else max(O, I) * nr * min(O, I)
-    return {
-        "weight": build + (0 if fused else T * O * I),
-        "activation": T * nr * (O + I),
-    }
-
-
-def backward_costs(T: int, O: int, I: int, nr: int, tr: bool, fused: bool, need_x: bool, need_S: bool,
-                   need_W: bool, kept: bool = False) -> dict[tuple[str | None, str | None], int]:
-    """Extra multiply-adds over the frozen layer's backward for each (∂x route, ∂S route).
-
-    ∂x: ``"kept"`` (``gy @ weff``, free), ``"fused"`` (rebuild ``W + s·ΔW``), ``"act"`` (through the
-    bases). ∂S: ``"G"`` (``B_flatᵀ (gyᵀ x)``) or ``"act"`` (``(gy B_flat)ᵀ x``; shares ``gy B_flat`` with
-    the ``"act"`` ∂x route when ``I <= O``).
-    """
-    build = max(O, I) * nr * min(O, I)
-    G = T * O * I
-    if need_x:
-        xr = ["kept", "act"] if kept and fused else ["fused", "act"]
-    else:
-        xr = [None]
-    sr = ["G", "act"] if need_S else [None]
-    out = {}
-    for a in xr:
-        for b in sr:
-            c = G if (need_W or b == "G") else 0  # gyᵀx
-            if a == "fused":
-                c += build + (0 if fused else T * O * I)
-            elif a == "act":
-                c += T * nr * (O + I)
-            if b == "G":
-                c += build
-            elif b == "act":
-                if tr:
-                    c += T * I * nr + T * nr * O  # (x B)ᵀ gy
-                else:
-                    c += T * nr * I + (0 if a == "act" else T * O * nr)  # (gy B)ᵀ x, gy B shared
-            out[(a, b)] = c
-    return out
-
-
-def plan(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "auto", need_x: bool = True,
-         need_S: bool = True, need_W: bool = False, kept: bool = False) -> dict[str, Any]:
-    """The routes the op takes for a call of ``T`` tokens, with their costs (multiply-adds).
-
-    ``kept``: a prebuilt ``W + s·ΔW`` is passed in (forward is then one plain matmul with it).
-    """
-    tr = O < I
-    kept = kept and fused
-    fc = forward_costs(T, O, I, nr, fused, kept)
-    if kept:
-        fwd = "weight"
-    else:
-        fwd = min(fc, key=fc.__getitem__) if path == "auto" else path
-    bc = backward_costs(T, O, I, nr, tr, fused, need_x, need_S, need_W, kept)
-    if path == "weight":
-        bc = {k: v for k, v in bc.items() if k[0] in ("kept", "fused", None) and k[1] in ("G", None)}
-    elif path == "activation":
-        bc = {k: v for k, v in bc.items() if k[0] in ("act", None) and k[1] in ("act", None)}
-    bwd = min(bc, key=bc.__getitem__)
-    return {"forward": fwd, "forward_cost": fc[fwd], "backward": bwd, "backward_cost": bc[bwd],
-            "base_cost": 2 * T * O * I}
-
-
-def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str = "auto",
-              need_x: bool = True, reuse: bool = False) -> bool:
-    """Whether to build ``W + s·ΔW`` once and keep it for backward (and for further micro-batches).
-
-    ``"auto"``: when that lowers the step's multiply-adds AND the kept ``O × I`` matrix is no larger than
-    ``KEEP_MEMORY_RATIO`` times the ``T × I`` input that backward saves anyway (``O <= ratio · T``).
-    ``reuse``: the layer caches ``s·ΔW`` (an explicit setting, see :func:`randlora.cached`), so the build
-    is shared by several calls: it is not counted, and the memory bound is ``KEEP_REUSE_RATIO``.
-    A pure function of its arguments: the same call always takes the same route.
-    """
-    if policy not in KEEP_POLICIES:
-        raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {policy!r}")
-    if policy == "never" or path == "activation":
-        return False
-    if policy == "always":
-        return True
-    if O > (KEEP_REUSE_RATIO if reuse else KEEP_MEMORY_RATIO) * T:
-        return False
-    a = plan(T, O, I, nr, path=path, need_x=need_x)
-    b = plan(T, O, I, nr, path=path, need_x=need_x, kept=True)
-    build = 0 if reuse else max(O, I) * nr * min(O, I)  # shared by the micro-batches when reused
-    return b["forward_cost"] + b["backward_cost"] + build < a["forward_cost"] + a["backward_cost"]
-
-
-# ------------------------------------------------------------------------------------------------
 # the op
 # ------------------------------------------------------------------------------------------------
-def _reduce(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, s: float,
-            need_lam: bool, need_gam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``∂λ[k,i] = s Σ_j ∂S[k,i,j] A[k,j] γ[i,j]``, ``∂γ[i,j] = s Σ_k ∂S[k,i,j] A[k,j] λ[k,i]`` (float32+)."""
-    r, n = lam.shape
-    acc = torch.promote_types(lam.dtype, torch.float32)
-    D = dS.to(acc).view(r, n, -1)  # a fresh tensor (or dS itself, ours): scale it in place
-    D.mul_(A.to(acc)[:, None, :])
-    Dt = D.transpose(0, 1)  # (n, r, m), a view
-    dlam = dgam = None
-    if need_lam:
-        dlam = torch.bmm(Dt, gam.to(acc).unsqueeze(2)).squeeze(2).t().mul_(s).to(lam.dtype)
-    if need_gam:
-        dgam = torch.bmm(lam.to(acc).t().unsqueeze(1), Dt).squeeze(1).mul_(s).to(gam.dtype)
-    return dlam, dgam
+def _grad_x(route: Route, gy: torch.Tensor, Wc: torch.Tensor | None, S: torch.Tensor | None, Bc: torch.Tensor,
+            weff: torch.Tensor | None, s: float, tr: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``∂x`` by ``route.grad_x``, and ``gy B_flat`` when that route computed it (shared with ``∂S``)."""
+    xr = route.grad_x
+    if xr == "kept":
+        return torch.mm(gy, weff), None
+    if xr == "fused":
+        return torch.mm(gy, _build(Wc, S, Bc, s, tr, ws_ok=True)), None
+    if xr != "act":
+        return None, None
+    if tr:
+        h = torch.mm(gy, S.t())
+        return (torch.mm(gy, Wc).addmm_(h, Bc.t(), alpha=s) if Wc is not None else torch.mm(h, Bc.t()).mul_(s)), None
+    u = torch.mm(gy, Bc)
+    return (torch.mm(gy, Wc).addmm_(u, S, alpha=s) if Wc is not None else torch.mm(u, S).mul_(s)), u
 
 
-class RandLoraFunction(torch.autograd.Function):
-    """``y = x (W + s·ΔW)ᵀ + b`` (``W`` None: ``y = s · x ΔWᵀ``). ``x`` is ``(T, I)`` in the compute dtype.
+def _grad_S(route: Route, gy: torch.Tensor, x: torch.Tensor, Bc: torch.Tensor, G: torch.Tensor | None,
+            u: torch.Tensor | None, tr: bool) -> torch.Tensor:
+    """``∂S`` ``(r·n, m)`` by ``route.grad_S``."""
+    if route.grad_S == "G":
+        return torch.mm(Bc.t(), G.t() if tr else G)
+    if tr:
+        return torch.mm(torch.mm(x, Bc).t(), gy)
+    return torch.mm((u if u is not None else torch.mm(gy, Bc)).t(), x)
 
-    ``weff``: optional prebuilt ``W + s·ΔW`` (compute dtype, no grad); it is used for the forward and
-    kept for ``∂x``.
-    """
+
+class _DenseOp(torch.autograd.Function):
+    """The op on a planned :class:`~randlora.planner.Route` (see :class:`RandLoraFunction`)."""
 
     @staticmethod
-    def forward(x, W, bias, lam, gam, A, B, s, path, weff=None):  # type: ignore[override]
+    def forward(x, W, bias, lam, gam, A, B, s, route, weff):  # type: ignore[override]
         cd = x.dtype
         T, I = x.shape
         bc = bias.to(cd) if bias is not None else None
-        if weff is not None:
+        if route.forward == "kept":
             return F.linear(x, weff, bc)
-        r, n = lam.shape
-        O = _out_features(W, I, A, B)
+        O = W.shape[0] if W is not None else out_features(I, A.shape[1], B.shape[0])
         tr = O < I
-        p = plan(T, O, I, r * n, fused=W is not None, path=path)
         S = scaled_bases(lam, gam, A, cd, ws_ok=True)
         Bc, Wc = B.to(cd), (W.to(cd) if W is not None else None)
-        if p["forward"] == "weight":
-            Weff = _build(Wc, S, Bc, s, tr, ws_ok=True)
-            return F.linear(x, Weff, bc)
+        if route.forward == "weight":
+            return F.linear(x, _build(Wc, S, Bc, s, tr, ws_ok=True), bc)
         y = F.linear(x, Wc, bc) if Wc is not None else x.new_zeros(T, O)
         if tr:
             return y.addmm_(x @ Bc, S, alpha=s)
@@ -270,77 +249,70 @@ class RandLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, W, bias, lam, gam, A, B, s, path, *rest = inputs
-        weff = rest[0] if rest else None
+        x, W, bias, lam, gam, A, B, s, route, weff = inputs
         ctx.save_for_backward(x, W, lam, gam, A, B, weff)
-        ctx.s, ctx.path = s, path
-        ctx.has_bias = bias is not None
+        ctx.s, ctx.route = s, route
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         x, W, lam, gam, A, B, weff = ctx.saved_tensors
-        s = ctx.s
-        need_x, need_W, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
-        need_S = need_lam or need_gam
+        s, route = ctx.s, ctx.route
+        need, gy = grad_prologue(ctx, gy, x)
         cd = x.dtype
-        gy = gy.to(cd)
-        T, I = x.shape
-        O = gy.shape[1]
-        tr = O < I
-        r, n = lam.shape
-        p = plan(T, O, I, r * n, fused=W is not None, path=ctx.path, need_x=need_x, need_S=need_S,
-                 need_W=need_W, kept=weff is not None)
-        xr, sr = p["backward"]
+        tr = gy.shape[1] < x.shape[1]
         Bc, Wc = B.to(cd), (W.to(cd) if W is not None else None)
-        S = scaled_bases(lam, gam, A, cd, ws_ok=True) if xr in ("fused", "act") else None
-        gx = gW = gb = dlam = dgam = None
-        G = torch.mm(gy.t(), x) if (need_W or sr == "G") else None
-        u = None
-        if xr == "kept":
-            gx = torch.mm(gy, weff)
-        elif xr == "fused":
-            gx = torch.mm(gy, _build(Wc, S, Bc, s, tr, ws_ok=True))
-        elif xr == "act":
-            if tr:
-                h = torch.mm(gy, S.t())
-                gx = torch.mm(gy, Wc).addmm_(h, Bc.t(), alpha=s) if Wc is not None else torch.mm(h, Bc.t()).mul_(s)
-            else:
-                u = torch.mm(gy, Bc)
-                gx = torch.mm(gy, Wc).addmm_(u, S, alpha=s) if Wc is not None else torch.mm(u, S).mul_(s)
-            del S
-        if need_S:
-            if sr == "G":
-                dS = torch.mm(Bc.t(), G.t() if tr else G)
-            elif tr:
-                dS = torch.mm(torch.mm(x, Bc).t(), gy)
-            else:
-                dS = torch.mm((u if u is not None else torch.mm(gy, Bc)).t(), x)
+        S = scaled_bases(lam, gam, A, cd, ws_ok=True) if route.grad_x in ("fused", "act") else None
+        G = torch.mm(gy.t(), x) if (need[1] or route.grad_S == "G") else None
+        gx, u = _grad_x(route, gy, Wc, S, Bc, weff, s, tr)
+        del S
+        dlam = dgam = None
+        if need[3] or need[4]:
+            dS = _grad_S(route, gy, x, Bc, G, u, tr)
             del u
-            dlam, dgam = _reduce(dS, lam, gam, A, s, need_lam, need_gam)
-        if need_W:
-            gW = G.to(W.dtype)
-        if need_b:
-            gb = gy.sum(0)
+            dlam, dgam = reduce_grads(dS, lam, gam, A, s, need[3], need[4])
+        gW, gb = grad_epilogue(gy, x, W, need, G)
         return gx, gW, gb, dlam, dgam, None, None, None, None, None
 
 
-def _out_features(W: torch.Tensor | None, I: int, A: torch.Tensor, B: torch.Tensor) -> int:
-    if W is not None:
-        return W.shape[0]
-    m, M = A.shape[1], B.shape[0]
-    return M if I == m and M != m else m
+def _route_of(x: torch.Tensor, W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor,
+              B: torch.Tensor, path: str, weff: torch.Tensor | None) -> Route:
+    """The route of a direct call of the op (the layer plans its calls itself: :func:`planner.plan_call`)."""
+    T, I = x.shape
+    O = W.shape[0] if W is not None else out_features(I, A.shape[1], B.shape[0])
+    grad = torch.is_grad_enabled()
+    return planner.op_route(T, O, I, lam.numel(), fused=W is not None, path=path,
+                            need_x=grad and x.requires_grad,
+                            need_S=grad and (lam.requires_grad or gam.requires_grad),
+                            need_W=grad and W is not None and W.requires_grad, kept=weff is not None)
+
+
+class RandLoraFunction(_DenseOp):
+    """``y = x (W + s·ΔW)ᵀ + b`` (``W`` None: ``y = s · x ΔWᵀ``). ``x`` is ``(T, I)`` in the compute dtype.
+
+    ``RandLoraFunction.apply(x, W, bias, lam, gam, A, B, s, path="auto", weff=None)``: ``path`` is ``"auto"``,
+    ``"weight"``, ``"activation"`` (the route is then planned here, once) or a planned
+    :class:`~randlora.planner.Route`. ``weff``: optional prebuilt ``W + s·ΔW`` (compute dtype, no grad); it
+    is used for the forward and kept for ``∂x``.
+    """
+
+    @classmethod
+    def apply(cls, x, W, bias, lam, gam, A, B, s, path="auto", weff=None):  # type: ignore[override]
+        route = path if isinstance(path, Route) else _route_of(x, W, lam, gam, A, B, path, weff)
+        return _DenseOp.apply(x, W, bias, lam, gam, A, B, s, route, weff)
 
 
 def randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
                     gam: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-                    path: str = "auto", weff: torch.Tensor | None = None) -> torch.Tensor:
+                    path: str | Route = "auto", weff: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the op to ``x`` of shape ``(..., I)``: ``y = x (W + s·ΔW)ᵀ + b`` with ``W`` of shape ``(O, I)``.
 
+    ``path``: ``"auto"``, ``"weight"``, ``"activation"`` or a planned :class:`~randlora.planner.Route`.
     ``weff``: optional prebuilt ``W + s·ΔW`` (see :func:`build_weight`), reused for forward and ``∂x``.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    # always pass every argument: torch.compile, inlining the op when nothing needs grad, mistakes an
-    # omitted defaulted argument for a ctx-style forward and gives ``x`` the ctx (a graph break)
-    y = RandLoraFunction.apply(x2, W, bias, lam, gam, A, B, s, path, weff)
-    return y.reshape(*lead, y.shape[-1])
+    def run(x2: torch.Tensor) -> torch.Tensor:
+        route = path if isinstance(path, Route) else _route_of(x2, W, lam, gam, A, B, path, weff)
+        # always pass every argument: torch.compile, inlining the op when nothing needs grad, mistakes an
+        # omitted defaulted argument for a ctx-style forward and gives ``x`` the ctx (a graph break)
+        return _DenseOp.apply(x2, W, bias, lam, gam, A, B, s, route, weff)
+
+    return on_rows(run, x)

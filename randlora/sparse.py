@@ -30,13 +30,13 @@ without its padding; all of them exist on CUDA.
 
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
 import torch.nn.functional as F
 
+from . import planner
 from .errors import ConfigError
+from .ops import grad_epilogue, grad_prologue, on_rows, out_features, reduce_grads, release_workspace, scratch
+from .planner import Route, padded_width, sparse_costs, sparse_pays
 
 __all__ = [
     "SparseIndex",
@@ -52,12 +52,12 @@ __all__ = [
     "SAMPLED_WEIGHT",
 ]
 
-# Time per multiply-add of the sparse kernels relative to a dense GEMM's, measured with
-# ``python benchmarks/sparse_op.py --kernels`` (see docs/sparse.md): an ``embedding_bag`` sparse × dense product
-# (``S``, ``Sᵀ``, ``B_flat``, ``B_flatᵀ``) and the gather + ``bmm`` sampled product for ``∂S``. ``sparse_costs``
-# multiplies the sparse multiply-adds by these so that they compare with ``ops.forward_costs``/``backward_costs``.
-SPMM_WEIGHT = 5.0
-SAMPLED_WEIGHT = 5.0
+# The sparse kernels' time per multiply-add against a dense GEMM's (``SPMM_WEIGHT``: an ``embedding_bag`` product;
+# ``SAMPLED_WEIGHT``: the gather + ``bmm`` sampled ``∂S``), measured on a 2-core CPU with
+# ``python benchmarks/sparse_op.py --kernels`` (docs/sparse.md). They live, with the CPU's token blocks
+# (``TOKEN_BLOCK``), in the per-device table ``randlora.planner.DEVICE_COSTS``; these names are its CPU row.
+SPMM_WEIGHT = planner.DEVICE_COSTS["cpu"].spmm_weight
+SAMPLED_WEIGHT = planner.DEVICE_COSTS["cpu"].sampled_weight
 
 
 class SparseCache(dict):
@@ -70,15 +70,6 @@ class SparseCache(dict):
 
     def __reduce__(self) -> tuple:
         return (SparseCache, ())
-
-
-def padded_width(m: int, density: float, r: int = 32) -> float:
-    """Expected ``J = max_k |J_k|`` for ``r`` rows of ``m`` i.i.d. entries of ``density`` (mean + ~2.5σ,
-    the typical maximum of ``r`` binomials), capped at ``m``. Used by the cost model."""
-    mu = m * density
-    sd = math.sqrt(max(mu * (1.0 - density), 0.0))
-    z = math.sqrt(2.0 * math.log(max(r, 2)))
-    return min(float(m), mu + z * sd + 1.0)
 
 
 class SparseIndex:
@@ -152,7 +143,7 @@ class SparseIndex:
         """``O`` of an adapter-only call (``W`` None) with input width ``I``, as in ``ops``."""
         if I not in (self.m, self.M):
             raise ConfigError(f"input width {I} does not match this sparse index (layer widths {self.m}, {self.M})")
-        return self.M if I == self.m and self.M != self.m else self.m
+        return out_features(I, self.m, self.M)
 
     def operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(vals, s_a, b_val, bt_val)`` in ``dtype`` (memoised)."""
@@ -160,11 +151,6 @@ class SparseIndex:
         if got is None:
             got = self._cast[dtype] = tuple(t.to(dtype) for t in (self.vals, self.s_a, self.b_val, self.bt_val))
         return got
-
-    def nbytes(self) -> int:
-        """Memory held by the structures, in bytes."""
-        ts = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in ts)
 
     def __repr__(self) -> str:
         return (f"SparseIndex(r={self.r}, n={self.n}, m={self.m}, M={self.M}, J={self.J}, "
@@ -210,43 +196,16 @@ def _work_dtype(idx: SparseIndex, cd: torch.dtype) -> torch.dtype:
 
 # CPU: activations are laid out token-major in blocks of tokens, ``(n_blocks, width, block)``, and the sparse
 # products run block by block, chained (``x → S → B_flat``), so that the rows they gather and the intermediate
-# ``(n·r, block)`` stay in cache. Measured on one layer's adapter work (benchmarks/sparse_op.py, fp32, very_sparse,
-# widths 1024–2816, T = 1024–4096, separate runs): with one thread, blocks of 64 tokens were 1.3–1.6x faster
-# than blocks of 512 at 5 of the 6 shapes (alike at 1024², T = 1024); with two threads on a busy 2-core machine
-# each block's parallel regions cost more than the cache gains, and 64 was 2.5x slower than 512 (1024×2816,
-# T = 4096). Other devices use one block of all tokens.
-TOKEN_BLOCK = 64  # one torch thread
-TOKEN_BLOCK_THREADED = 512  # more
-
-
-_WS = threading.local()
-
-
+# ``(n·r, block)`` stay in cache. The block (``TOKEN_BLOCK``: 64 tokens with one torch thread, 512 with more;
+# one block of all tokens off the CPU) is the planner's (``Route.block``, ``planner.DEVICE_COSTS``). Measured on
+# one layer's adapter work (benchmarks/sparse_op.py, fp32, very_sparse, widths 1024–2816, T = 1024–4096):
+# with one thread, blocks of 64 tokens were 1.3–1.6x faster than blocks of 512 at 5 of the 6 shapes; with two
+# threads on a busy 2-core machine each block's parallel regions cost more than the cache gains, and 64 was
+# 2.5x slower than 512 (1024×2816, T = 4096).
 def _buffer(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread scratch buffer for the op's token-block transients (CPU, grad mode off), reused by every call.
-
-    Those blocks are the size of an activation; allocating them afresh each call costs page faults that
-    took as long as the copies into them (46 MB at T = 4096, width 2816: 63 ms fresh vs 20 ms reused)."""
-    n = math.prod(shape)
-    if device.type != "cpu" or torch.is_grad_enabled():
-        return torch.empty(shape, dtype=dtype, device=device)
-    d = getattr(_WS, "d", None)
-    if d is None:
-        d = _WS.d = {}
-    buf = d.get((role, dtype))
-    if buf is None or buf.numel() < n:
-        buf = d[(role, dtype)] = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
-
-
-def release_workspace() -> None:
-    """Free this thread's scratch buffers of the sparse route (they are re-created on the next call)."""
-    _WS.d = {}
-
-
-def _block(T: int, device: torch.device) -> int:
-    c = TOKEN_BLOCK if torch.get_num_threads() == 1 else TOKEN_BLOCK_THREADED
-    return c if (device.type == "cpu" and T > c) else max(T, 1)
+    """The token-block transient ``role``: the thread's scratch buffer (see :func:`randlora.ops.scratch`) or fresh."""
+    buf = scratch(role, shape, dtype, device)
+    return buf if buf is not None else torch.empty(shape, dtype=dtype, device=device)
 
 
 def _to_blocks(t: torch.Tensor, c: int, wd: torch.dtype) -> torch.Tensor:
@@ -327,31 +286,47 @@ def _sampled(blocks: torch.Tensor, dense: torch.Tensor, idx: SparseIndex, wd: to
     return torch.bmm(g, d)
 
 
-def _reduce(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, idx: SparseIndex, vals: torch.Tensor, s: float,
-            need_lam: bool, need_gam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """From ``∂S`` at ``S``'s pattern, ``(r, n, J)``: ``∂λ[k,i] = s Σ_q ∂S[k,i,q] A[k,J_k[q]] γ[i,J_k[q]]``,
-    ``∂γ[i,j] = s Σ_{k,q: J_k[q]=j} ∂S[k,i,q] A[k,j] λ[k,i]`` (in float32 at least)."""
-    r, n, J = dS.shape
-    acc = torch.promote_types(lam.dtype, torch.float32)
-    D = dS.to(acc) * vals.to(acc)[:, None, :]  # (r, n, J); zero at pads
-    dlam = dgam = None
-    if need_lam:
-        g = gam.to(acc).index_select(1, idx.cols).view(n, r, J).transpose(0, 1)  # (r, n, J)
-        dlam = (D * g).sum(2).mul_(s).to(lam.dtype)
-    if need_gam:
-        E = (D * lam.to(acc)[:, :, None]).transpose(0, 1).reshape(n, r * J)
-        dgam = torch.zeros(n, idx.m, dtype=acc, device=D.device).index_add_(1, idx.cols, E).mul_(s).to(gam.dtype)
-    return dlam, dgam
+def _grad_x(gy: torch.Tensor, W: torch.Tensor | None, dxb: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    T, I = gy.shape[0], dxb.shape[1]
+    if W is not None:
+        return _from_blocks(torch.mm(gy, W.to(cd)), dxb, add=True)
+    return _from_blocks(torch.empty(T, I, dtype=cd, device=gy.device), dxb, add=False)
 
 
-class SparseRandLoraFunction(torch.autograd.Function):
-    """``y = x (W + s·ΔW)ᵀ + b`` through the bases' non-zeros (``W`` None: ``y = s · x ΔWᵀ (+ b)``).
+def _backward_widening(idx, gy, x, W, w, s, c, wd, need_x, need_S):
+    """``O >= I``: ``gy → B_flatᵀ`` (kept for ``∂S``) ``→ Sᵀ`` (``∂x``). Returns ``(∂x, ∂S)``."""
+    _, _, _, bt_val = idx.operands(wd)
+    BT = (idx.bt_offs, idx.bt_idx, bt_val)
+    gyb = _to_blocks(gy, c, wd)
+    if need_x:
+        dxb, gtb = _chain(gyb, [BT, _ST(idx, w * s)], keep=0)
+    else:
+        (gtb, _), dxb = _chain(gyb, [BT]), None
+    del gyb
+    dS = _sampled(gtb, x, idx, wd) if need_S else None  # (r, n, J)
+    del gtb
+    return (_grad_x(gy, W, dxb, x.dtype) if need_x else None), dS
 
-    ``x`` is ``(T, I)`` in the compute dtype; ``idx`` the bank's :class:`SparseIndex` for this layer shape.
-    """
+
+def _backward_narrowing(idx, gy, x, W, w, s, c, wd, need_x, need_S):
+    """``O < I``: ``gy → S → B_flat`` (``∂x``); ``x B_flat`` recomputed for ``∂S``. Returns ``(∂x, ∂S)``."""
+    _, _, b_val, bt_val = idx.operands(wd)
+    gx = dS = None
+    if need_x:
+        dxb, _ = _chain(_to_blocks(gy, c, wd), [_S(idx, w), (idx.b_offs, idx.b_idx, b_val * s)])
+        gx = _grad_x(gy, W, dxb, x.dtype)
+        del dxb  # (the scratch buffers are reused below)
+    if need_S:  # x B_flat is recomputed: nothing T × n·r is kept from forward
+        vb, _ = _chain(_to_blocks(x, c, wd), [(idx.bt_offs, idx.bt_idx, bt_val)])
+        dS = _sampled(vb, gy, idx, wd)  # (r, n, J)
+    return gx, dS
+
+
+class _SparseOp(torch.autograd.Function):
+    """The sparse op on a planned :class:`~randlora.planner.Route` (see :class:`SparseRandLoraFunction`)."""
 
     @staticmethod
-    def forward(x, W, bias, lam, gam, idx, s):  # type: ignore[override]
+    def forward(x, W, bias, lam, gam, idx, s, route):  # type: ignore[override]
         cd = x.dtype
         T, I = x.shape
         O = W.shape[0] if W is not None else idx.out_features(I)
@@ -359,7 +334,7 @@ class SparseRandLoraFunction(torch.autograd.Function):
         wd = _work_dtype(idx, cd)
         _, s_a, b_val, bt_val = idx.operands(wd)
         w = _s_weights(lam, gam, idx, s_a, wd)
-        xb = _to_blocks(x, _block(T, x.device), wd)
+        xb = _to_blocks(x, route.block or max(T, 1), wd)
         # s is folded into the weights of the last sparse product (a few thousand numbers, not T × O)
         if O >= I:  # ΔW = B_flat S: x → S → B_flat
             mats = [_S(idx, w), (idx.b_offs, idx.b_idx, b_val * s)]
@@ -375,64 +350,29 @@ class SparseRandLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, W, bias, lam, gam, idx, s = inputs
+        x, W, bias, lam, gam, idx, s, route = inputs
         ctx.save_for_backward(x, W, lam, gam)
-        ctx.idx, ctx.s = idx, s
+        ctx.idx, ctx.s, ctx.route = idx, s, route
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         x, W, lam, gam = ctx.saved_tensors
         idx, s = ctx.idx, ctx.s
-        need_x, need_W, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
-        need_S = need_lam or need_gam
-        cd = x.dtype
-        gy = gy.to(cd)
+        need, gy = grad_prologue(ctx, gy, x)
+        need_x, need_S = need[0], need[3] or need[4]
         T, I = x.shape
-        O = gy.shape[1]
-        wd = _work_dtype(idx, cd)
-        vals, s_a, b_val, bt_val = idx.operands(wd)
-        c = _block(T, x.device)
-        gx = gW = gb = dlam = dgam = None
-        dS = dxb = None
+        wd = _work_dtype(idx, x.dtype)
+        vals, s_a, _, _ = idx.operands(wd)
+        c = ctx.route.block or max(T, 1)
+        gx = dlam = dgam = None
         if need_x or need_S:
             w = _s_weights(lam, gam, idx, s_a, wd) if need_x else None
-            gyb = _to_blocks(gy, c, wd)
-            BT = (idx.bt_offs, idx.bt_idx, bt_val)
-            if O >= I:
-                # gy → B_flatᵀ (kept for ∂S) → Sᵀ (∂x)
-                if need_x:
-                    dxb, gtb = _chain(gyb, [BT, _ST(idx, w * s)], keep=0)
-                else:
-                    gtb, _ = _chain(gyb, [BT])
-                del gyb
-                if need_S:
-                    dS = _sampled(gtb, x, idx, wd)  # (r, n, J)
-                del gtb
-                if need_x:
-                    gx = _grad_x(gy, W, dxb, cd)
-            else:
-                if need_x:  # gy → S → B_flat
-                    dxb, _ = _chain(gyb, [_S(idx, w), (idx.b_offs, idx.b_idx, b_val * s)])
-                    gx = _grad_x(gy, W, dxb, cd)
-                del gyb, dxb  # (the scratch buffers are reused below)
-                if need_S:  # x B_flat is recomputed: nothing T × n·r is kept from forward
-                    vb, _ = _chain(_to_blocks(x, c, wd), [BT])
-                    dS = _sampled(vb, gy, idx, wd)  # (r, n, J)
-                    del vb
-        if need_S:
-            dlam, dgam = _reduce(dS, lam, gam, idx, vals, s, need_lam, need_gam)
-        if need_W:
-            gW = torch.mm(gy.t(), x).to(W.dtype)
-        if need_b:
-            gb = gy.sum(0)
-        return gx, gW, gb, dlam, dgam, None, None
-
-
-def _grad_x(gy: torch.Tensor, W: torch.Tensor | None, dxb: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-    T, I = gy.shape[0], dxb.shape[1]
-    if W is not None:
-        return _from_blocks(torch.mm(gy, W.to(cd)), dxb, add=True)
-    return _from_blocks(torch.empty(T, I, dtype=cd, device=gy.device), dxb, add=False)
+            grads = _backward_widening if gy.shape[1] >= I else _backward_narrowing
+            gx, dS = grads(idx, gy, x, W, w, s, c, wd, need_x, need_S)
+            if need_S:
+                dlam, dgam = reduce_grads(dS, lam, gam, vals, s, need[3], need[4], cols=idx.cols)
+        gW, gb = grad_epilogue(gy, x, W, need)
+        return gx, gW, gb, dlam, dgam, None, None, None
 
 
 def _check(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, O: int, I: int) -> None:
@@ -447,8 +387,31 @@ def _check(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, O: int, I: in
                           "again with bank.sparse_index(O, I) after moving the model")
 
 
+def _route_of(x: torch.Tensor, W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor) -> Route:
+    """The route of a direct call of the sparse op (the layer plans its calls itself)."""
+    grad = torch.is_grad_enabled()
+    cpu = x.device.type == "cpu"
+    return planner.sparse_op_route(x.shape[0], x.device.type, torch.get_num_threads() if cpu else 1,
+                                   need_x=grad and x.requires_grad,
+                                   need_S=grad and (lam.requires_grad or gam.requires_grad),
+                                   need_W=grad and W is not None and W.requires_grad)
+
+
+class SparseRandLoraFunction(_SparseOp):
+    """``y = x (W + s·ΔW)ᵀ + b`` through the bases' non-zeros (``W`` None: ``y = s · x ΔWᵀ (+ b)``).
+
+    ``SparseRandLoraFunction.apply(x, W, bias, lam, gam, idx, s, route=None)``: ``x`` is ``(T, I)`` in the
+    compute dtype; ``idx`` the bank's :class:`SparseIndex` for this layer shape; ``route`` a planned
+    :class:`~randlora.planner.Route` (None: planned here, once).
+    """
+
+    @classmethod
+    def apply(cls, x, W, bias, lam, gam, idx, s, route=None):  # type: ignore[override]
+        return _SparseOp.apply(x, W, bias, lam, gam, idx, s, route if route is not None else _route_of(x, W, lam, gam))
+
+
 def sparse_randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
-                           gam: torch.Tensor, idx: SparseIndex, s: float) -> torch.Tensor:
+                           gam: torch.Tensor, idx: SparseIndex, s: float, route: Route | None = None) -> torch.Tensor:
     """The op on the sparse route: ``y = x (W + s·ΔW)ᵀ + b``, equal to ``ops.randlora_linear`` with the same bases.
 
     Args:
@@ -459,6 +422,7 @@ def sparse_randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.
         gam: ``γ`` ``(n, m)``.
         idx: ``bank.sparse_index(O, I)``.
         s: the scale ``alpha / r``.
+        route: the call's planned :class:`~randlora.planner.Route` (None: planned here from the call).
 
     Returns:
         ``y`` of shape ``(..., O)`` in ``x``'s dtype.
@@ -466,70 +430,7 @@ def sparse_randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.
     Raises:
         ConfigError: the shapes or device do not match ``idx``.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = SparseRandLoraFunction.apply(x2, W, bias, lam, gam, idx, s)
-    return y.reshape(*lead, y.shape[-1])
+    def run(x2: torch.Tensor) -> torch.Tensor:
+        return _SparseOp.apply(x2, W, bias, lam, gam, idx, s, route if route is not None else _route_of(x2, W, lam, gam))
 
-
-# ------------------------------------------------------------------------------------------------
-# cost model
-# ------------------------------------------------------------------------------------------------
-def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, need_x: bool = True,
-                 need_S: bool = True, need_W: bool = False, weighted: bool = True, r: int = 32) -> dict[str, float]:
-    """Extra multiply-adds over the frozen layer of the sparse route, forward and backward.
-
-    Same convention as ``ops.forward_costs`` / ``ops.backward_costs`` (the frozen ``x Wᵀ`` and ``gy W`` are not
-    counted; ``gyᵀ x`` is, when ``W`` needs a gradient). A product with ``S`` or ``Sᵀ`` costs
-    ``T·n·r·m·density_A``, one with ``B_flat`` or ``B_flatᵀ`` ``T·M·n·r·density_B``, the sampled ``∂S``
-    ``T·n·r·J`` with ``J`` the padded non-zeros per row of ``A`` (:func:`padded_width`). Forward: one ``S`` and
-    one ``B`` product. Backward: ``∂x`` one of each; ``∂S`` the sampled product plus a ``B`` product (shared
-    with ``∂x`` when ``I <= O``; when ``O < I`` it recomputes ``x B_flat`` rather than keep it).
-
-    Args:
-        T, O, I: tokens, output and input width.
-        nr: ``n·r`` (``λ.numel()``).
-        density_A, density_B: fraction of non-zeros of the layer's ``A`` and ``B_flat`` views.
-        need_x, need_S, need_W: which gradients backward computes.
-        weighted: multiply the sparse products by :data:`SPMM_WEIGHT` / :data:`SAMPLED_WEIGHT` (their measured
-            time per multiply-add against a dense GEMM's), so the figures compare with ``ops``' dense costs.
-        r: the rank (for the padding estimate).
-
-    Returns:
-        ``{"forward": ..., "backward": ..., "total": ...}``.
-    """
-    m, M = min(O, I), max(O, I)
-    wsp, wsa = (SPMM_WEIGHT, SAMPLED_WEIGHT) if weighted else (1.0, 1.0)
-    sS = wsp * T * nr * m * density_A
-    sB = wsp * T * M * nr * density_B
-    sD = wsa * T * nr * padded_width(m, density_A, r)
-    fwd = sS + sB
-    bwd = float(T * O * I) if need_W else 0.0
-    if need_x:
-        bwd += sS + sB
-    if need_S:
-        bwd += sD + (sB if (O < I or not need_x) else 0.0)
-    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
-
-
-def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, fused: bool = True,
-                need_x: bool = True, need_S: bool = True, need_W: bool = False, r: int = 32) -> bool:
-    """Whether the sparse route's weighted cost is below the cheapest dense plan's (``ops.plan``, path auto, with
-    and, when ``W`` is given, without a kept ``W + s·ΔW``, whose build is then counted).
-
-    Args:
-        T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r: as :func:`sparse_costs`.
-        fused: ``W`` is given (as ``ops.plan``).
-
-    Returns:
-        True when the sparse route is predicted cheaper for this call.
-    """
-    from .ops import plan  # lazily: ops imports nothing from here
-
-    p = plan(T, O, I, nr, fused=fused, need_x=need_x, need_S=need_S, need_W=need_W)
-    dense = p["forward_cost"] + p["backward_cost"]
-    if fused:
-        k = plan(T, O, I, nr, fused=True, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
-        dense = min(dense, k["forward_cost"] + k["backward_cost"] + max(O, I) * nr * min(O, I))
-    return sparse_costs(T, O, I, nr, density_A, density_B, need_x=need_x, need_S=need_S, need_W=need_W,
-                        r=r)["total"] < dense
+    return on_rows(run, x)

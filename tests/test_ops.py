@@ -8,6 +8,7 @@ that float64 expression.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import randlora
-from randlora import ops
+from randlora import ops, planner
 from randlora.ops import RandLoraFunction, backward_costs, forward_costs, keep_pays, plan
 
 FWD = ("weight", "activation")
@@ -71,24 +72,24 @@ def ref_forward(x, W, b, lam, gam, A, B, s):
 
 @contextlib.contextmanager
 def forced(fwd=None, bwd=None):
-    """Force the op's routes (the cost model would otherwise choose them by shape)."""
-    real = ops.plan
+    """Force the op's routes (the planner would otherwise choose them by shape)."""
+    real = planner.op_route
 
     def fake(*a, **k):
-        p = real(*a, **k)
-        if fwd is not None:
-            p["forward"] = fwd
+        r = real(*a, **k)
+        change = {}
+        if fwd is not None and r.forward != "kept":  # a prebuilt W + s·ΔW is always used
+            change["forward"] = fwd
         if bwd is not None:
-            xr, sr = bwd
-            p["backward"] = (xr if k.get("need_x", True) else None,
-                             sr if k.get("need_S", True) else None)
-        return p
+            change["grad_x"] = bwd[0] if k.get("need_x", True) else None
+            change["grad_S"] = bwd[1] if k.get("need_S", True) else None
+        return dataclasses.replace(r, **change)
 
-    ops.plan = fake
+    planner.op_route = fake
     try:
         yield
     finally:
-        ops.plan = real
+        planner.op_route = real
 
 
 def check_routes(O, I, r, T, *, bias=True, with_W=True, need_x=True, need_W=False, fwd="weight",

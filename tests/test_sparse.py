@@ -4,6 +4,7 @@ structures (one per bank and layer shape, rebuilt when the bank moves, never sav
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import pickle
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import randlora
-from randlora import ops
+from randlora import ops, planner
 from randlora.bank import BasisBank
 from randlora.errors import ConfigError
 from randlora.recipes import BankShape
@@ -169,16 +170,19 @@ def test_property_any_shape(O, I, r, T, density, seed):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+def small_blocks(monkeypatch) -> None:
+    """CPU token blocks of 4 tokens (the planner's DEVICE_COSTS row), whatever the thread count."""
+    cpu = dataclasses.replace(planner.DEVICE_COSTS["cpu"], token_block=4, token_block_threaded=4)
+    monkeypatch.setitem(planner.DEVICE_COSTS, "cpu", cpu)
+
+
 @pytest.mark.parametrize("O,I,r", [(40, 24, 4), (24, 40, 4)])
 @pytest.mark.parametrize("T", [8, 13])
 @pytest.mark.parametrize("with_W", [True, False])
 def test_token_blocks(monkeypatch, O, I, r, T, with_W):
     """Many CPU token blocks, with and without a partial last block, against the reference (and the
     per-thread scratch buffers reused across calls of other shapes in between)."""
-    import randlora.sparse as sp
-
-    monkeypatch.setattr(sp, "TOKEN_BLOCK", 4)
-    monkeypatch.setattr(sp, "TOKEN_BLOCK_THREADED", 4)
+    small_blocks(monkeypatch)
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=11)
     idx = build_index(A, B, r)
     for rep in range(2):
@@ -201,10 +205,7 @@ def test_token_blocks(monkeypatch, O, I, r, T, with_W):
 @pytest.mark.parametrize("O,I", [(40, 24), (24, 40)])
 def test_non_contiguous_input_and_gradient(monkeypatch, O, I):
     """A transposed-view input and an expanded output gradient (``y.sum()``), over several token blocks."""
-    import randlora.sparse as sp
-
-    monkeypatch.setattr(sp, "TOKEN_BLOCK", 4)
-    monkeypatch.setattr(sp, "TOKEN_BLOCK_THREADED", 4)
+    small_blocks(monkeypatch)
     r, T = 4, 10
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=5)
     idx = build_index(A, B, r)

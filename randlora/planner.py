@@ -1,0 +1,391 @@
+"""The route planner: one pure function of a call decides every route the op takes for it.
+
+A call of an adapted layer is described by its shapes, dtype, device type, grad mode, which inputs need
+gradients, the layer's explicit settings (``path``, ``keep``) and whether a ``randlora.cached`` block is
+active. :func:`plan_call` turns that into a :class:`Route` (a small frozen dataclass): dense or sparse, the
+forward route, whether ``W + s·ΔW`` is built before the op (and kept for backward), the ``∂x`` and
+``∂λ/∂γ`` routes, the sparse route's token block. The layer plans once per call; the ops' forward and
+backward read the route and never plan again.
+
+The decisions compare multiply-add counts (:func:`forward_costs`, :func:`backward_costs`,
+:func:`sparse_costs`) with the per-device constants of :data:`DEVICE_COSTS`: each one says which command
+measured it. The CPU row was measured on a 2-core CPU; the CUDA row (used for every non-CPU device) comes
+from arithmetic counts until a GPU run measures it (``benchmarks/gpu_check.sh``), so no CPU-measured
+constant decides a CUDA route. Nothing here imports ``torch``: the planner is arithmetic on the call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Route",
+    "DeviceCosts",
+    "DEVICE_COSTS",
+    "device_costs",
+    "plan_call",
+    "op_route",
+    "sparse_op_route",
+    "forward_costs",
+    "backward_costs",
+    "plan",
+    "keep_pays",
+    "sparse_costs",
+    "sparse_pays",
+    "padded_width",
+    "PATHS",
+    "KEEP_POLICIES",
+]
+
+PATHS = ("auto", "weight", "activation")
+KEEP_POLICIES = ("auto", "always", "never")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-device cost constants
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceCosts:
+    """The constants the planner uses on one device type; ``measured_by`` gives, per field, the command that
+    measured it (or how it was derived)."""
+
+    spmm_weight: float
+    """Time per multiply-add of a sparse × dense product (``embedding_bag``) against a dense GEMM's."""
+    sampled_weight: float
+    """Time per multiply-add of the sampled ``∂S`` product (gather + ``bmm``) against a dense GEMM's."""
+    keep_memory_ratio: float
+    """A kept ``W + s·ΔW`` may be at most this many times the saved input ``T × I`` (``O <= ratio · T``)."""
+    keep_reuse_ratio: float
+    """... and this many times inside ``randlora.cached`` (the build is shared by the block's calls)."""
+    token_block: int | None
+    """The sparse route's token block with one torch thread (None: one block of all tokens)."""
+    token_block_threaded: int | None
+    """... with more threads."""
+    scratch: bool
+    """Reuse per-thread scratch buffers for the ops' transients (False where the allocator already pools)."""
+    measured_by: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+DEVICE_COSTS: dict[str, DeviceCosts] = {
+    "cpu": DeviceCosts(
+        spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
+        token_block=64, token_block_threaded=512, scratch=True,
+        measured_by={
+            "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
+            "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
+            "keep_memory_ratio": "python benchmarks/step.py --grid all:1024 --keep never --reps 3 --steps 1 "
+                                 "against --keep auto (peak RSS vs time; docs/performance.md)",
+            "keep_reuse_ratio": "python benchmarks/cache.py (the build shared by a cached block's calls)",
+            "token_block": "python benchmarks/sparse_op.py (one thread; blocks of 64 vs 512 tokens)",
+            "token_block_threaded": "python benchmarks/sparse_op.py (two threads; blocks of 64 vs 512 tokens)",
+            "scratch": "python benchmarks/step.py --grid all:1024 (peak RSS with and without, -60-100 MB)",
+        }),
+    "cuda": DeviceCosts(
+        spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
+        token_block=None, token_block_threaded=None, scratch=False,
+        measured_by={
+            "spmm_weight": "arithmetic (H100/H200 bf16): dense GEMM ~4.9e14 MAC/s; a gather reads one element "
+                           "per multiply-add, ~6e12/s from L2 (~1.2e13 B/s, 2 B) -> ~80. To measure: "
+                           "python benchmarks/sparse_op.py --kernels --device cuda (benchmarks/gpu_check.sh)",
+            "sampled_weight": "arithmetic: bmm (n x T)(T x J) with n, J ~ 30-100 reads (n+J)T elements for n·J·T "
+                              "MACs, ~20-40 MAC/element at ~2.4e12 elements/s HBM -> 5-10x below peak; 8. To "
+                              "measure: python benchmarks/sparse_op.py --kernels --device cuda",
+            "keep_memory_ratio": "a memory bound, not a timing: the kept O x I copy is at most the saved input",
+            "keep_reuse_ratio": "a memory bound, as on the CPU (3 saved inputs)",
+            "token_block": "one block of all tokens: no cache-sized blocking on a GPU",
+            "token_block_threaded": "as token_block",
+            "scratch": "the CUDA caching allocator already pools",
+        }),
+}
+
+
+def device_costs(device_type: str) -> DeviceCosts:
+    """The constants for ``device_type``: the CPU's on ``"cpu"``, the CUDA row (arithmetic counts) elsewhere."""
+    return DEVICE_COSTS["cpu"] if device_type == "cpu" else DEVICE_COSTS["cuda"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the route
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    """Every route of one call, decided once (see :func:`plan_call`).
+
+    Attributes:
+        kind: ``"dense"`` (``ops.RandLoraFunction``) or ``"sparse"`` (``sparse.SparseRandLoraFunction``).
+        forward: ``"weight"`` (build ``W + s·ΔW``, one matmul), ``"activation"`` (``x → S → B``), ``"kept"``
+            (one matmul with a ``W + s·ΔW`` built before the op) or ``"sparse"``.
+        build: where that prebuilt ``W + s·ΔW`` comes from: None, ``"fresh"`` or ``"cached"`` (``s·ΔW`` from
+            the layer's ``randlora.cached`` entry).
+        grad_x: ``∂x`` route: None (not needed), ``"kept"``, ``"fused"``, ``"act"`` or ``"sparse"``.
+        grad_S: ``∂λ/∂γ`` route: None, ``"G"`` (``B_flatᵀ(gyᵀx)``), ``"act"`` (``(gy B_flat)ᵀx``) or
+            ``"sampled"`` (sparse: at ``S``'s pattern).
+        grad_W: whether backward computes the frozen weight's gradient.
+        block: the sparse route's token block (None: all tokens at once).
+        cost: predicted extra multiply-adds over the frozen layer, forward + backward (sparse: weighted).
+    """
+
+    kind: str
+    forward: str
+    build: str | None = None
+    grad_x: str | None = None
+    grad_S: str | None = None
+    grad_W: bool = False
+    block: int | None = None
+    cost: float = 0.0
+
+    @property
+    def keeps(self) -> tuple[str, ...]:
+        """What backward keeps besides the parameters and references to ``W`` and the bases."""
+        if self.grad_x is None and self.grad_S is None and not self.grad_W:
+            return ()
+        return ("x", "W + s·ΔW") if self.build is not None else ("x",)
+
+
+# ------------------------------------------------------------------------------------------------
+# cost model (multiply-adds)
+# ------------------------------------------------------------------------------------------------
+def forward_costs(T: int, O: int, I: int, nr: int, fused: bool, kept: bool = False) -> dict[str, int]:
+    """Extra multiply-adds over the frozen layer for each forward path (``kept``: ``W + s·ΔW`` prebuilt)."""
+    build = 0 if kept else max(O, I) * nr * min(O, I)
+    return {
+        "weight": build + (0 if fused else T * O * I),
+        "activation": T * nr * (O + I),
+    }
+
+
+def backward_costs(T: int, O: int, I: int, nr: int, tr: bool, fused: bool, need_x: bool, need_S: bool,
+                   need_W: bool, kept: bool = False) -> dict[tuple[str | None, str | None], int]:
+    """Extra multiply-adds over the frozen layer's backward for each (∂x route, ∂S route).
+
+    ∂x: ``"kept"`` (``gy @ weff``, free), ``"fused"`` (rebuild ``W + s·ΔW``), ``"act"`` (through the
+    bases). ∂S: ``"G"`` (``B_flatᵀ (gyᵀ x)``) or ``"act"`` (``(gy B_flat)ᵀ x``; shares ``gy B_flat`` with
+    the ``"act"`` ∂x route when ``I <= O``).
+    """
+    build = max(O, I) * nr * min(O, I)
+    G = T * O * I
+    if need_x:
+        xr = ["kept", "act"] if kept and fused else ["fused", "act"]
+    else:
+        xr = [None]
+    sr = ["G", "act"] if need_S else [None]
+    out = {}
+    for a in xr:
+        for b in sr:
+            c = G if (need_W or b == "G") else 0  # gyᵀx
+            if a == "fused":
+                c += build + (0 if fused else T * O * I)
+            elif a == "act":
+                c += T * nr * (O + I)
+            if b == "G":
+                c += build
+            elif b == "act":
+                if tr:
+                    c += T * I * nr + T * nr * O  # (x B)ᵀ gy
+                else:
+                    c += T * nr * I + (0 if a == "act" else T * O * nr)  # (gy B)ᵀ x, gy B shared
+            out[(a, b)] = c
+    return out
+
+
+def plan(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "auto", need_x: bool = True,
+         need_S: bool = True, need_W: bool = False, kept: bool = False) -> dict[str, Any]:
+    """The dense routes for a call of ``T`` tokens, with their costs (multiply-adds).
+
+    ``kept``: a prebuilt ``W + s·ΔW`` is passed in (forward is then one plain matmul with it).
+    """
+    tr = O < I
+    kept = kept and fused
+    fc = forward_costs(T, O, I, nr, fused, kept)
+    if kept:
+        fwd = "weight"
+    else:
+        fwd = min(fc, key=fc.__getitem__) if path == "auto" else path
+    bc = backward_costs(T, O, I, nr, tr, fused, need_x, need_S, need_W, kept)
+    if path == "weight":
+        bc = {k: v for k, v in bc.items() if k[0] in ("kept", "fused", None) and k[1] in ("G", None)}
+    elif path == "activation":
+        bc = {k: v for k, v in bc.items() if k[0] in ("act", None) and k[1] in ("act", None)}
+    bwd = min(bc, key=bc.__getitem__)
+    return {"forward": fwd, "forward_cost": fc[fwd], "backward": bwd, "backward_cost": bc[bwd],
+            "base_cost": 2 * T * O * I}
+
+
+def _keep(T: int, O: int, I: int, nr: int, path: str, policy: str, need_x: bool, need_S: bool, need_W: bool,
+          reuse: bool, dc: DeviceCosts) -> bool:
+    if policy not in KEEP_POLICIES:
+        raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {policy!r}")
+    if policy == "never" or path == "activation":
+        return False
+    if policy == "always":
+        return True
+    if O > (dc.keep_reuse_ratio if reuse else dc.keep_memory_ratio) * T:
+        return False
+    a = plan(T, O, I, nr, path=path, need_x=need_x, need_S=need_S, need_W=need_W)
+    b = plan(T, O, I, nr, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
+    build = 0 if reuse else max(O, I) * nr * min(O, I)  # shared by the micro-batches when reused
+    return b["forward_cost"] + b["backward_cost"] + build < a["forward_cost"] + a["backward_cost"]
+
+
+def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str = "auto",
+              need_x: bool = True, reuse: bool = False, device: str = "cpu") -> bool:
+    """Whether to build ``W + s·ΔW`` once and keep it for backward (and for further micro-batches).
+
+    ``"auto"``: when that lowers the step's multiply-adds AND the kept ``O × I`` matrix is no larger than
+    ``keep_memory_ratio`` times the ``T × I`` input that backward saves anyway (``O <= ratio · T``).
+    ``reuse``: the layer caches ``s·ΔW`` (an explicit setting, see :func:`randlora.cached`), so the build
+    is shared by several calls: it is not counted, and the memory bound is ``keep_reuse_ratio``
+    (:data:`DEVICE_COSTS`). A pure function of its arguments: the same call always takes the same route.
+    """
+    return _keep(T, O, I, nr, path, policy, need_x, True, False, reuse, device_costs(device))
+
+
+def padded_width(m: int, density: float, r: int = 32) -> float:
+    """Expected ``J = max_k |J_k|`` for ``r`` rows of ``m`` i.i.d. entries of ``density`` (mean + ~2.5σ,
+    the typical maximum of ``r`` binomials), capped at ``m``. Used by the cost model."""
+    mu = m * density
+    sd = math.sqrt(max(mu * (1.0 - density), 0.0))
+    z = math.sqrt(2.0 * math.log(max(r, 2)))
+    return min(float(m), mu + z * sd + 1.0)
+
+
+def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, need_x: bool = True,
+                 need_S: bool = True, need_W: bool = False, weighted: bool = True, r: int = 32,
+                 device: str = "cpu") -> dict[str, float]:
+    """Extra multiply-adds over the frozen layer of the sparse route, forward and backward.
+
+    Same convention as :func:`forward_costs` / :func:`backward_costs` (the frozen ``x Wᵀ`` and ``gy W`` are not
+    counted; ``gyᵀ x`` is, when ``W`` needs a gradient). A product with ``S`` or ``Sᵀ`` costs
+    ``T·n·r·m·density_A``, one with ``B_flat`` or ``B_flatᵀ`` ``T·M·n·r·density_B``, the sampled ``∂S``
+    ``T·n·r·J`` with ``J`` the padded non-zeros per row of ``A`` (:func:`padded_width`). Forward: one ``S`` and
+    one ``B`` product. Backward: ``∂x`` one of each; ``∂S`` the sampled product plus a ``B`` product (shared
+    with ``∂x`` when ``I <= O``; when ``O < I`` it recomputes ``x B_flat`` rather than keep it).
+
+    Args:
+        T, O, I: tokens, output and input width.
+        nr: ``n·r`` (``λ.numel()``).
+        density_A, density_B: fraction of non-zeros of the layer's ``A`` and ``B_flat`` views.
+        need_x, need_S, need_W: which gradients backward computes.
+        weighted: multiply the sparse products by ``spmm_weight`` / ``sampled_weight`` of ``device``'s
+            :data:`DEVICE_COSTS` row (their time per multiply-add against a dense GEMM's), so the figures
+            compare with the dense costs.
+        r: the rank (for the padding estimate).
+        device: the device type whose constants weigh the products.
+
+    Returns:
+        ``{"forward": ..., "backward": ..., "total": ...}``.
+    """
+    m, M = min(O, I), max(O, I)
+    dc = device_costs(device)
+    wsp, wsa = (dc.spmm_weight, dc.sampled_weight) if weighted else (1.0, 1.0)
+    sS = wsp * T * nr * m * density_A
+    sB = wsp * T * M * nr * density_B
+    sD = wsa * T * nr * padded_width(m, density_A, r)
+    fwd = sS + sB
+    bwd = float(T * O * I) if need_W else 0.0
+    if need_x:
+        bwd += sS + sB
+    if need_S:
+        bwd += sD + (sB if (O < I or not need_x) else 0.0)
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def _dense_floor(T: int, O: int, I: int, nr: int, fused: bool, need_x: bool, need_S: bool,
+                 need_W: bool) -> float:
+    """The cheapest dense plan's cost (path auto; with and, when fused, without a kept ``W + s·ΔW``)."""
+    p = plan(T, O, I, nr, fused=fused, need_x=need_x, need_S=need_S, need_W=need_W)
+    dense = p["forward_cost"] + p["backward_cost"]
+    if fused:
+        k = plan(T, O, I, nr, fused=True, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
+        dense = min(dense, k["forward_cost"] + k["backward_cost"] + max(O, I) * nr * min(O, I))
+    return dense
+
+
+def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, fused: bool = True,
+                need_x: bool = True, need_S: bool = True, need_W: bool = False, r: int = 32,
+                device: str = "cpu") -> bool:
+    """Whether the sparse route's weighted cost is below the cheapest dense plan's (:func:`plan`, path auto,
+    with and, when ``W`` is given, without a kept ``W + s·ΔW``, whose build is then counted).
+
+    Args:
+        T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r, device: as :func:`sparse_costs`.
+        fused: ``W`` is given (as :func:`plan`).
+
+    Returns:
+        True when the sparse route is predicted cheaper for this call.
+    """
+    sc = sparse_costs(T, O, I, nr, density_A, density_B, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
+                      device=device)
+    return sc["total"] < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W)
+
+
+# ------------------------------------------------------------------------------------------------
+# the planner
+# ------------------------------------------------------------------------------------------------
+def op_route(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "auto", need_x: bool = True,
+             need_S: bool = True, need_W: bool = False, kept: bool = False) -> Route:
+    """The dense op's :class:`Route` for a direct call of the op (``kept``: a prebuilt ``W + s·ΔW`` is handed
+    to it). Layers plan with :func:`plan_call`."""
+    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, None)
+
+
+def sparse_op_route(T: int, device: str = "cpu", threads: int = 1, *, need_x: bool = True, need_S: bool = True,
+                    need_W: bool = False) -> Route:
+    """The sparse op's :class:`Route` for a direct call of the op. Layers plan with :func:`plan_call`."""
+    return _sparse(T, device, threads, need_x, need_S, need_W, 0.0)
+
+
+def _dense(T: int, O: int, I: int, nr: int, fused: bool, path: str, need_x: bool, need_S: bool, need_W: bool,
+           kept: bool, build: str | None) -> Route:
+    p = plan(T, O, I, nr, fused=fused, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=kept)
+    xr, sr = p["backward"]
+    kept = kept and fused
+    cost = p["forward_cost"] + p["backward_cost"] + (max(O, I) * nr * min(O, I) if build == "fresh" else 0)
+    return Route("dense", "kept" if kept else p["forward"], build if kept else None, xr, sr, need_W and fused,
+                 None, float(cost))
+
+
+def _sparse(T: int, device: str, threads: int, need_x: bool, need_S: bool, need_W: bool, cost: float) -> Route:
+    """The sparse route; its token block is the device's (one block of all tokens when ``T`` fits in one, or on
+    devices without blocking)."""
+    dc = device_costs(device)
+    c = dc.token_block if threads == 1 else dc.token_block_threaded
+    block = c if (c is not None and T > c) else None
+    return Route("sparse", "sparse", None, "sparse" if need_x else None, "sampled" if need_S else None, need_W,
+                 block, float(cost))
+
+
+def plan_call(*, T: int, O: int, I: int, nr: int, r: int, device: str = "cpu", grad: bool = True,
+              need_x: bool = True, need_S: bool = True, need_W: bool = False, fused: bool = True,
+              path: str = "auto", keep: str = "auto", cached: bool = False, density: float | None = None,
+              threads: int = 1, compiling: bool = False) -> Route:
+    """Every route of one call of an adapted layer: a pure function of its arguments.
+
+    Args:
+        T, O, I: tokens, output and input width. nr, r: ``n·r`` and the rank.
+        device: the device type (``"cpu"``, ``"cuda"``, ...): picks the :data:`DEVICE_COSTS` row.
+        grad: grad mode is on. need_x, need_S, need_W: ``x``, ``λ``/``γ``, ``W`` require gradients.
+        fused: ``W`` is handed to the op (False: the adapter term alone, as under dropout or a quantised base).
+        path, keep: the layer's explicit settings (``"sparse"`` forces the sparse route).
+        cached: the layer sits inside :func:`randlora.cached` (its ``s·ΔW`` may be reused).
+        density: the ternary bases' density (None: dense bases; no sparse route).
+        threads: torch's thread count (the CPU's token block depends on it).
+        compiling: under ``torch.compile`` (no prebuilt ``W + s·ΔW``).
+    """
+    need_x, need_S, need_W = grad and need_x, grad and need_S, grad and need_W and fused
+    if density is not None and path not in ("weight", "activation") and not cached:
+        sc = sparse_costs(T, O, I, nr, density, density, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
+                          device=device)["total"]
+        if path == "sparse" or sc < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W):
+            return _sparse(T, device, threads, need_x, need_S, need_W, sc)
+    path = "auto" if path == "sparse" else path
+    kept = False
+    if fused and not compiling:
+        if grad:  # (compared on a training call's backward: ∂λ/∂γ needed, W frozen; as keep_pays)
+            kept = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, device_costs(device))
+        else:
+            kept = cached and path != "activation"
+    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept,
+                  ("cached" if cached else "fresh") if kept else None)
