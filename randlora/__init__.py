@@ -33,6 +33,7 @@ from .export import save_lora, to_lora
 from .layer import DEFAULT_INIT, INITS, RandLoraLinear
 from .peft_io import load_peft, read_peft, save_peft
 from .ops import RandLoraFunction, randlora_linear
+from .serving import mixed
 from .walker import (
     AdapterConfig,
     InjectReport,
@@ -76,6 +77,7 @@ __all__ = [
     "load_peft",
     "load_state_dict",
     "merge",
+    "mixed",
     "randlora_linear",
     "read_peft",
     "save",

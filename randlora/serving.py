@@ -1,0 +1,330 @@
+"""Mixed batches: one adapter per batch row, on one model (``randlora.mixed``).
+
+Inside ``with randlora.mixed(model, names):`` every adapted layer computes the frozen ``x Wᵀ + b`` once for the
+whole batch and adds, per group of rows that share an adapter, that adapter's term ``s · dropout(x_g) ΔW_aᵀ``
+(rows named ``None``, and rows whose adapter is not on this layer, keep the base). Nothing in
+:mod:`randlora.layer` changes: the block sets each adapted layer's ``disabled`` flag (its forward then computes
+the base only) and registers a forward hook that adds the groups' terms; both are undone on exit, error or not.
+
+Cost per layer call, in multiply-adds on top of the frozen layer (``T_g`` tokens of group ``g``, ``nr = n·r``,
+``m = min(O, I)``, ``M = max(O, I)``): each group's term is one adapter op with ``W = None``, routed by the
+layer's planner like any other call: the activation route ``T_g·nr·(O + I)``, or building ``s·ΔW_a``
+(``M·nr·m``) and one matmul ``T_g·O·I``, or (ternary bases) the sparse route. A no-grad call with few tokens
+per group (decoding steps) instead computes every group in one pass over the bases with
+per-row ``s·λ`` and ``γ`` (same multiply-adds, the bases read once instead of once per group; see
+:meth:`Mixed._batched_pays`). With ``keep_bytes`` the block also keeps ``s·ΔW_a`` between no-grad calls and a
+group then costs ``T_g·O·I``. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, StateError
+from .layer import RandLoraLinear
+from .paths import canonical, on_root
+from .planner import forward_costs, sparse_costs
+from .recipes import sparsity
+from .walker import registry_of
+
+__all__ = ["mixed", "group_cost", "Mixed"]
+
+_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # banks of models inside a mixed block
+
+
+def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, kept: bool = False,
+               device: str = "cpu") -> dict[str, float]:
+    """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
+
+    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``s·ΔW`` (``M·nr·m``, zero when
+    ``kept``) then ``T·O·I``; ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost.
+    The frozen layer itself costs ``T·O·I`` and runs once for the whole batch.
+    """
+    c = forward_costs(T, O, I, nr, fused=False, kept=False)
+    out = {"activation": float(c["activation"]),
+           "weight": float(T * O * I if kept else c["weight"])}
+    if density is not None:
+        out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False,
+                                           need_W=False, device=device)["forward"])
+    return out
+
+
+def _adapted(model: nn.Module) -> list[tuple[str, RandLoraLinear]]:
+    """``(path, layer)`` of every adapted layer, without walking into the layers (whose per-adapter children
+    make ``named_modules`` slow with many adapters loaded)."""
+    out, stack, seen = [], [("", model)], set()
+    while stack:
+        prefix, mod = stack.pop()
+        if id(mod) in seen:  # a module registered twice is visited once, as named_modules does
+            continue
+        seen.add(id(mod))
+        if isinstance(mod, RandLoraLinear):
+            out.append((canonical(prefix), mod))
+            continue
+        stack.extend((f"{prefix}.{k}" if prefix else k, c) for k, c in reversed(mod._modules.items()) if c is not None)
+    return out
+
+
+def _params(layer, name: str):
+    """``(λ, γ, s, dropout)`` of adapter ``name`` on ``layer``, or None when the layer lacks it."""
+    p = layer.adapter_params(name)
+    if p is None:
+        return None
+    lam, gam, s, dmod = p
+    return lam, gam, s, dmod
+
+
+class Mixed:
+    """The state of one ``randlora.mixed`` block: row groups, kept ``s·ΔW`` and the hooks' work.
+
+    Attributes:
+        names: one adapter name (or None) per batch row.
+        groups: adapter name -> the rows that use it (in batch order), for the adapters named.
+        kept_bytes: bytes of ``s·ΔW`` kept so far (at most ``keep_bytes``).
+    """
+
+    def __init__(self, names: list[str | None], paths: dict[int, str], keep_bytes: int, density: float | None):
+        self.names = names
+        self.groups: dict[str, list[int]] = {}
+        for i, nm in enumerate(names):
+            if nm is not None:
+                self.groups.setdefault(nm, []).append(i)
+        self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._gather: dict[tuple[tuple[str, ...], torch.device], tuple[torch.Tensor, int]] = {}
+        self._gid: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._paths = paths
+        self.keep_bytes = int(keep_bytes)
+        self.kept_bytes = 0
+        self._kept: dict[tuple[int, str], tuple] = {}
+        self._density = density
+
+    def rows(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The rows of adapter ``name`` as an index tensor on ``device`` (None: every row)."""
+        rows = self.groups[name]
+        if len(rows) == len(self.names):
+            return None
+        key = (name, device)
+        idx = self._index.get(key)
+        if idx is None:
+            idx = self._index[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return idx
+
+    def _check(self, layer, x: torch.Tensor) -> None:
+        if layer.merged:
+            raise StateError(f"the adapted layer {self._paths.get(id(layer), '?')!r} was merged inside "
+                             "randlora.mixed(...); call randlora.unmerge(model) outside the block")
+        if x.dim() < 2 or x.shape[0] != len(self.names):
+            raise ConfigError(
+                f"randlora.mixed got {len(self.names)} adapter names but the adapted layer "
+                f"{self._paths.get(id(layer), '?')!r} was called with an input of shape {tuple(x.shape)} "
+                f"({x.shape[0] if x.dim() else 0} rows; rows are the first dimension). Pass one name (or None) "
+                "per batch row; generate() with num_beams or num_return_sequences > 1 repeats each row, so "
+                "repeat its name as well")
+
+    def _delta(self, layer, name: str, lam: torch.Tensor, gam: torch.Tensor, cd: torch.dtype) -> torch.Tensor | None:
+        """The kept ``s·ΔW`` of ``name`` on ``layer`` in ``cd`` (built now if the budget allows), or None."""
+        key = (id(layer), name)
+        stamp = (lam._version, gam._version, lam.data_ptr(), gam.data_ptr(), cd, getattr(layer.bank, "generation", 0))
+        hit = self._kept.get(key)
+        if hit is not None:
+            if hit[0] == stamp:
+                return hit[1]
+            self.kept_bytes -= hit[1].numel() * hit[1].element_size()
+            del self._kept[key]
+        size = layer.out_features * layer.in_features * torch.empty((), dtype=cd).element_size()
+        if self.kept_bytes + size > self.keep_bytes:
+            return None
+        with torch.no_grad():
+            D = layer.delta_weight(name=name).to(cd)
+        self._kept[key] = (stamp, D)
+        self.kept_bytes += size
+        return D
+
+    def _keep_pays(self, layer, T: int, nr: int, device: str) -> bool:
+        """Whether a kept ``s·ΔW`` (``T·O·I``) is cheaper than the op's best route for this call."""
+        c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density, device=device)
+        return T * layer.out_features * layer.in_features < min(c.values())
+
+    def hook(self, layer, args, kwargs, out):
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        self._check(layer, x)
+        if not self.groups:
+            return out
+        present = [(name, p) for name in self.groups if (p := _params(layer, name)) is not None]
+        if not present:  # this layer carries none of the batch's adapters: every row keeps the base
+            return out
+        if torch.is_autocast_enabled(x.device.type):
+            cd = torch.get_autocast_dtype(x.device.type)
+        elif layer.quantized:
+            cd = x.dtype if x.is_floating_point() else present[0][1][0].dtype
+        else:
+            cd = layer.weight.dtype
+        serving = not torch.is_grad_enabled() and not (
+            layer.training and any(isinstance(p[3], nn.Dropout) for _, p in present))
+        T = x.numel() // x.shape[-1]
+        terms, rest, full = [], [], None
+        with torch.autocast(x.device.type, enabled=False):
+            for name, (lam, gam, s, dmod) in present:
+                D = None
+                if serving and self.keep_bytes > 0 and self._keep_pays(layer, len(self.groups[name]) * (
+                        T // len(self.names)), lam.numel(), x.device.type):
+                    D = self._delta(layer, name, lam, gam, cd)
+                if D is not None:
+                    terms.append((name, F.linear(self._rows_of(x, name).to(cd), D)))
+                else:
+                    rest.append((name, (lam, gam, s, dmod)))
+            if rest and serving and self._batched_pays(layer, T, len(rest)):
+                full = self._batched(layer, x.to(cd), rest)
+            else:
+                for name, (lam, gam, s, dmod) in rest:
+                    terms.append((name, layer._op(dmod(self._rows_of(x, name).to(cd)), None, None, lam, gam, s)))
+        if full is not None:
+            out = out + full.to(out.dtype)
+        if not terms:
+            return out
+        if len(terms) == 1 and len(self.groups[terms[0][0]]) == len(self.names):
+            return out + terms[0][1].to(out.dtype)
+        # one gather puts every group's rows back in batch order (zeros for rows without a term here): faster
+        # on CPU than scattering per group (index_add_ on small tensors is slow there), and one autograd node
+        inv, missing = self._inverse(tuple(n for n, _ in terms), x.device)
+        parts = [d.to(out.dtype) for _, d in terms]
+        if missing:
+            parts.append(out.new_zeros((missing,) + tuple(out.shape[1:])))
+        return out + torch.cat(parts).index_select(0, inv)
+
+    def _rows_of(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        idx = self.rows(name, x.device)
+        return x if idx is None else x.index_select(0, idx)
+
+    def _batched_pays(self, layer, T: int, G: int) -> bool:
+        """Whether one batched pass over every row (per-row ``λ``/``γ``) moves fewer values than ``G`` grouped op
+        calls: ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the bases read once) against
+        ``G·(2·n·r·m + M·n·r)`` (each call writes and reads its ``n·r × m`` scaled bases and reads the bases).
+        Ternary bases too (the pass reads their dense views; the grouped calls' sparse route has a per-call cost
+        the batched pass avoids, docs/serving.md). Only with the layer's ``path`` left at ``"auto"``."""
+        if layer.path != "auto":
+            return False
+        n, r, m, M = layer.n, layer.r, layer.m, layer.M
+        return 2 * T * n * m + M * n * r < G * (2 * n * r * m + M * n * r)
+
+    def _batched(self, layer, x: torch.Tensor, rest: list) -> torch.Tensor:
+        """Every adapter of ``rest`` in one pass over the bases, each row with its own ``s·λ`` and ``γ`` (zeros
+        for rows of other adapters): ``ΔW = Σ_i B_i diag(λ_i) A diag(γ_i)`` applied as
+        ``x diag(γ_i) Aᵀ diag(λ_i) B_iᵀ`` (``I <= O``) or ``x B_i diag(λ_i) A diag(γ_i)`` (``O < I``)."""
+        cd, rows = x.dtype, x.shape[0]
+        key = (tuple(nm for nm, _ in rest), x.device)
+        gid = self._gid.get(key)
+        if gid is None:
+            slot = {nm: k for k, (nm, _) in enumerate(rest)}
+            gid = self._gid[key] = torch.tensor([slot.get(nm, len(rest)) for nm in self.names], dtype=torch.long,
+                                                device=x.device)
+        lam0, gam0 = rest[0][1][0], rest[0][1][1]
+        lam_st = torch.stack([p[0].to(cd) * p[2] for _, p in rest] + [lam0.new_zeros(lam0.shape, dtype=cd)])
+        gam_st = torch.stack([p[1].to(cd) for _, p in rest] + [gam0.new_zeros(gam0.shape, dtype=cd)])
+        lr, gr = lam_st.index_select(0, gid), gam_st.index_select(0, gid)  # (B, r, n), (B, n, m)
+        A, Bf = layer._views()
+        A, Bf = A.to(cd), Bf.to(cd)  # (r, m), (M, n·r) with column k·n + i for basis i, rank k
+        r, n = lr.shape[1], lr.shape[2]
+        xf = x.reshape(rows, -1, x.shape[-1])  # (B, t, I)
+        t = xf.shape[1]
+        if layer.out_features >= layer.in_features:
+            u = torch.matmul(xf[:, :, None, :] * gr[:, None], A.t())  # (B, t, n, r)
+            z = (u.transpose(-1, -2) * lr[:, None]).reshape(rows, t, r * n)
+            y = torch.matmul(z, Bf.t())  # (B, t, O)
+        else:
+            z = torch.matmul(xf, Bf).reshape(rows, t, r, n) * lr[:, None]
+            y = (torch.matmul(z.transpose(-1, -2), A) * gr[:, None]).sum(-2)  # (B, t, n, m) -> (B, t, O)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _inverse(self, applied: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, int]:
+        """The gather index that maps the groups ``applied`` (concatenated, then the other rows) to batch order."""
+        key = (applied, device)
+        hit = self._gather.get(key)
+        if hit is None:
+            order = [i for n in applied for i in self.groups[n]]
+            taken = set(order)
+            rest = [i for i in range(len(self.names)) if i not in taken]
+            inv = torch.empty(len(self.names), dtype=torch.long)
+            inv[torch.tensor(order + rest, dtype=torch.long)] = torch.arange(len(self.names))
+            hit = self._gather[key] = (inv.to(device), len(rest))
+        return hit
+
+
+@contextlib.contextmanager
+@on_root
+def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0) -> Iterator[Mixed]:
+    """Context manager: inside, batch row ``i`` runs through adapter ``names[i]`` (``None``: the base model).
+
+    Every adapted layer computes ``x Wᵀ + b`` once for the whole batch and adds, per group of rows sharing an
+    adapter, that adapter's ``s · dropout(x_g) ΔWᵀ``; a layer that lacks an adapter leaves its rows at the base.
+    Rows are the inputs' first dimension (``(B, ..., I)``), so it works for a plain forward, for training
+    (each row's gradient reaches its own adapter only) and under transformers' ``generate()`` with a KV cache.
+    Each row's output equals that row run alone with its adapter active (:func:`randlora.use`).
+
+    Args:
+        model: an adapted model (or any module containing its root), not merged.
+        names: one adapter name or None per batch row (a list or tuple).
+        keep_bytes: memory budget for keeping each used adapter's ``s·ΔW`` (``O × I`` per layer and adapter, in
+            the compute dtype) between the block's no-grad calls, when ``T·O·I`` then beats the op's route
+            (docs/serving.md); 0 (default) keeps nothing.
+
+    Yields:
+        the block's :class:`Mixed` state (``groups``, ``kept_bytes``).
+
+    Raises:
+        ConfigError: ``names`` is not a non-empty list/tuple of str or None, ``keep_bytes`` is negative, or (at
+            the first adapted layer's call) the batch has another number of rows than ``names``.
+        StateError: the model has no adapter, a name is not one of its adapters, it is merged, or it is
+            already inside ``randlora.mixed``.
+    """
+    reg = registry_of(model)
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"names must be a list or tuple with one adapter name (or None) per batch row, got "
+                          f"{type(names).__name__}: {names!r:.80}")
+    names = list(names)
+    if not names:
+        raise ConfigError("names is empty; pass one adapter name (or None) per batch row")
+    bad = sorted({repr(n) for n in names if n is not None and not isinstance(n, str)})
+    if bad:
+        raise ConfigError(f"names must be adapter names (str) or None, got {', '.join(bad[:5])}")
+    unknown = list(dict.fromkeys(n for n in names if n is not None and n not in reg.adapters))
+    if unknown:
+        raise StateError(f"the model has no adapter {unknown[0]!r}" + (f" (nor {unknown[1:5]})" if unknown[1:] else "")
+                         + f"; its adapters are {list(reg.adapters)}. Load one with randlora.load(model, path, "
+                         f"name={unknown[0]!r}), or use None for the base model")
+    if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0:
+        raise ConfigError(f"keep_bytes must be a non-negative int (bytes), got {keep_bytes!r}")
+    layers = _adapted(model)
+    merged = [p for p, l in layers if l.merged]
+    if merged:
+        raise StateError(f"the model is merged (layers such as {merged[0]!r} hold an adapter in their weights), so "
+                         "per-row adapters would add to it; call randlora.unmerge(model) first")
+    bank = layers[0][1].bank if layers else None
+    if bank is not None and bank in _ACTIVE:
+        raise StateError("the model is already inside randlora.mixed(...); leave that block first (one block per "
+                         "model at a time)")
+    density = None if bank is None or bank.mode == "dense" else 1.0 / sparsity(bank.mode, bank.shape)
+    state = Mixed(names, {id(l): p for p, l in layers}, keep_bytes, density)
+    before = [l.disabled for _, l in layers]
+    hooks = []
+    try:
+        if bank is not None:
+            _ACTIVE.add(bank)
+        for _, l in layers:
+            hooks.append(l.register_forward_hook(state.hook, with_kwargs=True))
+            l.disabled = True
+        yield state
+    finally:
+        for h in hooks:
+            h.remove()
+        for (_, l), b in zip(layers, before):
+            l.disabled = b
+        if bank is not None:
+            _ACTIVE.discard(bank)
+        state._kept.clear()

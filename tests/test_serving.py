@@ -1,0 +1,385 @@
+"""Mixed batches (``randlora.mixed``): each row through its own adapter, equal to the row run alone with that
+adapter active; training, ``generate()`` with a KV cache, the refusals, and the serving benchmark's smoke run."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import randlora
+from randlora.serving import Mixed
+from randlora.walker import adapted_layers
+from models import TARGETS, Net
+from models import randomize
+
+NAMES = ["default", "b", "c", None]
+SUBSET = ["layers.0.q_proj", "layers.1.up_proj"]  # adapter "c" lives on these two layers only
+TOL = dict(rtol=1e-5, atol=1e-5)
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def served(bases: str = "dense", dropout: float = 0.0) -> nn.Module:
+    """Net (fp32) with three adapters on one bank: "default" and "b" on every target, "c" on two layers."""
+    torch.manual_seed(0)
+    model = Net()
+    randlora.inject(model, TARGETS, r=4, bases=bases, dropout=dropout)
+    randlora.inject(model, TARGETS, r=4, alpha=12.0, bases=bases, name="b", dropout=dropout)
+    randlora.inject(model, SUBSET, r=4, alpha=4.0, bases=bases, name="c", dropout=dropout)
+    for seed, name in enumerate(["default", "b", "c"], 1):
+        randomize(model, seed, name)
+    return model
+
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def cached_model(bases: str) -> nn.Module:
+    if bases not in _MODELS:
+        _MODELS[bases] = served(bases).eval()
+    return _MODELS[bases]
+
+
+def alone(model: nn.Module, names, x: torch.Tensor) -> torch.Tensor:
+    """Each row run on its own, with its adapter active (``None``: every adapter off)."""
+    before = randlora.active_adapter(model)
+    out = []
+    for i, name in enumerate(names):
+        if name is None:
+            with randlora.disabled(model):
+                out.append(model(x[i:i + 1]))
+        else:
+            randlora.use(model, name)
+            out.append(model(x[i:i + 1]))
+    randlora.use(model, before)
+    return torch.cat(out)
+
+
+def untouched(model: nn.Module):
+    """What a mixed block must leave as it found: flags, hooks, the active adapter, every tensor."""
+    return ([(p, l.disabled, len(l._forward_hooks), l.merged) for p, l in adapted_layers(model)],
+            randlora.active_adapter(model), {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def assert_untouched(a, b):
+    assert a[0] == b[0] and a[1] == b[1]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# equality with the rows run alone
+# ------------------------------------------------------------------------------------------------
+ROUTES = ["auto", "batched", "grouped"]
+
+
+def forced(route: str):
+    """Force the no-grad choice between one batched pass (per-row λ/γ) and one op call per group."""
+    if route == "auto":
+        return contextlib.nullcontext()
+    return mock.patch.object(Mixed, "_batched_pays", lambda self, layer, T, G: route == "batched")
+
+
+def test_both_no_grad_routes_are_taken_by_the_cost_rule():
+    model = cached_model("dense")
+    seen = []
+    real = Mixed._batched_pays
+
+    def spy(self, layer, T, G):
+        seen.append(real(self, layer, T, G))
+        return seen[-1]
+
+    with torch.no_grad(), mock.patch.object(Mixed, "_batched_pays", spy):
+        for B, seq in ((4, 1), (2, 40)):  # few tokens over several groups: batched; many tokens, two groups: not
+            names = ["default", "b", "c", None][:B] if B == 4 else ["default", "b"]
+            with randlora.mixed(model, names):
+                model(torch.randn(B, seq, 12))
+            assert seen and all(seen) == (B == 4) and any(seen) == (B == 4), seen
+            seen.clear()
+
+
+def test_adapters_differ_so_equality_means_something():
+    model = cached_model("dense")
+    x = torch.randn(1, 3, 12).expand(4, 3, 12).contiguous()
+    with torch.no_grad(), randlora.mixed(model, NAMES):
+        y = model(x)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (y[i] - y[j]).abs().max() > 1e-3, (NAMES[i], NAMES[j])
+
+
+@pytest.mark.parametrize("bases", ["dense", "very_sparse"])
+@settings(max_examples=25, deadline=None)
+@given(names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=7), seq=st.integers(1, 4),
+       seed=st.integers(0, 2**16), keep=st.sampled_from([0, 1 << 20]), route=st.sampled_from(ROUTES))
+def test_each_row_equals_the_row_run_alone(bases, names, seq, seed, keep, route):
+    model = cached_model(bases)
+    x = torch.randn(len(names), seq, 12, generator=torch.Generator().manual_seed(seed))
+    before = untouched(model)
+    with torch.no_grad(), forced(route):
+        with randlora.mixed(model, names, keep_bytes=keep) as state:
+            y = model(x)
+            y2 = model(x)  # a second call (the kept s·ΔW is reused)
+        ref = alone(model, names, x)
+    torch.testing.assert_close(y, ref, **TOL)
+    torch.testing.assert_close(y2, ref, **TOL)
+    assert state.groups == {n: [i for i, m in enumerate(names) if m == n] for n in set(names) if n is not None}
+    named = keep > 0 and any(n is not None for n in names)
+    assert state.kept_bytes == 0 or named  # kept only with a budget and an adapter in the batch
+    if bases == "dense":  # dense full-rank: nr ≈ m, so T·O·I always beats T·nr·(O + I)
+        assert (state.kept_bytes > 0) == named
+    assert_untouched(before, untouched(model))
+
+
+def test_two_dimensional_inputs_and_a_single_adapter_batch():
+    model = cached_model("dense")
+    x = torch.randn(5, 12)
+    for names in (["b", None, "c", "b", "default"], ["c"] * 5, ["b"] * 5):
+        with torch.no_grad(), randlora.mixed(model, names):
+            y = model(x)
+        torch.testing.assert_close(y, alone(model, names, x), **TOL)
+
+
+def test_all_none_batch_is_the_base_model():
+    model = cached_model("dense")
+    x = torch.randn(3, 2, 12)
+    with torch.no_grad():
+        with randlora.mixed(model, [None, None, None]):
+            y = model(x)
+        with randlora.disabled(model):
+            base = model(x)
+    assert torch.equal(y, base)
+
+
+def test_a_layer_without_the_adapter_leaves_its_rows_at_the_base():
+    model = cached_model("dense")
+    x = torch.randn(2, 12)
+    layer = model.layers[1].q_proj  # "c" is not on it
+    assert layer.adapter_params("c") is None
+    with torch.no_grad(), randlora.mixed(model, ["c", "b"]):
+        y = layer(x)
+    with torch.no_grad(), randlora.disabled(model):
+        base = layer(x)
+    randlora.use(model, "b")
+    with torch.no_grad():
+        yb = layer(x[1:])
+    randlora.use(model, "default")
+    assert torch.equal(y[0], base[0])
+    torch.testing.assert_close(y[1:], yb, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+def _grads(model):
+    out = {}
+    for path, layer in adapted_layers(model):
+        for name in ("default", "b", "c"):
+            p = layer.adapter_params(name)
+            if p is not None:
+                out[(path, name, "lambda")] = None if p[0].grad is None else p[0].grad.clone()
+                out[(path, name, "gamma")] = None if p[1].grad is None else p[1].grad.clone()
+    return out
+
+
+def _zero(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+@pytest.mark.parametrize("names", [["b", None, "default", "b", None], ["c", "b", "c"], ["default"] * 3])
+def test_training_gradients_reach_each_rows_own_adapter_only(names):
+    model = served().train()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(len(names), 3, 12, generator=g)
+    w = torch.randn(len(names), 3, 5, generator=g)
+
+    _zero(model)
+    xm = x.clone().requires_grad_(True)
+    with randlora.mixed(model, names):
+        loss = (model(xm) * w).sum()
+    loss.backward()
+    got, gx = _grads(model), xm.grad
+
+    _zero(model)
+    xr = x.clone().requires_grad_(True)
+    for i, name in enumerate(names):
+        if name is None:
+            with randlora.disabled(model):
+                (model(xr[i:i + 1]) * w[i:i + 1]).sum().backward()
+        else:
+            randlora.use(model, name)
+            (model(xr[i:i + 1]) * w[i:i + 1]).sum().backward()
+    randlora.use(model, "default")
+    want = _grads(model)
+
+    torch.testing.assert_close(gx, xr.grad, **TOL)
+    assert got.keys() == want.keys()
+    present = set(names) - {None}
+    for key in got:
+        if key[1] in present:
+            assert got[key] is not None and got[key].abs().max() > 0, key
+            torch.testing.assert_close(got[key], want[key], **TOL)
+        else:  # an adapter with no row in the batch gets no gradient
+            assert got[key] is None and want[key] is None, key
+
+
+def test_training_with_dropout_keeps_gradients_per_adapter():
+    model = served(dropout=0.5).train()
+    x = torch.randn(4, 3, 12)
+    with randlora.mixed(model, ["b", None, "b", None]):
+        model(x).square().sum().backward()
+    g = _grads(model)
+    assert all(v is None for k, v in g.items() if k[1] != "b")
+    assert all(v is not None and v.abs().max() > 0 for k, v in g.items() if k[1] == "b")
+
+
+# ------------------------------------------------------------------------------------------------
+# generate() with the KV cache
+# ------------------------------------------------------------------------------------------------
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    conf = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(conf).eval()
+    randlora.inject(model, "all-linear", r=8)
+    randlora.inject(model, "all-linear", r=8, name="b")
+    randlora.inject(model, ["q_proj", "v_proj"], r=8, name="c")
+    for seed, name in enumerate(["default", "b", "c"], 1):
+        randomize(model, seed, name)
+    return model
+
+
+def _generate(model, ids, **kw):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         pad_token_id=0, eos_token_id=None, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def test_generate_each_row_decodes_with_its_own_adapter():
+    model = tiny_llama()
+    names = ["b", None, "c", "default", "b"]
+    ids = torch.randint(3, 64, (len(names), 5), generator=torch.Generator().manual_seed(3))
+    before = untouched(model)
+    with torch.no_grad(), randlora.mixed(model, names):
+        got = _generate(model, ids)
+    assert_untouched(before, untouched(model))
+    want = []
+    for i, name in enumerate(names):
+        if name is None:
+            with torch.no_grad(), randlora.disabled(model):
+                want.append(_generate(model, ids[i:i + 1]))
+        else:
+            randlora.use(model, name)
+            with torch.no_grad():
+                want.append(_generate(model, ids[i:i + 1]))
+    randlora.use(model, "default")
+    want = torch.cat(want)
+    assert torch.equal(got, want)
+    # the adapters change what is generated (else the equality says nothing)
+    with torch.no_grad(), randlora.mixed(model, [None] * len(names)):
+        base = _generate(model, ids)
+    assert not torch.equal(base[0], got[0]) and not torch.equal(base[3], got[3])
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals: cause first, the fix, the model as it was
+# ------------------------------------------------------------------------------------------------
+def test_a_batch_of_another_length_is_refused_at_the_first_layer_and_the_model_restored():
+    model = served().eval()
+    before = untouched(model)
+    x = torch.randn(3, 12)
+    ref = model(x)
+    with pytest.raises(randlora.ConfigError, match=r"got 2 adapter names .* 'layers\.0\.q_proj' .* \(3 rows"):
+        with randlora.mixed(model, ["b", None]):
+            model(x)
+    assert_untouched(before, untouched(model))
+    assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("names, err, match", [
+    (["b", "nope"], randlora.StateError, r"no adapter 'nope'; its adapters are \['default', 'b', 'c'\]"),
+    ("b", randlora.ConfigError, "names must be a list or tuple"),
+    ([], randlora.ConfigError, "names is empty"),
+    (["b", 3], randlora.ConfigError, "adapter names .* got 3"),
+])
+def test_bad_names_are_refused_at_entry(names, err, match):
+    model = served().eval()
+    before = untouched(model)
+    with pytest.raises(err, match=match):
+        with randlora.mixed(model, names):
+            raise AssertionError("the block must not run")
+    assert_untouched(before, untouched(model))
+
+
+def test_a_merged_model_is_refused():
+    model = served().eval()
+    randlora.merge(model, unload=False, name="b")
+    before = untouched(model)
+    with pytest.raises(randlora.StateError, match=r"the model is merged .* randlora\.unmerge\(model\)"):
+        with randlora.mixed(model, ["b"]):
+            pass
+    assert_untouched(before, untouched(model))
+
+
+def test_nested_blocks_and_errors_inside_the_block():
+    model = served().eval()
+    before = untouched(model)
+    with randlora.mixed(model, ["b"]):
+        with pytest.raises(randlora.StateError, match="already inside randlora.mixed"):
+            with randlora.mixed(model, ["c"]):
+                pass
+    assert_untouched(before, untouched(model))
+    with pytest.raises(RuntimeError, match="boom"):
+        with randlora.mixed(model, ["b", "c"]):
+            raise RuntimeError("boom")
+    assert_untouched(before, untouched(model))
+    with randlora.mixed(model, ["c"]):  # usable again
+        pass
+
+
+def test_keep_bytes_budget_is_respected():
+    model = served().eval()
+    x = torch.randn(3, 2, 12)
+    one = 12 * 12 * 4  # the smallest kept s·ΔW (q_proj)
+    with torch.no_grad(), randlora.mixed(model, ["b", "default", "c"], keep_bytes=one) as state:
+        y = model(x)
+    assert 0 < state.kept_bytes <= one
+    torch.testing.assert_close(y, alone(model, ["b", "default", "c"], x), **TOL)
+    with torch.no_grad(), randlora.mixed(model, ["b", None], keep_bytes=1 << 30) as state:
+        model(x[:2])
+        kept = state.kept_bytes
+        randomize(model, 9, "b")  # λ/γ change inside the block (a reload): the kept s·ΔW is rebuilt
+        y = model(x[:2])
+    assert kept > 0 and state.kept_bytes == kept
+    torch.testing.assert_close(y, alone(model, ["b", None], x[:2]), **TOL)
+    with randlora.mixed(model, ["b"], keep_bytes=1 << 30) as state:  # grad mode: nothing kept
+        model(torch.randn(1, 12))
+    assert state.kept_bytes == 0
+    with pytest.raises(randlora.ConfigError, match="keep_bytes"):
+        with randlora.mixed(model, ["b"], keep_bytes=-1):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark's smoke run
+# ------------------------------------------------------------------------------------------------
+def test_serving_benchmark_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_serving", BENCH / "serving.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "serving.json"
+    mod.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["rows"] and all(r["mixed_ms"] > 0 and r["separate_ms"] > 0 for r in data["rows"])
+    assert data["load"]["per_adapter_ms"] > 0 and data["load"]["adapters"] >= 2
+    assert all(r["max_diff"] < 1e-4 for r in data["rows"])  # the timed mixed batch computes the right thing
