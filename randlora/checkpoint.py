@@ -133,9 +133,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
                          "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
     dest = adapter_tensors(model, name)
     state = _renamed(state, _state_map(state, dest, strict, prefix))
-    problems = _layout_problems(state, dest, model, strict)
+    problems, fix = _layout_problems(state, dest, model, strict)
     if problems:
-        raise CheckpointError(_layout_error(problems))
+        raise CheckpointError(f"{'; '.join(problems)}; nothing was loaded. {fix}.")
     _verify_bases(state, bank)
     _copy_state(state, dest, bank)
 
@@ -179,25 +179,20 @@ def _check_entries(state: object) -> None:
                               "was loaded. Pass the dict randlora.state_dict / randlora.read_file returns")
 
 
+_FIX_WIDTH = "Load it into the base model it was trained on"
+_FIX_R = ("Inject with the same targets and r as the file, or call randlora.load on a plain model (it injects with "
+          "the file's settings)")
+_FIX_KEYS = ("Load it into the model it was trained on, inject with the same targets, or pass strict=False to load "
+             "the tensors present")
+
+
 def _layout_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], model: nn.Module,
-                     strict: bool) -> list[str]:
-    """Every way the checkpoint's dtypes, keys and shapes do not fit the model, so one error names them all."""
-    return (_dtype_problems(state, dest) + _shape_problems(state, dest, model)
-            + _key_problems(state, dest, strict))
-
-
-def _layout_error(problems: list[str]) -> str:
-    """Cause first (the first problem), then the rest, then the fix that cause calls for."""
-    first = problems[0]
-    if "narrower" in first or "wider" in first or "other widths" in first:
-        fix = "Load it into the base model it was trained on"
-    elif first.startswith("the adapter was made with r="):
-        fix = ("Inject with the same targets and r as the file, or call randlora.load on a plain model (it "
-               "injects with the file's settings)")
-    else:
-        fix = ("Load it into the model it was trained on, inject with the same targets, or pass strict=False to "
-               "load the tensors present")
-    return f"{'; '.join(problems)}; nothing was loaded. {fix}."
+                     strict: bool) -> tuple[list[str], str]:
+    """Every way the checkpoint's dtypes, keys and shapes do not fit the model, so one error names them all
+    (cause first), and the fix the first one calls for."""
+    dtypes = _dtype_problems(state, dest)
+    shapes, fix = _shape_problems(state, dest, model)
+    return dtypes + shapes + _key_problems(state, dest, strict), (fix if fix and not dtypes else _FIX_KEYS)
 
 
 def _dtype_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor]) -> list[str]:
@@ -227,10 +222,13 @@ def _key_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tenso
     return problems
 
 
-def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], model: nn.Module
+                    ) -> tuple[list[str], str | None]:
+    """Shape mismatches, the cause behind λ/γ ones first; and that cause's fix (None: no λ/γ mismatch)."""
     bank = require_bank(model)
     bad = [k for k in sorted(set(dest) & set(state)) if tuple(state[k].shape) != tuple(dest[k].shape)]
-    problems = _width_problem(state, dest, bad, model)
+    cause, fix = _width_problem(state, dest, bad, model)
+    problems = [cause] if cause else []
     if problems:
         bad = [k for k in bad if not k.endswith(_PARAMS)]
     if bad:
@@ -243,12 +241,13 @@ def _shape_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Ten
         for b, t in zip(BASES, (bank.A, bank.B)):
             if tuple(state[b].shape) != tuple(t.shape):
                 problems.append(f"{b}: checkpoint shape {tuple(state[b].shape)}, model bank {tuple(t.shape)}")
-    return problems
+    return problems, fix
 
 
 def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bad: list[str],
-                   model: nn.Module) -> list[str]:
-    """The cause behind λ/γ of other shapes: layers of other widths (γ is ``(n, min(O, I))``), or another ``r``."""
+                   model: nn.Module) -> tuple[str | None, str | None]:
+    """The cause behind λ/γ of other shapes, and its fix: layers of other widths (γ is ``(n, min(O, I))``), or
+    another ``r``; ``(None, None)`` when λ/γ fit."""
     gam = [k for k in bad if k.endswith(".randlora_gamma") and state[k].dim() == 2]
     wide = [k for k in gam if state[k].shape[1] != dest[k].shape[1]]
     if wide:
@@ -257,17 +256,17 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
                "wider" if all(a > b for a, b in zip(here, there)) else "of other widths")
         path = wide[0][: -len(".randlora_gamma")]
         layer = model.get_submodule(path)
-        return [f"the model's layers are {how} than the adapter's: {path} is ({layer.out_features}, "
+        return (f"the model's layers are {how} than the adapter's: {path} is ({layer.out_features}, "
                 f"{layer.in_features}) here, min(out, in) = {there[0]} in the file (γ shape "
                 f"{tuple(state[wide[0]].shape)}, here {tuple(dest[wide[0]].shape)}; {len(wide)} of {len(gam)} "
-                "layers differ)"]
+                "layers differ)", _FIX_WIDTH)
     lam = [k for k in bad if k.endswith(".randlora_lambda") and state[k].dim() == 2]
     if lam:
         k = lam[0]
-        return [f"the adapter was made with r={state[k].shape[0]}, this model's adapter has r={dest[k].shape[0]} "
+        return (f"the adapter was made with r={state[k].shape[0]}, this model's adapter has r={dest[k].shape[0]} "
                 f"(λ shape {tuple(state[k].shape)} in the file, {tuple(dest[k].shape)} here; {len(lam)} layers "
-                f"differ, e.g. {k[: -len('.randlora_lambda')]})"]
-    return []
+                f"differ, e.g. {k[: -len('.randlora_lambda')]})", _FIX_R)
+    return None, None
 
 
 def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:

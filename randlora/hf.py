@@ -131,15 +131,13 @@ def _full_checkpoint(folder: str | os.PathLike) -> bool:
 
 def _read_adapter(folder: str | os.PathLike, what: str) -> dict:
     """The adapter file's tensors, checked (present, intact) before anything is loaded."""
-    from .checkpoint import read_file
+    from .checkpoint import adapter_path, read_file
 
-    path = adapter_file(folder)
-    if not path.is_file():
-        names = sorted(p.name for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise CheckpointError(f"{what} {folder} holds no {ADAPTER_FILE}: it was not written by randlora's Trainer "
-                              f"integration ({len(names)} entries there: {shown or 'none'}); nothing was loaded. "
-                              "Resume from a checkpoint of a run that used randlora.hf.RandLoraTrainer")
+    try:
+        path = adapter_path(folder)  # the one check of a checkpoint folder, shared with randlora.load
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load {what}: {e}. Nothing was loaded; resume from a checkpoint of a run that "
+                              "used randlora.hf.RandLoraTrainer") from None
     tensors, _ = read_file(path)
     return tensors
 

@@ -149,3 +149,17 @@ def test_trainer_class_checks_its_base_and_import_is_lazy():
     code = "import sys, randlora, randlora.hf; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_resume_from_a_folder_without_an_adapter_file_is_refused_and_loads_nothing(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in randlora.state_dict(model, save_projection=False).items()}
+    (tmp_path / "empty" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "empty" / "checkpoint-2" / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError) as e:
+        trainer(model, tmp_path / "out", max_steps=2).train(resume_from_checkpoint=str(tmp_path / "empty" / "checkpoint-2"))
+    msg = str(e.value)
+    assert msg.startswith("cannot load the checkpoint: the folder") and f"holds no {ADAPTER_FILE}" in msg, msg
+    assert "Nothing was loaded" in msg and len(msg) < 1500
+    after = randlora.state_dict(model, save_projection=False)
+    assert all(torch.equal(before[k], after[k]) for k in before)
