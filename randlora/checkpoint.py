@@ -269,27 +269,43 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
     return None, None
 
 
+def stored_bases(state: Mapping[str, torch.Tensor], need_identity: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bases an adapter carries, float32, checked against its own fingerprint; None when it carries none.
+
+    The one check every reader makes before it trusts an adapter's bases: stored bases must hash to the
+    checksum their fingerprint names (SHA-256, so equal checksums mean equal bases), and an adapter must
+    carry a fingerprint or bases.
+
+    Args:
+        state: the adapter's tensors.
+        need_identity: refuse an adapter with neither fingerprint nor bases (False for peft folders, which
+            carry neither when saved without bases).
+
+    Raises:
+        CheckpointError: the stored bases do not hash to their fingerprint's checksum (a corrupt file).
+        FingerprintMismatch: neither fingerprint nor bases, with ``need_identity``.
+    """
+    if not _has_bases(state):
+        if need_identity and FP not in state:
+            raise FingerprintMismatch("the adapter has neither a fingerprint nor bases, so it cannot be verified "
+                                      "against any bases; save it again with this library")
+        return None
+    A, B = state["randlora_A"].float(), state["randlora_B"].float()
+    if FP in state and bases_checksum(A, B) != int(state[FP][-1]):
+        raise CheckpointError("the adapter's bases do not match its own fingerprint's checksum: the file is "
+                              "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
+    return A, B
+
+
 def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
-    """The checkpoint must name this model's bases (fingerprint), or carry bases that match their checksum."""
-    both = _has_bases(state)
+    """The checkpoint must carry intact bases (:func:`stored_bases`) or name this model's (fingerprint)."""
+    stored = stored_bases(state)
     if FP not in state:
-        if not both:
-            raise FingerprintMismatch("the checkpoint has neither a fingerprint nor bases, so it cannot be "
-                                      "verified against this model's bases; save it again with this library")
         return
     diff = bank.fingerprint.differences(state[FP])
-    if diff and both and all(d.startswith("checksum") for d in diff):
-        # same settings, other values (e.g. bases loaded from another file): intact ones replace the model's
-        stored = bases_checksum(state["randlora_A"].float(), state["randlora_B"].float())
-        if stored != int(state[FP][-1]):
-            raise CheckpointError("the checkpoint's bases do not match its own checksum: the file is corrupt")
-    elif diff:
+    if diff and not (stored is not None and all(d.startswith("checksum") for d in diff)):
         bank.check(state[FP])
-    elif both and not (torch.equal(state["randlora_A"].to(bank.A), bank.A)
-                       and torch.equal(state["randlora_B"].to(bank.B), bank.B)):
-        # the fingerprint names exactly this model's bases, yet the stored ones differ: corrupt
-        raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
-                              "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
 
 
 def _copy_state(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], bank) -> None:

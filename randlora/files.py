@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .bank import Fingerprint, bases_checksum, layer_views
-from .checkpoint import ADAPTER_FILE, FP, adapter_path, read_file
+from .checkpoint import ADAPTER_FILE, FP, adapter_path, read_file, stored_bases
 from .errors import CheckpointError, FingerprintMismatch
 from .ops import delta_weight
 from .paths import PathMap, examples, match_paths
@@ -290,23 +290,19 @@ def adapter_bases(tensors: dict[str, torch.Tensor], cfg: AdapterConfig, info: di
             this library's adapter has neither bases nor fingerprint.
     """
     shape = bank_shape(cfg.recipe, cfg.r, shapes)
-    stored = tensors.get(FP)
-    if "randlora_A" in tensors:
-        A, B = tensors["randlora_A"].float(), tensors["randlora_B"].float()
+    stored = stored_bases(tensors, need_identity=info["format"] != "peft")
+    if stored is not None:
+        A, B = stored
         if (tuple(A.shape), tuple(B.shape)) != ((shape.r, shape.m), (shape.M, shape.n, shape.r)):
             raise CheckpointError(f"the adapter's bases have shapes A{tuple(A.shape)}, B{tuple(B.shape)} but the "
                                   f"weight file's layers need A({shape.r}, {shape.m}), B({shape.M}, {shape.n}, "
                                   f"{shape.r}); is it the adapter of another model?")
-        if stored is not None and bases_checksum(A, B) != int(stored[-1]):
-            raise CheckpointError("the adapter's bases do not match its own checksum: the file is corrupt")
         return A, B
     A, B = generate(cfg.recipe, cfg.seed, cfg.bases, shape)
-    if stored is not None:
+    if FP in tensors:
         diff = Fingerprint(cfg.seed, cfg.recipe, cfg.bases, shape.r, shape.M, shape.m,
-                           bases_checksum(A, B)).differences(stored)
+                           bases_checksum(A, B)).differences(tensors[FP])
         if diff:
             raise FingerprintMismatch(f"the adapter was made with other bases than these layers give "
                                       f"({'; '.join(diff)}); is the weight file the adapter's base model?")
-    elif info["format"] != "peft":
-        raise FingerprintMismatch("the adapter has neither a fingerprint nor bases, so it cannot be verified")
     return A, B
