@@ -336,15 +336,19 @@ class RandLoraLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Wᵀ + b + s · dropout(x) ΔWᵀ``: one planned op call (:meth:`_op`) for the active adapter."""
-        if self.quantized:
-            return self._forward_quantized(x)
-        W = self._w()
-        if self.merged and self.disabled:  # the base layer: take the merged update back out
-            acc = acc_dtype(self.weight.dtype)
+        """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the active adapter (:meth:`apply_adapter`)."""
+        if self.merged and self.disabled and not self.quantized:  # the base layer: take the merged update out
+            W, acc = self._w(), acc_dtype(self.weight.dtype)
             return F.linear(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype), self.bias)
-        p = None if (self.disabled or self.merged) else self.adapter_params()
-        if p is None:  # merged, adapters off, or the active named adapter is not on this layer
+        return self.apply_adapter(x, None if (self.disabled or self.merged) else self.adapter_params())
+
+    def apply_adapter(self, x: torch.Tensor, p: tuple | None) -> torch.Tensor:
+        """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the adapter ``p`` (:meth:`adapter_params`; None: the base layer
+        alone), by one planned op call (:meth:`_op`). :func:`randlora.mixed` calls it once per group of rows."""
+        if self.quantized:
+            return self._forward_quantized(x, p)
+        W = self._w()
+        if p is None:
             return F.linear(x, W, self.bias)
         lam, gam, s, dmod = p
         cd, out_dtype = self._compute_dtype(x, W.dtype)
@@ -357,11 +361,10 @@ class RandLoraLinear(nn.Module):
                 y = self._op(xc, W, self.bias, lam, gam, s)
         return y if out_dtype is None else y.to(out_dtype)
 
-    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_quantized(self, x: torch.Tensor, p: tuple | None) -> torch.Tensor:
         """``base_layer(x) + s · dropout(x) ΔWᵀ``: the base's own forward (its own saved tensors), the adapter
         term from the op with ``W = None`` (it keeps only ``x``, ``λ``, ``γ``)."""
         y = self._base(x)
-        p = None if self.disabled else self.adapter_params()
         if p is None:
             return y
         lam, gam, s, dmod = p

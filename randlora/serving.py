@@ -1,24 +1,25 @@
 """Mixed batches: one adapter per batch row, on one model (``randlora.mixed``).
 
-Inside ``with randlora.mixed(model, names):`` every adapted layer computes the frozen ``x Wᵀ + b`` once for the
-whole batch and adds, per group of rows that share an adapter, that adapter's term ``s · dropout(x_g) ΔW_aᵀ``
-(rows named ``None``, and rows whose adapter is not on this layer, keep the base). Nothing in
-:mod:`randlora.layer` changes: the block sets each adapted layer's ``disabled`` flag (its forward then computes
-the base only) and registers a forward hook that adds the groups' terms; both are undone on exit, error or not.
+Inside ``with randlora.mixed(model, names):`` every adapted layer's ``forward`` is :meth:`Mixed.forward`:
+each group of rows that share an adapter goes through that adapter (:meth:`RandLoraLinear.apply_adapter`,
+planned like a separate batch of those rows), and rows named ``None``, or whose adapter is not on this layer,
+through the frozen layer alone. Nothing in :mod:`randlora.layer` changes; the block undoes the override on
+exit, error or not.
 
-Cost per layer call, in multiply-adds on top of the frozen layer (``T_g`` tokens of group ``g``, ``nr = n·r``,
-``m = min(O, I)``, ``M = max(O, I)``): each group's term is one adapter op with ``W = None``, routed by the
-layer's planner like any other call: the activation route ``T_g·nr·(O + I)``, or building ``s·ΔW_a``
-(``M·nr·m``) and one matmul ``T_g·O·I``, or (ternary bases) the sparse route. A no-grad call with few tokens
-per group (decoding steps) instead computes every group in one pass over the bases with
-per-row ``s·λ`` and ``γ`` (same multiply-adds, the bases read once instead of once per group; see
+Cost per layer call (``T_g`` tokens of group ``g``, ``nr = n·r``, ``m = min(O, I)``, ``M = max(O, I)``): each
+group costs what a separate batch of its rows costs, as the planner routes it: the frozen ``T_g·O·I`` plus the
+activation route ``T_g·nr·(O + I)``, or building ``W + s·ΔW_a`` (``M·nr·m``) and one matmul ``T_g·O·I``, or
+(ternary bases) the sparse route; rows without an adapter cost ``T·O·I``. A no-grad call with few tokens per
+group (decoding steps) instead runs the frozen layer once for the batch and every group in one pass over the
+bases with per-row ``s·λ`` and ``γ`` (the bases read once instead of once per group; see
 :meth:`Mixed._batched_pays`). With ``keep_bytes`` the block also keeps ``s·ΔW_a`` between no-grad calls and a
-group then costs ``T_g·O·I``. See docs/serving.md.
+group's term then costs ``T_g·O·I``. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from typing import Iterator, Sequence
 
@@ -81,7 +82,7 @@ def _params(layer, name: str):
 
 
 class Mixed:
-    """The state of one ``randlora.mixed`` block: row groups, kept ``s·ΔW`` and the hooks' work.
+    """The state of one ``randlora.mixed`` block: row groups, kept ``s·ΔW`` and the layers' forward.
 
     Attributes:
         names: one adapter name (or None) per batch row.
@@ -96,7 +97,7 @@ class Mixed:
             if nm is not None:
                 self.groups.setdefault(nm, []).append(i)
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._gather: dict[tuple[tuple[str, ...], torch.device], tuple[torch.Tensor, int]] = {}
+        self._gather: dict[tuple[tuple[str, ...], torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._gid: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self._paths = paths
         self.keep_bytes = int(keep_bytes)
@@ -151,52 +152,66 @@ class Mixed:
         c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density, device=device)
         return T * layer.out_features * layer.in_features < min(c.values())
 
-    def hook(self, layer, args, kwargs, out):
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for the whole batch, each row through its own adapter (the layer's ``forward`` inside
+        the block). Per call, one of two plans: decode-sized no-grad calls run the frozen layer once for the batch
+        plus one batched pass over the bases (:meth:`_batched_pays`); otherwise each group of rows goes through
+        :meth:`RandLoraLinear.apply_adapter` on its own, planned like a separate batch of those rows (so the
+        planner may build ``W + s·ΔW`` for a long group), and the other rows through the frozen layer."""
         self._check(layer, x)
-        if not self.groups:
-            return out
-        present = [(name, p) for name in self.groups if (p := _params(layer, name)) is not None]
+        present = {name: p for name in self.groups if (p := _params(layer, name)) is not None}
         if not present:  # this layer carries none of the batch's adapters: every row keeps the base
-            return out
-        if torch.is_autocast_enabled(x.device.type):
-            cd = torch.get_autocast_dtype(x.device.type)
-        elif layer.quantized:
-            cd = x.dtype if x.is_floating_point() else present[0][1][0].dtype
-        else:
-            cd = layer.weight.dtype
+            return layer.apply_adapter(x, None)
         serving = not torch.is_grad_enabled() and not (
-            layer.training and any(isinstance(p[3], nn.Dropout) for _, p in present))
+            layer.training and any(isinstance(p[3], nn.Dropout) for p in present.values()))
         T = x.numel() // x.shape[-1]
-        terms, rest, full = [], [], None
-        with torch.autocast(x.device.type, enabled=False):
-            for name, (lam, gam, s, dmod) in present:
-                D = None
-                if serving and self.keep_bytes > 0 and self._keep_pays(layer, len(self.groups[name]) * (
-                        T // len(self.names)), lam.numel(), x.device.type):
-                    D = self._delta(layer, name, lam, gam, cd)
+        kept = self._kept_deltas(layer, x, present, T) if serving and self.keep_bytes > 0 else {}
+        rest = [name for name in present if name not in kept]
+        if rest and serving and self._batched_pays(layer, T, len(rest)):
+            return self._base_plus_terms(layer, x, kept, rest)
+        if not kept and len(rest) == 1 and len(self.groups[rest[0]]) == len(self.names):
+            return layer.apply_adapter(x, present[rest[0]])  # one adapter on every row: a plain call
+        parts = [layer.apply_adapter(self._rows_of(x, name), present[name]) for name in rest]
+        for name, D in kept.items():
+            xg = self._rows_of(x, name)
+            parts.append(layer.apply_adapter(xg, None) + F.linear(xg.to(D.dtype), D).to(parts[0].dtype if parts
+                                                                                        else x.dtype))
+        inv, others = self._inverse(tuple(rest) + tuple(kept), x.device)
+        if others is not None:
+            parts.append(layer.apply_adapter(x.index_select(0, others), None))
+        return torch.cat([t.to(parts[0].dtype) for t in parts]).index_select(0, inv)
+
+    def _compute_dtype(self, layer, x: torch.Tensor, present: dict) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        if layer.quantized:
+            return x.dtype if x.is_floating_point() else next(iter(present.values()))[0].dtype
+        return layer.weight.dtype
+
+    def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int) -> dict[str, torch.Tensor]:
+        """The groups whose kept ``s·ΔW`` (``T_g·O·I``) beats the op's routes, with that ``s·ΔW``."""
+        cd, t = self._compute_dtype(layer, x, present), T // len(self.names)
+        out = {}
+        for name, (lam, gam, _, _) in present.items():
+            if self._keep_pays(layer, len(self.groups[name]) * t, lam.numel(), x.device.type):
+                D = self._delta(layer, name, lam, gam, cd)
                 if D is not None:
-                    terms.append((name, F.linear(self._rows_of(x, name).to(cd), D)))
-                else:
-                    rest.append((name, (lam, gam, s, dmod)))
-            if rest and serving and self._batched_pays(layer, T, len(rest)):
-                full = self._batched(layer, x.to(cd), rest)
-            else:
-                for name, (lam, gam, s, dmod) in rest:
-                    terms.append((name, layer._op(dmod(self._rows_of(x, name).to(cd)), None, None, lam, gam, s)))
-        if full is not None:
-            out = out + full.to(out.dtype)
-        if not terms:
-            return out
-        if len(terms) == 1 and len(self.groups[terms[0][0]]) == len(self.names):
-            return out + terms[0][1].to(out.dtype)
-        # one gather puts every group's rows back in batch order (zeros for rows without a term here): faster
-        # on CPU than scattering per group (index_add_ on small tensors is slow there), and one autograd node
-        inv, missing = self._inverse(tuple(n for n, _ in terms), x.device)
-        parts = [d.to(out.dtype) for _, d in terms]
-        if missing:
-            parts.append(out.new_zeros((missing,) + tuple(out.shape[1:])))
-        return out + torch.cat(parts).index_select(0, inv)
+                    out[name] = D
+        return out
+
+    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: list[str]) -> torch.Tensor:
+        """The frozen layer once for the batch, the kept groups' ``x_g s·ΔWᵀ`` and one batched pass for ``rest``."""
+        out = layer.apply_adapter(x, None)
+        with torch.autocast(x.device.type, enabled=False):
+            cd = self._compute_dtype(layer, x, {n: _params(layer, n) for n in rest})
+            out = out + self._batched(layer, x.to(cd), [(n, _params(layer, n)) for n in rest]).to(out.dtype)
+            if not kept:
+                return out
+            terms = [F.linear(self._rows_of(x, name).to(D.dtype), D).to(out.dtype) for name, D in kept.items()]
+        inv, others = self._inverse(tuple(kept), x.device)
+        if others is not None:
+            terms.append(out.new_zeros((others.numel(),) + tuple(out.shape[1:])))
+        return out + torch.cat(terms).index_select(0, inv)
 
     def _rows_of(self, x: torch.Tensor, name: str) -> torch.Tensor:
         idx = self.rows(name, x.device)
@@ -242,17 +257,18 @@ class Mixed:
             y = (torch.matmul(z.transpose(-1, -2), A) * gr[:, None]).sum(-2)  # (B, t, n, m) -> (B, t, O)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _inverse(self, applied: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, int]:
-        """The gather index that maps the groups ``applied`` (concatenated, then the other rows) to batch order."""
+    def _inverse(self, applied: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gather index that maps the groups ``applied`` (concatenated, then the other rows in batch order) to
+        batch order, and the index of those other rows (None when there are none)."""
         key = (applied, device)
         hit = self._gather.get(key)
         if hit is None:
-            order = [i for n in applied for i in self.groups[n]]
-            taken = set(order)
-            rest = [i for i in range(len(self.names)) if i not in taken]
+            taken = [i for n in applied for i in self.groups[n]]
+            others = sorted(set(range(len(self.names))) - set(taken))
             inv = torch.empty(len(self.names), dtype=torch.long)
-            inv[torch.tensor(order + rest, dtype=torch.long)] = torch.arange(len(self.names))
-            hit = self._gather[key] = (inv.to(device), len(rest))
+            inv[torch.tensor(taken + others, dtype=torch.long)] = torch.arange(len(self.names))
+            hit = self._gather[key] = (inv.to(device), torch.tensor(others, dtype=torch.long, device=device)
+                                       if others else None)
         return hit
 
 
@@ -311,20 +327,15 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
                          "model at a time)")
     density = None if bank is None or bank.mode == "dense" else 1.0 / sparsity(bank.mode, bank.shape)
     state = Mixed(names, {id(l): p for p, l in layers}, keep_bytes, density)
-    before = [l.disabled for _, l in layers]
-    hooks = []
     try:
         if bank is not None:
             _ACTIVE.add(bank)
         for _, l in layers:
-            hooks.append(l.register_forward_hook(state.hook, with_kwargs=True))
-            l.disabled = True
+            l.forward = functools.partial(state.forward, l)
         yield state
     finally:
-        for h in hooks:
-            h.remove()
-        for (_, l), b in zip(layers, before):
-            l.disabled = b
+        for _, l in layers:
+            l.__dict__.pop("forward", None)
         if bank is not None:
             _ACTIVE.discard(bank)
         state._kept.clear()

@@ -24,6 +24,10 @@ from models import randomize
 NAMES = ["default", "b", "c", None]
 SUBSET = ["layers.0.q_proj", "layers.1.up_proj"]  # adapter "c" lives on these two layers only
 TOL = dict(rtol=1e-5, atol=1e-5)
+# Row-for-row equality is checked in float64: in float32 the same row computed in batches of other sizes goes
+# through other BLAS kernels, and on this net (outputs up to about 7) that rounding alone exceeds 1e-5 in about
+# one random case in 300, mixed block or not; in float64 the mixed and the alone rows agree to about 1e-14.
+TOL64 = dict(rtol=1e-10, atol=1e-10)
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -39,13 +43,13 @@ def served(bases: str = "dense", dropout: float = 0.0) -> nn.Module:
     return model
 
 
-_MODELS: dict[str, nn.Module] = {}
+_MODELS: dict[tuple[str, torch.dtype], nn.Module] = {}
 
 
-def cached_model(bases: str) -> nn.Module:
-    if bases not in _MODELS:
-        _MODELS[bases] = served(bases).eval()
-    return _MODELS[bases]
+def cached_model(bases: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if (bases, dtype) not in _MODELS:
+        _MODELS[bases, dtype] = served(bases).to(dtype).eval()
+    return _MODELS[bases, dtype]
 
 
 def alone(model: nn.Module, names, x: torch.Tensor) -> torch.Tensor:
@@ -120,16 +124,16 @@ def test_adapters_differ_so_equality_means_something():
 @given(names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=7), seq=st.integers(1, 4),
        seed=st.integers(0, 2**16), keep=st.sampled_from([0, 1 << 20]), route=st.sampled_from(ROUTES))
 def test_each_row_equals_the_row_run_alone(bases, names, seq, seed, keep, route):
-    model = cached_model(bases)
-    x = torch.randn(len(names), seq, 12, generator=torch.Generator().manual_seed(seed))
+    model = cached_model(bases, torch.float64)
+    x = torch.randn(len(names), seq, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     before = untouched(model)
     with torch.no_grad(), forced(route):
         with randlora.mixed(model, names, keep_bytes=keep) as state:
             y = model(x)
             y2 = model(x)  # a second call (the kept s·ΔW is reused)
         ref = alone(model, names, x)
-    torch.testing.assert_close(y, ref, **TOL)
-    torch.testing.assert_close(y2, ref, **TOL)
+    torch.testing.assert_close(y, ref, **TOL64)
+    torch.testing.assert_close(y2, ref, **TOL64)
     assert state.groups == {n: [i for i, m in enumerate(names) if m == n] for n in set(names) if n is not None}
     named = keep > 0 and any(n is not None for n in names)
     assert state.kept_bytes == 0 or named  # kept only with a budget and an adapter in the batch
@@ -196,10 +200,10 @@ def _zero(model):
 
 @pytest.mark.parametrize("names", [["b", None, "default", "b", None], ["c", "b", "c"], ["default"] * 3])
 def test_training_gradients_reach_each_rows_own_adapter_only(names):
-    model = served().train()
+    model = served().double().train()  # float64: see TOL64
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(len(names), 3, 12, generator=g)
-    w = torch.randn(len(names), 3, 5, generator=g)
+    x = torch.randn(len(names), 3, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(len(names), 3, 5, generator=g, dtype=torch.float64)
 
     _zero(model)
     xm = x.clone().requires_grad_(True)
@@ -220,13 +224,13 @@ def test_training_gradients_reach_each_rows_own_adapter_only(names):
     randlora.use(model, "default")
     want = _grads(model)
 
-    torch.testing.assert_close(gx, xr.grad, **TOL)
+    torch.testing.assert_close(gx, xr.grad, **TOL64)
     assert got.keys() == want.keys()
     present = set(names) - {None}
     for key in got:
         if key[1] in present:
             assert got[key] is not None and got[key].abs().max() > 0, key
-            torch.testing.assert_close(got[key], want[key], **TOL)
+            torch.testing.assert_close(got[key], want[key], **TOL64)
         else:  # an adapter with no row in the batch gets no gradient
             assert got[key] is None and want[key] is None, key
 
