@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, FingerprintMismatch
+from .errors import CheckpointError, ConfigError, FingerprintMismatch
 from .recipes import MODES, BankShape, generate, n_bases
 from .registry import Registry
 from .sparse import SparseCache, SparseIndex, build_index
 
-__all__ = ["BasisBank", "Fingerprint", "FINGERPRINT_KEYS", "bases_checksum", "layer_views"]
+BASES = ("randlora_A", "randlora_B")  # the bases' keys in a file or state dict
+FP = "randlora_fingerprint"  # the fingerprint's key
+
+__all__ = ["BasisBank", "Fingerprint", "FINGERPRINT_KEYS", "BASES", "FP", "bases_checksum", "layer_views", "stored_bases"]
 
 FORMAT_VERSION = 1
 
@@ -85,6 +89,35 @@ def bases_checksum(A: torch.Tensor, B: torch.Tensor) -> int:
     for t in (A, B):
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+def stored_bases(state: Mapping[str, torch.Tensor], need_identity: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bases an adapter carries, float32, checked against its own fingerprint; None when it carries none.
+
+    The one check every reader makes before it trusts an adapter's bases: stored bases must hash to the
+    checksum their fingerprint names (SHA-256, so equal checksums mean equal bases), and an adapter must
+    carry a fingerprint or bases.
+
+    Args:
+        state: the adapter's tensors.
+        need_identity: refuse an adapter with neither fingerprint nor bases (False for peft folders, which
+            carry neither when saved without bases).
+
+    Raises:
+        CheckpointError: the stored bases do not hash to their fingerprint's checksum (a corrupt file).
+        FingerprintMismatch: neither fingerprint nor bases, with ``need_identity``.
+    """
+    if not all(k in state for k in BASES):
+        if need_identity and FP not in state:
+            raise FingerprintMismatch("the adapter has neither a fingerprint nor bases, so it cannot be verified "
+                                      "against any bases; save it again with this library")
+        return None
+    A, B = state["randlora_A"].float(), state["randlora_B"].float()
+    if FP in state and bases_checksum(A, B) != int(state[FP][-1]):
+        raise CheckpointError("the adapter's bases do not match its own fingerprint's checksum: the file is "
+                              "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
+    return A, B
 
 
 def layer_views(A: torch.Tensor, B: torch.Tensor, O: int, I: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:

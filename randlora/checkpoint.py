@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bank import bases_checksum
+from .bank import BASES, FP, bases_checksum, stored_bases
 from .recipes import generate
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
 from .paths import PathMap, canonical, compiled_inner, examples, linear_paths, locate, match_paths, on_root
@@ -32,8 +32,6 @@ __all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "read_s
 
 FORMAT = "randlora"
 ADAPTER_FILE = "randlora_adapter.safetensors"  # the adapter file in a Trainer checkpoint folder (randlora.hf)
-BASES = ("randlora_A", "randlora_B")
-FP = "randlora_fingerprint"
 log = logging.getLogger("randlora")
 DIGEST = "sha256"  # metadata key: checksum of all stored tensors (files from 0.1.0 have none and are not checked)
 
@@ -267,35 +265,6 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
                 f"(λ shape {tuple(state[k].shape)} in the file, {tuple(dest[k].shape)} here; {len(lam)} layers "
                 f"differ, e.g. {k[: -len('.randlora_lambda')]})", _FIX_R)
     return None, None
-
-
-def stored_bases(state: Mapping[str, torch.Tensor], need_identity: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The bases an adapter carries, float32, checked against its own fingerprint; None when it carries none.
-
-    The one check every reader makes before it trusts an adapter's bases: stored bases must hash to the
-    checksum their fingerprint names (SHA-256, so equal checksums mean equal bases), and an adapter must
-    carry a fingerprint or bases.
-
-    Args:
-        state: the adapter's tensors.
-        need_identity: refuse an adapter with neither fingerprint nor bases (False for peft folders, which
-            carry neither when saved without bases).
-
-    Raises:
-        CheckpointError: the stored bases do not hash to their fingerprint's checksum (a corrupt file).
-        FingerprintMismatch: neither fingerprint nor bases, with ``need_identity``.
-    """
-    if not _has_bases(state):
-        if need_identity and FP not in state:
-            raise FingerprintMismatch("the adapter has neither a fingerprint nor bases, so it cannot be verified "
-                                      "against any bases; save it again with this library")
-        return None
-    A, B = state["randlora_A"].float(), state["randlora_B"].float()
-    if FP in state and bases_checksum(A, B) != int(state[FP][-1]):
-        raise CheckpointError("the adapter's bases do not match its own fingerprint's checksum: the file is "
-                              "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
-    return A, B
 
 
 def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .bank import Fingerprint, bases_checksum, layer_views
-from .checkpoint import ADAPTER_FILE, FP, adapter_path, read_file, stored_bases
+from .bank import Fingerprint, bases_checksum, layer_views, stored_bases
+from .checkpoint import ADAPTER_FILE, FP, adapter_path, read_file
 from .errors import CheckpointError, FingerprintMismatch
 from .ops import delta_weight
 from .paths import PathMap, examples, match_paths
