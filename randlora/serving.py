@@ -166,16 +166,16 @@ class Mixed:
             layer.training and any(isinstance(p[3], nn.Dropout) for p in present.values()))
         T = x.numel() // x.shape[-1]
         kept = self._kept_deltas(layer, x, present, T) if serving and self.keep_bytes > 0 else {}
-        rest = [name for name in present if name not in kept]
+        rest = {name: p for name, p in present.items() if name not in kept}
+        if not kept and len(rest) == 1 and len(self.groups[next(iter(rest))]) == len(self.names):
+            return layer.apply_adapter(x, next(iter(rest.values())))  # one adapter on every row: a plain call
         if rest and serving and self._batched_pays(layer, T, len(rest)):
             return self._base_plus_terms(layer, x, kept, rest)
-        if not kept and len(rest) == 1 and len(self.groups[rest[0]]) == len(self.names):
-            return layer.apply_adapter(x, present[rest[0]])  # one adapter on every row: a plain call
-        parts = [layer.apply_adapter(self._rows_of(x, name), present[name]) for name in rest]
+        parts = [layer.apply_adapter(self._rows_of(x, name), p) for name, p in rest.items()]
         for name, D in kept.items():
             xg = self._rows_of(x, name)
-            parts.append(layer.apply_adapter(xg, None) + F.linear(xg.to(D.dtype), D).to(parts[0].dtype if parts
-                                                                                        else x.dtype))
+            base = layer.apply_adapter(xg, None)
+            parts.append(base + F.linear(xg.to(D.dtype), D).to(base.dtype))
         inv, others = self._inverse(tuple(rest) + tuple(kept), x.device)
         if others is not None:
             parts.append(layer.apply_adapter(x.index_select(0, others), None))
@@ -199,12 +199,12 @@ class Mixed:
                     out[name] = D
         return out
 
-    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: list[str]) -> torch.Tensor:
+    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict) -> torch.Tensor:
         """The frozen layer once for the batch, the kept groups' ``x_g s·ΔWᵀ`` and one batched pass for ``rest``."""
         out = layer.apply_adapter(x, None)
         with torch.autocast(x.device.type, enabled=False):
-            cd = self._compute_dtype(layer, x, {n: _params(layer, n) for n in rest})
-            out = out + self._batched(layer, x.to(cd), [(n, _params(layer, n)) for n in rest]).to(out.dtype)
+            cd = self._compute_dtype(layer, x, rest)
+            out = out + self._batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
             if not kept:
                 return out
             terms = [F.linear(self._rows_of(x, name).to(D.dtype), D).to(out.dtype) for name, D in kept.items()]
