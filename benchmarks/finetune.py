@@ -12,7 +12,7 @@ the test split):
 
 - head only (encoder frozen; its features are computed once and cached),
 - LoRA (peft's, else a minimal one here) with ranks chosen so its trainable count equals RandLora's,
-- RandLora (this library) with its defaults (``init="sqrt"``, ``alpha = 2·r``; ``--init`` and
+- RandLora (this library) with its defaults (``init="sqrt"``, ``alpha = r``; ``--init`` and
   ``--alpha-scale`` change them),
 - full fine-tuning (the ceiling).
 

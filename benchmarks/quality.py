@@ -23,8 +23,9 @@ Plans (``--plan``):
   head only and full fine-tuning. Each method tries 3 learning rates on seed 0; the one with the best
   validation accuracy is then run on seeds 1 and 2 too, and test accuracy is reported as mean ± std
   over the seeds, with RandLora minus LoRA paired by seed. RandLora uses the scale/init rule of
-  ``--rule`` (default ``s2-sqrt``: the library's default, alpha = 2·r with γ starting at 1/sqrt(max(n, m));
-  ``s6-peft`` is alpha = 6·r with peft's initialisation; docs/benchmarks.md).
+  ``--rule`` (default ``s1-sqrt``: the library's default, alpha = r with γ starting at 1/sqrt(max(n, m));
+  ``s2-sqrt`` is alpha = 2·r, the setting of the multi-seed tables in docs/benchmarks.md; ``s6-peft`` is
+  alpha = 6·r with peft's initialisation).
 - ``alpha``: RandLora at one rank over learning rates 1e-4 … 1e-2 (AdamW) for several scale/init rules.
 - ``study``: what makes RandLora generalise at equal trainable count (``--study``, keys of ``STUDY``: LoRA,
   the defaults, very_sparse and sparse bases, weight decay on λ/γ, adapter dropout, λ's learning rate apart
@@ -107,13 +108,13 @@ RULES = {
     "s6/384-unit": (6.0 / 384, "unit"),
     "s0.08-unit": (0.08, "unit"),
     # "sqrt" (the library's init="sqrt"): λ = 0, γ = 1/sqrt(max(n, m)), the scale of LoRA's A. s0.31 keeps
-    # s6-peft's starting sensitivity to λ on 384-wide layers (6/384 = 0.31/sqrt(384)); s2 is the default.
+    # s6-peft's starting sensitivity to λ on 384-wide layers (6/384 = 0.31/sqrt(384)); s1 is the default.
     "s0.31-sqrt": (6.0 / 384 ** 0.5, "sqrt"),
     "s1-sqrt": (1.0, "sqrt"),
     "s2-sqrt": (2.0, "sqrt"),
     "s3-sqrt": (3.0, "sqrt"),
 }
-DEFAULT_RULE = "s2-sqrt"  # the library's default (init="sqrt", alpha = 2·r): docs/benchmarks.md
+DEFAULT_RULE = "s1-sqrt"  # the library's default (init="sqrt", alpha = r): docs/benchmarks.md
 ALPHA_RULES = ("s20-peft", "s6-peft", "s2-peft", "s3-vision", "s1-vision", "s20-vision")
 
 
@@ -440,7 +441,8 @@ def run_spec(spec: dict, ctx) -> dict:
 # LoRA+ raises the zero-started B's).
 STUDY = {
     "lora": ("LoRA (peft, equal count)", "lora", {}),
-    "default": ("RandLora defaults (dense)", "randlora", {}),
+    "default": ("RandLora defaults (dense)", "randlora", {}),  # at --rule: study_label
+    "s2": ("RandLora alpha = 2·r (the previous default)", "randlora", {"rule": "s2-sqrt"}),
     "vs": ("RandLora very_sparse", "randlora_vs", {}),
     "sparse": ("RandLora sparse", "randlora", {"bases": "sparse"}),
     "wd1": ("RandLora, weight decay 1 on λ/γ", "randlora", {"wd": 1.0}),
@@ -452,8 +454,10 @@ STUDY = {
     "lora16": ("LoRA at r=16's count", "lora", {"r": 16}),
     "r64": ("RandLora r=64 (n halved)", "randlora", {"r": 64}),
     "lora64": ("LoRA at r=64's count", "lora", {"r": 64}),
-    "s1": ("RandLora alpha = 1·r (half the default)", "randlora", {"rule": "s1-sqrt"}),
+    "s1": ("RandLora alpha = 1·r (the default)", "randlora", {"rule": "s1-sqrt"}),
     "s0.31": ("RandLora alpha = 0.31·r", "randlora", {"rule": "s0.31-sqrt"}),
+    "s1wd1": ("RandLora alpha = 1·r, weight decay 1 on λ/γ", "randlora", {"rule": "s1-sqrt", "wd": 1.0}),
+    "s1wd3": ("RandLora alpha = 1·r, weight decay 3 on λ/γ", "randlora", {"rule": "s1-sqrt", "wd": 3.0}),
     "frozen": ("frozen encoder (no training)", "head", {}),
     "full": ("full fine-tuning", "full", {}),  # at its own rates: --study full --study-lrs 1e-4,3e-5
 }
@@ -493,12 +497,23 @@ def study_pending(args, store: Store) -> list[dict]:
     return [specs[k] for k in range(n) for _, _, specs in rows if k < len(specs) and store.get(specs[k]) is None]
 
 
+def study_label(key: str, args) -> str:
+    """A study row's label; RandLora rows without their own rule run at ``--rule`` and say so when it is not the
+    library's default."""
+    label, method, knobs = STUDY[key]
+    if method == "head" and args.task != RETRIEVAL:
+        return "head only (frozen encoder)"
+    if method.startswith("randlora") and "rule" not in knobs and args.rule != DEFAULT_RULE:
+        label += f" [rule {args.rule}]"
+    return label
+
+
 def study_summary(args, store: Store) -> dict:
     rows = []
     for key, lr, specs in study_specs(args):
         recs = [store.get(s) for s in specs]
         done = [r for r in recs if r is not None]
-        label = STUDY[key][0] if STUDY[key][1] != "head" or args.task == RETRIEVAL else "head only (frozen encoder)"
+        label = study_label(key, args)
         row = {"key": key, "label": label, "lr": lr,
                "seeds": [r["spec"]["seed"] for r in done],
                "test": [100 * r["test_acc"] for r in done], "val": [100 * r["val_acc"] for r in done],

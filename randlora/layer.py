@@ -31,7 +31,7 @@ class Init(NamedTuple):
 
 
 INITS = {
-    "sqrt": Init(lambda n, m: max(n, m) ** -0.5, 2.0),  # γ at the scale of LoRA's A: AdamW works at 1e-3 and 3e-3
+    "sqrt": Init(lambda n, m: max(n, m) ** -0.5, 1.0),  # γ at the scale of LoRA's A: AdamW works at 1e-3 and 3e-3
     "peft": Init(lambda n, m: 1.0 / max(n, m), 6.0),  # peft's initialisation
 }
 DEFAULT_INIT = "sqrt"

@@ -26,7 +26,7 @@ class AdapterConfig:
     """Rank of each random basis. Smaller ``r`` means more bases (``n = ceil(min(O, I) / r)``) and more
     trainable values (``n·r + n·min(O, I)`` per layer)."""
     alpha: float = 640.0
-    """Scale numerator: the update is ``(alpha / r) · ΔW``. ``inject``'s default is ``2 · r`` with ``init="sqrt"``,
+    """Scale numerator: the update is ``(alpha / r) · ΔW``. ``inject``'s default is ``1 · r`` with ``init="sqrt"``,
     ``6 · r`` with ``init="peft"``."""
     init: str = "peft"
     """Where ``γ`` started (``λ`` starts at 0): ``"sqrt"`` (``1 / sqrt(max(n, m))``) or ``"peft"``

@@ -291,7 +291,7 @@ def inject(
             linear layer except the output head).
         r: rank of each random basis; ``n = ceil(min(O, I) / r)`` bases per layer, ``n·r + n·min(O, I)``
             trainable values per layer. At most the largest side of the targeted layers.
-        alpha: the update is scaled by ``alpha / r`` (default ``2 · r`` with ``init="sqrt"``, ``6 · r`` with
+        alpha: the update is scaled by ``alpha / r`` (default ``r`` with ``init="sqrt"``, ``6 · r`` with
             ``init="peft"``: the scales measured best for each, see docs/benchmarks.md).
         init: where training starts (``λ = 0`` either way, so the model starts unchanged): ``"sqrt"``,
             ``γ = 1 / sqrt(max(n, m))`` (AdamW then works at lr 1e-3 and 3e-3), or ``"peft"``, peft's

@@ -299,7 +299,7 @@ def test_api_rejects_non_modules():
         randlora.inject([1, 2], ["q"])
 
 
-@pytest.mark.parametrize("init, scale, gamma", [("sqrt", 2.0, lambda k: k ** -0.5), ("peft", 6.0, lambda k: 1 / k)])
+@pytest.mark.parametrize("init, scale, gamma", [("sqrt", 1.0, lambda k: k ** -0.5), ("peft", 6.0, lambda k: 1 / k)])
 def test_init_sets_the_start_and_default_alpha_and_is_saved(tmp_path, init, scale, gamma):
     model = Net()
     x = torch.randn(3, 12)
