@@ -33,9 +33,14 @@ from .planner import forward_costs, sparse_costs
 from .recipes import sparsity
 from .walker import registry_of
 
-__all__ = ["mixed", "group_cost", "Mixed"]
+__all__ = ["mixed", "group_cost", "Mixed", "inside_mixed"]
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # banks of models inside a mixed block
+
+
+def inside_mixed(bank) -> bool:
+    """Whether the model holding ``bank`` is inside a ``randlora.mixed`` block now."""
+    return bank in _ACTIVE
 
 
 def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, kept: bool = False,
@@ -69,15 +74,6 @@ def _adapted(model: nn.Module) -> list[tuple[str, RandLoraLinear]]:
             continue
         stack.extend((f"{prefix}.{k}" if prefix else k, c) for k, c in reversed(mod._modules.items()) if c is not None)
     return out
-
-
-def _params(layer, name: str):
-    """``(λ, γ, s, dropout)`` of adapter ``name`` on ``layer``, or None when the layer lacks it."""
-    p = layer.adapter_params(name)
-    if p is None:
-        return None
-    lam, gam, s, dmod = p
-    return lam, gam, s, dmod
 
 
 class Mixed:
@@ -156,34 +152,34 @@ class Mixed:
         self._check(layer, x)
         if not self.groups:
             return out
-        present = [(name, p) for name in self.groups if (p := _params(layer, name)) is not None]
+        present = [(name, ad) for name in self.groups if (ad := layer.adapter(name)) is not None]
         if not present:  # this layer carries none of the batch's adapters: every row keeps the base
             return out
         if torch.is_autocast_enabled(x.device.type):
             cd = torch.get_autocast_dtype(x.device.type)
         elif layer.quantized:
-            cd = x.dtype if x.is_floating_point() else present[0][1][0].dtype
+            cd = x.dtype if x.is_floating_point() else present[0][1].randlora_lambda.dtype
         else:
             cd = layer.weight.dtype
         serving = not torch.is_grad_enabled() and not (
-            layer.training and any(isinstance(p[3], nn.Dropout) for _, p in present))
+            layer.training and any(ad.drops for _, ad in present))
         T = x.numel() // x.shape[-1]
         terms, rest, full = [], [], None
         with torch.autocast(x.device.type, enabled=False):
-            for name, (lam, gam, s, dmod) in present:
+            for name, ad in present:
                 D = None
                 if serving and self.keep_bytes > 0 and self._keep_pays(layer, len(self.groups[name]) * (
-                        T // len(self.names)), lam.numel(), x.device.type):
-                    D = self._delta(layer, name, lam, gam, cd)
+                        T // len(self.names)), ad.randlora_lambda.numel(), x.device.type):
+                    D = self._delta(layer, name, ad.randlora_lambda, ad.randlora_gamma, cd)
                 if D is not None:
                     terms.append((name, F.linear(self._rows_of(x, name).to(cd), D)))
                 else:
-                    rest.append((name, (lam, gam, s, dmod)))
+                    rest.append((name, ad))
             if rest and serving and self._batched_pays(layer, T, len(rest)):
                 full = self._batched(layer, x.to(cd), rest)
             else:
-                for name, (lam, gam, s, dmod) in rest:
-                    terms.append((name, layer._op(dmod(self._rows_of(x, name).to(cd)), None, None, lam, gam, s)))
+                for name, ad in rest:
+                    terms.append((name, layer._op(ad.dropout(self._rows_of(x, name).to(cd)), None, None, ad)))
         if full is not None:
             out = out + full.to(out.dtype)
         if not terms:
@@ -224,9 +220,10 @@ class Mixed:
             slot = {nm: k for k, (nm, _) in enumerate(rest)}
             gid = self._gid[key] = torch.tensor([slot.get(nm, len(rest)) for nm in self.names], dtype=torch.long,
                                                 device=x.device)
-        lam0, gam0 = rest[0][1][0], rest[0][1][1]
-        lam_st = torch.stack([p[0].to(cd) * p[2] for _, p in rest] + [lam0.new_zeros(lam0.shape, dtype=cd)])
-        gam_st = torch.stack([p[1].to(cd) for _, p in rest] + [gam0.new_zeros(gam0.shape, dtype=cd)])
+        lam0, gam0 = rest[0][1].randlora_lambda, rest[0][1].randlora_gamma
+        lam_st = torch.stack([ad.randlora_lambda.to(cd) * ad.scaling for _, ad in rest]
+                             + [lam0.new_zeros(lam0.shape, dtype=cd)])
+        gam_st = torch.stack([ad.randlora_gamma.to(cd) for _, ad in rest] + [gam0.new_zeros(gam0.shape, dtype=cd)])
         lr, gr = lam_st.index_select(0, gid), gam_st.index_select(0, gid)  # (B, r, n), (B, n, m)
         A, Bf = layer._views()
         A, Bf = A.to(cd), Bf.to(cd)  # (r, m), (M, n·r) with column k·n + i for basis i, rank k
