@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import StateError
 from .layer import RandLoraLinear
-from .paths import on_root
+from .paths import examples, on_root
 from .serving import inside_mixed
 from .walker import _adapted_modules, eject, registry_of, require_bank, unwrap
 
@@ -35,17 +35,19 @@ def delete(model: nn.Module, name: str) -> None:
     bank = require_bank(model)
     reg = registry_of(model)
     if not isinstance(name, str) or name not in reg.adapters:
-        raise StateError(f"cannot delete adapter {name!r}: the model has no such adapter; its adapters are "
-                         f"{list(reg.adapters)}. Pass one of those names")
+        names = list(reg.adapters)
+        shown = repr(names) if len(names) <= 10 else f"[{examples(names, 10)}]"
+        raise StateError(f"the model has no adapter {name!r} to delete; its adapters are {shown}. Pass one of those "
+                         "names")
     layers = list(_adapted_modules(model))
     merged = [(p, l.merged_name) for p, l in layers if l.merged]
     if merged:
-        raise StateError(f"cannot delete adapter {name!r}: the model is merged (adapter {merged[0][1]!r} is folded "
-                         f"into the weights of {merged[0][0]!r} and others), and removing adapters under it could "
-                         "not be undone by unmerge. Call randlora.unmerge(model) first, then delete")
+        raise StateError(f"the model is merged (adapter {merged[0][1]!r} is folded into the weights of "
+                         f"{merged[0][0]!r} and others), so deleting adapter {name!r} now could not be undone by "
+                         f"unmerge; nothing was deleted. Call randlora.unmerge(model) first, then delete")
     if inside_mixed(bank):
-        raise StateError(f"cannot delete adapter {name!r} inside randlora.mixed(...): the block's rows name the "
-                         "model's adapters. Leave the block first, then delete")
+        raise StateError(f"the model is inside randlora.mixed(...), whose rows name its adapters, so adapter "
+                         f"{name!r} cannot be deleted there; nothing was deleted. Leave the block first, then delete")
     if len(reg.adapters) == 1:
         eject(model)
         return

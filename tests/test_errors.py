@@ -362,7 +362,7 @@ CASES: list[Case] = [
     Case("use() of an adapter the model lacks", lambda m, tmp: randlora.use(m, "nope"), StateError,
          ("'nope'", "['default']", "name='nope'"), prep=lambda m, tmp: injected(m)),
     Case("delete() of an adapter the model lacks", lambda m, tmp: randlora.delete(m, "nope"), StateError,
-         ("'nope'", "no such adapter", "['default']"), prep=lambda m, tmp: injected(m)),
+         ("'nope'", "to delete", "['default']", "Pass one"), prep=lambda m, tmp: injected(m)),
     Case("delete() on a merged model", lambda m, tmp: randlora.delete(m, "default"), StateError,
          ("merged", "randlora.unmerge(model) first"), prep=_merged),
     Case("merging twice", lambda m, tmp: randlora.merge(m), StateError, ("already merged", "unmerge"), prep=_merged),
