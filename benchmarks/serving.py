@@ -84,23 +84,24 @@ def randomize(model, name, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapted_layers(model):
-            p = layer.adapter_params(name)
-            if p is not None:
-                p[0].copy_(torch.randn(p[0].shape, generator=g) * 0.1)
-                p[1].copy_(torch.randn(p[1].shape, generator=g) / layer.m)
+            ad = layer.adapter(name)
+            if ad is not None:
+                ad.randlora_lambda.copy_(torch.randn(ad.randlora_lambda.shape, generator=g) * 0.1)
+                ad.randlora_gamma.copy_(torch.randn(ad.randlora_gamma.shape, generator=g) / layer.m)
 
 
 def adapter_bytes(model, name):
     n = 0
     for _, layer in adapted_layers(model):
-        p = layer.adapter_params(name)
-        if p is not None:
-            n += p[0].numel() * p[0].element_size() + p[1].numel() * p[1].element_size()
+        ad = layer.adapter(name)
+        if ad is not None:
+            n += sum(p.numel() * p.element_size() for p in (ad.randlora_lambda, ad.randlora_gamma))
     return n
 
 
 def load_many(model, n, r, bases):
-    """Inject adapter "a0", save it, load it back ``n - 1`` times under other names; the time per load."""
+    """Inject adapter "a0", save it, load it back ``n - 1`` times under other names; the time per load (mean, and
+    medians of the first and last ten loads: whether a load costs more with more adapters already loaded)."""
     randlora.inject(model, "all-linear", r=r, bases=bases, name="a0")
     randomize(model, "a0", 0)
     bank = bank_of(model)
@@ -110,14 +111,17 @@ def load_many(model, n, r, bases):
         randlora.save(model, path, save_projection=False, name="a0")
         gc.collect()
         rss0 = peak_rss_mb()
-        t0 = time.perf_counter()
+        times = []
         for i in range(1, n):
+            t0 = time.perf_counter()
             randlora.load(model, path, name=f"a{i}")
-        dt = time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
+        dt = sum(times)
     assert bank_of(model) is bank and bank.A.data_ptr() == A_ptr, "loading rebuilt the bank"
     for i in range(1, n):
         randomize(model, f"a{i}", i)
-    return {"adapters": n - 1, "per_adapter_ms": 1e3 * dt / max(n - 1, 1), "bytes": adapter_bytes(model, "a0"),
+    return {"adapters": n - 1, "per_adapter_ms": 1e3 * dt / max(n - 1, 1), "first10_ms": 1e3 * median(times[:10]),
+            "last10_ms": 1e3 * median(times[-10:]), "bytes": adapter_bytes(model, "a0"),
             "peak_rss_growth_mb": peak_rss_mb() - rss0}
 
 
@@ -198,6 +202,9 @@ def run_model(kind, size, bases, args, workloads):
     vocab = base.config.vocab_size
     model = copy.deepcopy(base)
     load = load_many(model, args.adapters, args.r, bases)
+    load.update(model=kind, bases=bases)
+    if args.load_only:
+        return [], load
     targets = sorted({p.rsplit(".", 1)[-1] for p, _ in adapted_layers(model)})
     per_rank = sum(l.out_features + l.in_features for _, l in adapted_layers(model))
     rank = max(1, round(load["bytes"] / 4 / per_rank))
@@ -220,7 +227,6 @@ def run_model(kind, size, bases, args, workloads):
                 rows.append(row)
                 print(f"{kind} {bases} {wl} B={B} K={K}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items())
                       + f" ms; diff {diff:.1e}", flush=True)
-    load.update(model=kind, bases=bases)
     del model, pm, base
     gc.collect()
     return rows, load
@@ -245,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--keep-mb", type=int, default=1024, help="keep_bytes budget of the mixed+keep column (MiB)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--load-only", action="store_true", help="only the loading row (100 adapters into the model)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     size = LLAMA
@@ -271,13 +278,14 @@ def main(argv=None):
               fmt(r["mixed+keep_ms"]), fmt(r["separate_ms"]), fmt(r["single_ms"]), fmt(r["merged_ms"]),
               fmt(r.get("peft-lora_ms")), f"{r['mixed_ms'] / r['separate_ms']:.2f}",
               f"{r['mixed_ms'] / r['single_ms']:.2f}", f"{r['kept_mb']:.0f}"] for r in rows]
-    print("\ntimes in ms (median of", args.reps, "); mixed / single: against one adapter's unmerged batch\n")
-    print(markdown_table(heads, table))
-    lt = [[l["model"], l["bases"], l["adapters"], f"{l['per_adapter_ms']:.1f}", f"{l['bytes'] / 2**20:.2f}",
-           f"{l['peak_rss_growth_mb']:.0f}"] for l in loads]
+    if rows:
+        print("\ntimes in ms (median of", args.reps, "); mixed / single: against one adapter's unmerged batch\n")
+        print(markdown_table(heads, table))
+    lt = [[l["model"], l["bases"], l["adapters"], f"{l['per_adapter_ms']:.1f}", f"{l['first10_ms']:.1f}",
+           f"{l['last10_ms']:.1f}", f"{l['bytes'] / 2**20:.2f}", f"{l['peak_rss_growth_mb']:.0f}"] for l in loads]
     print()
-    print(markdown_table(["model", "bases", "adapters loaded", "ms per load", "MiB per adapter (λ, γ)",
-                          "peak RSS growth (MB)"], lt))
+    print(markdown_table(["model", "bases", "adapters loaded", "ms per load", "first 10 (median)", "last 10 (median)",
+                          "MiB per adapter (λ, γ)", "peak RSS growth (MB)"], lt))
     print(f"\n{time.perf_counter() - t0:.0f} s")
     p = write_json("serving.json", {"machine": machine(), "args": vars(args), "rows": rows, "load": loads[0],
                                     "loads": loads}, args.out)

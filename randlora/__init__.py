@@ -30,7 +30,9 @@ from .errors import (
     TargetError,
 )
 from .export import save_lora, to_lora
-from .layer import DEFAULT_INIT, INITS, RandLoraLinear
+from .layer import DEFAULT_INIT, INITS, Adapter, RandLoraLinear
+from .merging import merge, unmerge
+from .named import delete
 from .peft_io import load_peft, read_peft, save_peft
 from .ops import RandLoraFunction, randlora_linear
 from .serving import mixed
@@ -42,16 +44,15 @@ from .walker import (
     disabled,
     eject,
     inject,
-    merge,
     summary,
     trainable_parameters,
-    unmerge,
     use,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AdapterConfig",
     "BasisBank",
     "CheckpointError",
@@ -70,6 +71,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "cached",
+    "delete",
     "disabled",
     "eject",
     "inject",

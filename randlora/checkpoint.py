@@ -24,8 +24,9 @@ from .bank import BASES, FP, bases_checksum, stored_bases
 from .recipes import generate
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
 from .paths import PathMap, canonical, compiled_inner, examples, linear_paths, locate, match_paths, on_root
-from .walker import (AdapterConfig, adapted_layers, bank_of, config_of, drop_adapter, eject, inject, is_bias_name,
-                     is_linear, registry_of, require_bank)
+from .named import drop
+from .walker import (AdapterConfig, adapt, adapted_layers, bank_of, biases, config_of, eject, is_linear, registry_of,
+                     require_bank)
 
 __all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "read_safetensors", "adapter_path",
            "adapter_tensors", "full_tensor", "copy_into", "FORMAT", "ADAPTER_FILE"]
@@ -77,11 +78,11 @@ def adapter_tensors(model: nn.Module, adapter: str | None = None) -> dict[str, t
     adapter = registry_of(model).resolve(adapter)
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
-        p = layer.adapter_params(adapter)
-        if p is not None:
-            out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = p[0], p[1]
-    for name, p in model.named_parameters():
-        if p.requires_grad and is_bias_name(name):
+        ad = layer.adapter(adapter)
+        if ad is not None:
+            out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = ad.randlora_lambda, ad.randlora_gamma
+    for name, p in biases(model):
+        if p.requires_grad:
             out[canonical(name)] = p
     return out
 
@@ -518,7 +519,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def _file_config(path: Path, meta: dict[str, str]) -> AdapterConfig:
     try:
-        return AdapterConfig(**json.loads(meta["config"]))
+        return AdapterConfig.from_dict(json.loads(meta["config"]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has unreadable adapter settings ({e}); the file is corrupt or not from "
                               "this library: save the adapter again") from None
@@ -561,8 +562,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
     tensors = dict(_renamed(tensors, pm))
     targets = "|".join(re.escape(linear[pm(t)]) for t in cfg.targets)
     try:
-        inject(root, targets, r=cfg.r, alpha=cfg.alpha, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed,
-               bases=cfg.bases, recipe=cfg.recipe, bias=cfg.bias, name=name)
+        adapt(root, targets, cfg, name=name)
     except (TargetError, ConfigError) as e:
         raise CheckpointError(f"the adapter in {path} does not fit this model: {e}") from None
     try:
@@ -571,6 +571,6 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         if bank is None:
             eject(root)
         else:
-            drop_adapter(root, name)  # type: ignore[arg-type]
+            drop(root, name)  # type: ignore[arg-type]
         raise
     return model

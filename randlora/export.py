@@ -365,7 +365,7 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
         raise ConfigError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype!r}")
     bank = require_bank(model)
     adapter = bank.registry.resolve(name)
-    chosen = [(p, l) for p, l in adapted_layers(model) if l.adapter_params(adapter) is not None]
+    chosen = [(p, l) for p, l in adapted_layers(model) if l.adapter(adapter) is not None]
     if not chosen:
         raise StateError(f"no adapted layer carries adapter {adapter!r}")
     t0 = time.perf_counter()

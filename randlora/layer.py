@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,49 +10,14 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, StateError
-from .registry import DEFAULT
+from .registry import DEFAULT, DEFAULT_INIT, INITS, Init, get_init
 from . import planner
 from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, randlora_linear
 from .planner import Route
 from .recipes import sparsity
 from .sparse import sparse_randlora_linear
 
-__all__ = ["RandLoraLinear", "NamedAdapter", "is_quantized", "dequantize", "INITS", "DEFAULT_INIT"]
-
-
-class Init(NamedTuple):
-    """A starting point for an adapter: ``λ = 0`` (so the layer starts equal to its base) and ``γ = gamma(n, m)``."""
-
-    gamma: Callable[[int, int], float]
-    """``γ``'s starting value on a layer with ``n`` bases of width ``m``."""
-    alpha_scale: float
-    """:func:`randlora.inject`'s default ``alpha / r`` with this initialisation (docs/benchmarks.md)."""
-
-
-INITS = {
-    "sqrt": Init(lambda n, m: max(n, m) ** -0.5, 1.0),  # γ at the scale of LoRA's A: AdamW works at 1e-3 and 3e-3
-    "peft": Init(lambda n, m: 1.0 / max(n, m), 6.0),  # peft's initialisation
-}
-DEFAULT_INIT = "sqrt"
-
-
-def get_init(name: str) -> Init:
-    """The initialisation called ``name``.
-
-    Raises:
-        ConfigError: ``name`` is not a key of :data:`INITS`.
-    """
-    if name not in INITS:
-        raise ConfigError(f"unknown init {name!r}; use one of {list(INITS)}")
-    return INITS[name]
-
-
-def start_(lam: torch.Tensor, gam: torch.Tensor, init: str) -> None:
-    """Write an adapter's starting values in place: ``λ = 0`` and ``γ`` as ``init`` says (``gam`` is ``(n, m)``)."""
-    n, m = gam.shape
-    with torch.no_grad():
-        lam.zero_()
-        gam.fill_(get_init(init).gamma(n, m))
+__all__ = ["RandLoraLinear", "Adapter", "is_quantized", "dequantize", "INITS", "DEFAULT_INIT", "Init", "get_init"]
 
 
 def _is_torchao(W: torch.Tensor) -> bool:
@@ -121,7 +85,67 @@ def dequantize(mod: nn.Module) -> torch.Tensor:
     return bnbf.int8_vectorwise_dequant(W.data, scb).float()
 
 
-class RandLoraLinear(nn.Module):
+class Adapter(nn.Module):
+    """One adapter's state on one layer: ``λ`` ``(r, n)``, ``γ`` ``(n, m)``, its scale ``s = alpha / r``, its input
+    dropout and the ``init`` it starts from; declared here once for every adapter.
+
+    :class:`RandLoraLinear` is itself an ``Adapter``: its own slots (``randlora_lambda``, ``randlora_gamma``,
+    ``scaling``, ``dropout``, ``init``) hold the layer's first adapter, and each further adapter is an
+    ``Adapter`` in ``layer.randlora_extra[name]``. ``layer.adapter(name)`` returns either the same way, so the
+    code that computes, merges, saves or deletes an adapter never asks where it is held.
+
+    ``reset_parameters`` writes the start (``λ = 0`` and ``γ`` as ``init`` says); ``to_empty`` after a meta-device
+    construction calls it, so the adapter starts from its initial state, not from garbage.
+    """
+
+    def __init__(self, r: int, n: int, m: int, *, alpha: float, dropout: float = 0.0, init: str = DEFAULT_INIT,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self._declare(r, n, m, alpha=alpha, dropout=dropout, init=init, dtype=dtype, device=device)
+
+    def _declare(self, r: int, n: int, m: int, *, alpha: float, dropout: float, init: str, dtype: torch.dtype,
+                 device) -> None:
+        """Create the adapter's state (the one place it is declared) and write its start (unless on meta)."""
+        get_init(init)
+        self.init = init
+        self.r, self.n, self.m = int(r), int(n), int(m)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.r
+        self.randlora_lambda = nn.Parameter(torch.empty(self.r, self.n, dtype=dtype, device=device))
+        self.randlora_gamma = nn.Parameter(torch.empty(self.n, self.m, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not self.randlora_lambda.is_meta:
+            self.reset_parameters()
+
+    def _adopt(self, other: "Adapter") -> None:
+        """Hold ``other``'s state in this adapter's slots (the same Parameter and dropout objects)."""
+        self.init, self.alpha, self.scaling = other.init, other.alpha, other.scaling
+        self.randlora_lambda, self.randlora_gamma = other.randlora_lambda, other.randlora_gamma
+        self.dropout = other.dropout
+
+    @property
+    def drops(self) -> bool:
+        """Whether the adapter has input dropout (it then changes training calls only)."""
+        return isinstance(self.dropout, nn.Dropout)
+
+    def reset_parameters(self) -> None:
+        """``λ = 0`` and ``γ`` as ``init`` says: the update starts at zero."""
+        with torch.no_grad():
+            self.randlora_lambda.zero_()
+            self.randlora_gamma.fill_(get_init(self.init).gamma(self.n, self.m))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        was_meta = self.randlora_lambda.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.randlora_lambda.is_meta:
+            self.reset_parameters()  # to_empty: start from the initial state, not garbage
+        return out
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, n={self.n}, m={self.m}, scaling={self.scaling:g}, init={self.init}"
+
+
+class RandLoraLinear(Adapter):
     """A frozen linear layer plus a RandLora update from shared random bases.
 
     ``y = x Wᵀ + b + s · dropout(x) ΔWᵀ`` with ``ΔW = Σ_i B_i diag(λ_i) A diag(γ_i)`` (built on the
@@ -132,6 +156,15 @@ class RandLoraLinear(nn.Module):
     Trainable: ``randlora_lambda`` ``(r, n)`` and ``randlora_gamma`` ``(n, min(O, I))``. Initialised to
     ``λ = 0`` (so the layer starts equal to the base layer) and ``γ = 1 / sqrt(max(n, m))`` (``init="sqrt"``)
     or peft's ``γ = 1 / max(n, m)`` (``init="peft"``).
+
+    Adapters: the layer is an :class:`Adapter` whose own slots hold its first adapter (``adapter_name``), so a
+    single-adapter model's parameters are ``<layer>.randlora_lambda`` / ``.randlora_gamma``; each further
+    adapter is an :class:`Adapter` in ``randlora_extra.<name>``. These names are what ``state_dict``,
+    ``named_parameters`` (DDP, FSDP2, DeepSpeed) and saved full-model state dicts see, and they do not depend on
+    how many adapters were added later. Everything else reads an adapter through :meth:`adapter` and treats
+    every one the same; only :meth:`add_adapter` and :meth:`remove_adapter` know where each is held. Removing
+    the first adapter moves the next one (in the order they were added) into the layer's slots, the same
+    Parameter objects, so the layer is then laid out as if that one had been added first.
 
     The base layer's ``weight``/``bias`` Parameters are re-registered here under the same names, so the
     model's ``state_dict`` keys for them do not change; the original module object is kept (unregistered)
@@ -150,6 +183,7 @@ class RandLoraLinear(nn.Module):
         dropout: dropout probability on the adapter's input (training only).
         fan_in_fan_out: the weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
         init: the starting ``γ``, a key of :data:`INITS` (``reset_parameters`` and ``to_empty`` use it).
+        name: the name of this first adapter (the model's registry lists it).
     """
 
     def __init__(
@@ -162,10 +196,9 @@ class RandLoraLinear(nn.Module):
         dropout: float = 0.0,
         fan_in_fan_out: bool = False,
         init: str = DEFAULT_INIT,
+        name: str = DEFAULT,
     ) -> None:
-        super().__init__()
-        get_init(init)
-        self.init = init
+        nn.Module.__init__(self)  # weight and bias first, then the adapter: a plain layer's key order, then λ, γ
         W = base.weight
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if is_quantized(base):  # packed storage: the shape is the module's
@@ -173,30 +206,23 @@ class RandLoraLinear(nn.Module):
             self.out_features, self.in_features = int(base.out_features), int(base.in_features)
         else:
             self.out_features, self.in_features = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / self.r
         O, I = self.out_features, self.in_features
-        self.m, self.M = min(O, I), max(O, I)
-        self.n = math.ceil(self.m / self.r)
+        self.M = max(O, I)
         self.weight = W
         self.bias = getattr(base, "bias", None)
-        pdtype = acc_dtype(W.dtype)
-        self.randlora_lambda = nn.Parameter(torch.empty(self.r, self.n, dtype=pdtype, device=W.device))
-        self.randlora_gamma = nn.Parameter(torch.empty(self.n, self.m, dtype=pdtype, device=W.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._declare(r, math.ceil(min(O, I) / int(r)), min(O, I), alpha=alpha, dropout=dropout, init=init,
+                      dtype=acc_dtype(W.dtype), device=W.device)
+        self.adapter_name = name
+        """The adapter held in this layer's own slots."""
         # explicit settings (the op's route is a function of these and of each call, nothing else)
         self.disabled = False
         self.path = "auto"  # "auto" (cost model) | "weight" | "activation"
         self.keep = "auto"  # keep W + s·ΔW from forward for backward: "auto" (cost model) | "always" | "never"
-        self.merged_name: str | None = None
-        # state: the adapter folded into the weight, if any. Which adapter is active, and which one owns
-        # this layer's own λ/γ (the others live in ``randlora_extra``), is the model's registry's to say.
+        self.merged_name: str | None = None  # the adapter folded into the weight, if any
+        # which adapter is active is the model's registry's to say (the bank holds it)
         object.__setattr__(self, "_bank", bank)
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_delta_cache", None)  # a DeltaCache while inside randlora.cached(...)
-        if not W.is_meta:
-            self.reset_parameters()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -213,12 +239,6 @@ class RandLoraLinear(nn.Module):
         """The model's active adapter (its registry is the one source of truth)."""
         reg = self._bank.registry
         return reg.active if reg is not None else DEFAULT
-
-    @property
-    def adapter_name(self) -> str:
-        """The adapter whose ``λ``/``γ`` are this layer's own ``randlora_lambda``/``randlora_gamma``."""
-        reg = self._bank.registry
-        return reg.owner if reg is not None else DEFAULT
 
     @property
     def base_layer(self) -> nn.Module:
@@ -247,17 +267,10 @@ class RandLoraLinear(nn.Module):
             if k not in ("weight", "bias") and p is not None:
                 destination[prefix + k] = p if keep_vars else p.detach()
 
-    def reset_parameters(self) -> None:
-        """``λ = 0`` and ``γ`` as ``init`` says: the update starts at zero."""
-        start_(self.randlora_lambda, self.randlora_gamma, self.init)
-
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        was_meta = self.randlora_lambda.is_meta
         out = super()._apply(fn, recurse)
         if self._delta_cache is not None:
             self._delta_cache.clear()
-        if was_meta and not self.randlora_lambda.is_meta:
-            self.reset_parameters()  # to_empty: start from the initial state, not garbage
         return out
 
     def set_path(self, path: str) -> None:
@@ -285,30 +298,53 @@ class RandLoraLinear(nn.Module):
             raise ConfigError(f"keep must be one of {KEEP_POLICIES}, got {keep!r}")
         self.keep = keep
 
-    # -- named adapters ------------------------------------------------------------------------
-    def add_adapter(self, name: str, *, alpha: float, dropout: float = 0.0,
-                    init: str = DEFAULT_INIT) -> "NamedAdapter":
-        """Add a further adapter ``name`` on this layer (same bank and ``r``; its own ``λ``, ``γ``, scale)."""
+    # -- adapters ------------------------------------------------------------------------------
+    def adapter(self, name: str | None = None) -> Adapter | None:
+        """Adapter ``name`` (default: the active one) on this layer, or None when the layer lacks it."""
+        name = self.active if name is None else name
+        if name == self.adapter_name:
+            return self
+        extra = self._modules.get("randlora_extra")
+        return extra._modules.get(name) if extra is not None else None  # type: ignore[return-value]
+
+    def adapters(self) -> dict[str, Adapter]:
+        """Every adapter on this layer by name, in the order they were added."""
+        extra = self._modules.get("randlora_extra")
+        return {self.adapter_name: self, **(extra._modules if extra is not None else {})}  # type: ignore[dict-item]
+
+    def adapter_names(self) -> list[str]:
+        """The adapters on this layer, in the order they were added."""
+        return list(self.adapters())
+
+    def add_adapter(self, name: str, *, alpha: float, dropout: float = 0.0, init: str = DEFAULT_INIT) -> Adapter:
+        """Add adapter ``name`` on this layer (same bank and ``r``; its own ``λ``, ``γ``, scale, dropout, init)."""
         if "randlora_extra" not in self._modules:
             self.randlora_extra = nn.ModuleDict()
-        ad = NamedAdapter(self, alpha=alpha, dropout=dropout, init=init)
+        lam = self.randlora_lambda
+        ad = Adapter(self.r, self.n, self.m, alpha=alpha, dropout=dropout, init=init, dtype=lam.dtype,
+                     device=lam.device)
         self.randlora_extra[name] = ad
         return ad
 
-    def adapter_names(self) -> list[str]:
-        extra = self._modules.get("randlora_extra")
-        return [self.adapter_name] + (list(extra.keys()) if extra is not None else [])
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` from this layer. When it is the one in the layer's own slots, the next adapter
+        moves into them (the same Parameter objects; its keys become ``randlora_lambda`` / ``randlora_gamma``).
 
-    def adapter_params(self, name: str | None = None) -> tuple | None:
-        """``(λ, γ, s, dropout)`` of adapter ``name`` (default: the active one); None if this layer lacks it."""
-        name = self.active if name is None else name
+        Raises:
+            StateError: the layer lacks ``name``, or it is its only adapter (eject or unwrap the layer instead).
+        """
+        names = self.adapter_names()
+        if name not in names or len(names) == 1:
+            raise StateError(f"cannot remove adapter {name!r} from a layer holding {names}: a layer keeps at least "
+                             "one adapter; remove the layer's wrapper instead (randlora.delete does)")
+        extra = self.randlora_extra
         if name == self.adapter_name:
-            return self.randlora_lambda, self.randlora_gamma, self.scaling, self.dropout
-        extra = self._modules.get("randlora_extra")
-        if extra is None or name not in extra:
-            return None
-        ad = extra[name]
-        return ad.randlora_lambda, ad.randlora_gamma, ad.scaling, ad.dropout
+            name = names[1]
+            self._adopt(extra[name])
+            self.adapter_name = name
+        del extra[name]
+        if len(extra) == 0:
+            del self.randlora_extra
 
     def _w(self) -> torch.Tensor:
         """The weight as ``(O, I)`` (a transposed view for ``fan_in_fan_out`` layers)."""
@@ -328,11 +364,12 @@ class RandLoraLinear(nn.Module):
         (float64 for float64 weights) unless ``dtype``."""
         if dtype is None:
             dtype = acc_dtype(self.weight.dtype)
-        p = self.adapter_params(name)
-        if p is None:
+        ad = self.adapter(name)
+        if ad is None:
             raise StateError(f"this layer has no adapter {name or self.active!r}; it has {self.adapter_names()}")
         A, B = self._views()
-        return delta_weight(p[0], p[1], A, B, p[2], self.out_features < self.in_features, dtype)
+        return delta_weight(ad.randlora_lambda, ad.randlora_gamma, A, B, ad.scaling,
+                            self.out_features < self.in_features, dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,37 +377,35 @@ class RandLoraLinear(nn.Module):
         if self.merged and self.disabled and not self.quantized:  # the base layer: take the merged update out
             W, acc = self._w(), acc_dtype(self.weight.dtype)
             return F.linear(x, (W.to(acc) - self.delta_weight(acc, self.merged_name)).to(W.dtype), self.bias)
-        return self.apply_adapter(x, None if (self.disabled or self.merged) else self.adapter_params())
+        return self.apply_adapter(x, None if (self.disabled or self.merged) else self.adapter())
 
-    def apply_adapter(self, x: torch.Tensor, p: tuple | None) -> torch.Tensor:
-        """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the adapter ``p`` (:meth:`adapter_params`; None: the base layer
-        alone), by one planned op call (:meth:`_op`). :func:`randlora.mixed` calls it once per group of rows."""
+    def apply_adapter(self, x: torch.Tensor, ad: "Adapter | None") -> torch.Tensor:
+        """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the adapter ``ad`` (:meth:`adapter`; None: the base layer alone),
+        by one planned op call (:meth:`_op`). :func:`randlora.mixed` calls it once per group of rows."""
         if self.quantized:
-            return self._forward_quantized(x, p)
+            return self._forward_quantized(x, ad)
         W = self._w()
-        if p is None:
+        if ad is None:  # merged, adapters off, or the active adapter is not on this layer
             return F.linear(x, W, self.bias)
-        lam, gam, s, dmod = p
         cd, out_dtype = self._compute_dtype(x, W.dtype)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cd)
-            if self.training and isinstance(dmod, nn.Dropout):  # the frozen term, then the adapter's alone
+            if self.training and ad.drops:  # the frozen term, then the adapter's alone
                 b = self.bias.to(cd) if self.bias is not None else None
-                y = F.linear(xc, W.to(cd), b) + self._op(dmod(xc), None, None, lam, gam, s)
+                y = F.linear(xc, W.to(cd), b) + self._op(ad.dropout(xc), None, None, ad)
             else:
-                y = self._op(xc, W, self.bias, lam, gam, s)
+                y = self._op(xc, W, self.bias, ad)
         return y if out_dtype is None else y.to(out_dtype)
 
-    def _forward_quantized(self, x: torch.Tensor, p: tuple | None) -> torch.Tensor:
+    def _forward_quantized(self, x: torch.Tensor, ad: "Adapter | None") -> torch.Tensor:
         """``base_layer(x) + s · dropout(x) ΔWᵀ``: the base's own forward (its own saved tensors), the adapter
         term from the op with ``W = None`` (it keeps only ``x``, ``λ``, ``γ``)."""
         y = self._base(x)
-        if p is None:
+        if ad is None:
             return y
-        lam, gam, s, dmod = p
-        cd, _ = self._compute_dtype(x, x.dtype if x.is_floating_point() else lam.dtype)
+        cd, _ = self._compute_dtype(x, x.dtype if x.is_floating_point() else ad.randlora_lambda.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            d = self._op(dmod(x.to(cd)), None, None, lam, gam, s)
+            d = self._op(ad.dropout(x.to(cd)), None, None, ad)
         return y + d.to(y.dtype)
 
     @staticmethod
@@ -381,26 +416,26 @@ class RandLoraLinear(nn.Module):
             return torch.get_autocast_dtype(x.device.type), None
         return dtype, x.dtype
 
-    def _op(self, x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
-            gam: torch.Tensor, s: float) -> torch.Tensor:
-        """``x (W + s·ΔW)ᵀ + b`` (``W`` None: the adapter term alone) on ``x`` in the compute dtype, by the
-        route the planner gives this call (planned here, once; the ops only read it)."""
-        route = self._plan(x.numel() // x.shape[-1], x.requires_grad, W is not None, lam, gam, x.device.type)
+    def _op(self, x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, ad: Adapter) -> torch.Tensor:
+        """``x (W + s·ΔW)ᵀ + b`` of adapter ``ad`` (``W`` None: the adapter term alone) on ``x`` in the compute
+        dtype, by the route the planner gives this call (planned here, once; the ops only read it)."""
+        lam, gam, s = ad.randlora_lambda, ad.randlora_gamma, ad.scaling
+        route = self._plan(x.numel() // x.shape[-1], x.requires_grad, W is not None, ad, x.device.type)
         A, B = self._views()  # (also the device check)
         if route.kind == "sparse":
             idx = self._bank.sparse_index(self.out_features, self.in_features)
             return sparse_randlora_linear(x, W, bias, lam, gam, idx, s, route)
-        weff = self._weff(route, lam, gam, s, x.dtype, A, B)
+        weff = self._weff(route, ad, x.dtype, A, B)
         return randlora_linear(x, W, bias, lam, gam, A, B, s, route, weff=weff)
 
-    def _plan(self, T: int, need_x: bool, fused: bool, lam: torch.Tensor, gam: torch.Tensor,
-              device: str) -> Route:
+    def _plan(self, T: int, need_x: bool, fused: bool, ad: Adapter, device: str) -> Route:
         """The planner's :class:`~randlora.planner.Route` for a call of ``T`` tokens: a pure function of the
         call (shapes, device type, grad mode, which inputs need gradients) and of the explicit settings
         (``path``, ``keep``, whether the layer sits inside :func:`randlora.cached`). Never of earlier calls, so
         a recomputed forward (activation checkpointing) saves exactly what the first one saved."""
         bank = self._bank
         ternary = bank.mode != "dense"
+        lam, gam = ad.randlora_lambda, ad.randlora_gamma
         return planner.plan_call(
             T=T, O=self.out_features, I=self.in_features, nr=lam.numel(), r=self.r, device=device,
             grad=torch.is_grad_enabled(), need_x=need_x, need_S=lam.requires_grad or gam.requires_grad,
@@ -410,11 +445,12 @@ class RandLoraLinear(nn.Module):
             threads=torch.get_num_threads() if (ternary and device == "cpu") else 1,
             compiling=torch.compiler.is_compiling())
 
-    def _weff(self, route: Route, lam: torch.Tensor, gam: torch.Tensor, s: float, cd: torch.dtype,
-              A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
-        """The prebuilt ``W + s·ΔW`` in ``cd`` the route hands the op (``route.build``), or None."""
+    def _weff(self, route: Route, ad: Adapter, cd: torch.dtype, A: torch.Tensor,
+              B: torch.Tensor) -> torch.Tensor | None:
+        """The prebuilt ``W + s·ΔW`` of ``ad`` in ``cd`` the route hands the op (``route.build``), or None."""
         if route.build is None:
             return None
+        lam, gam, s = ad.randlora_lambda, ad.randlora_gamma, ad.scaling
         tr = self.out_features < self.in_features
         if route.build == "fresh":
             return build_weight(self._w(), lam, gam, A, B, s, tr, cd)
@@ -425,23 +461,22 @@ class RandLoraLinear(nn.Module):
         with torch.no_grad():
             return (self._w().to(acc) + D).to(cd)
 
-    def _prebuilt(self, lam: torch.Tensor, gam: torch.Tensor, s: float, cd: torch.dtype, T: int,
-                  need_x: bool) -> torch.Tensor | None:
-        """The ``W + s·ΔW`` a call of ``T`` tokens (with ``W``) would hand the op, or None."""
+    def _prebuilt(self, ad: Adapter, cd: torch.dtype, T: int, need_x: bool) -> torch.Tensor | None:
+        """The ``W + s·ΔW`` of ``ad`` a call of ``T`` tokens (with ``W``) would hand the op, or None."""
         if self.quantized:  # no float W to build on
             return None
-        route = self._plan(T, need_x, True, lam, gam, self.weight.device.type)
-        return self._weff(route, lam, gam, s, cd, *self._views())
+        route = self._plan(T, need_x, True, ad, self.weight.device.type)
+        return self._weff(route, ad, cd, *self._views())
 
     def route(self, tokens: int, *, need_x: bool = True) -> Route | None:
         """The routes a call of ``tokens`` tokens takes now (grad mode, settings and cache as they are; ``need_x``:
         the input requires grad): the planner's :class:`~randlora.planner.Route`, or None when the call runs no
         adapter op (merged, disabled, or the active adapter is not on this layer)."""
-        p = None if (self.disabled or self.merged) else self.adapter_params()
-        if p is None:
+        ad = None if (self.disabled or self.merged) else self.adapter()
+        if ad is None:
             return None
-        fused = not self.quantized and not (self.training and isinstance(p[3], nn.Dropout))
-        return self._plan(tokens, need_x, fused, p[0], p[1], self.weight.device.type)
+        fused = not self.quantized and not (self.training and ad.drops)
+        return self._plan(tokens, need_x, fused, ad, self.weight.device.type)
 
     def set_cache(self, cache: "DeltaCache | None") -> "DeltaCache | None":
         """Install ``cache`` (a :class:`randlora.cache.DeltaCache`, or None) as this layer's kept ``s·ΔW``;
@@ -485,37 +520,3 @@ class RandLoraLinear(nn.Module):
                 f"scaling={self.scaling:g}, init={self.init}, bias={self.bias is not None}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", merged" if self.merged else "") + (", disabled" if self.disabled else ""))
-
-
-class NamedAdapter(nn.Module):
-    """A further adapter on a :class:`RandLoraLinear`: its own ``λ`` ``(r, n)``, ``γ`` ``(n, m)``, scale
-    ``s = alpha / r`` and dropout, on the layer's bank views (same ``r``, so the same ``A`` and ``B_i``)."""
-
-    def __init__(self, layer: RandLoraLinear, *, alpha: float, dropout: float = 0.0,
-                 init: str = DEFAULT_INIT) -> None:
-        super().__init__()
-        get_init(init)
-        self.init = init
-        ref = layer.randlora_lambda
-        self.n, self.m = layer.n, layer.m
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / layer.r
-        self.randlora_lambda = nn.Parameter(torch.empty(layer.r, layer.n, dtype=ref.dtype, device=ref.device))
-        self.randlora_gamma = nn.Parameter(torch.empty(layer.n, layer.m, dtype=ref.dtype, device=ref.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if not ref.is_meta:
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``λ = 0`` and ``γ`` as ``init`` says, as for the layer's own adapter."""
-        start_(self.randlora_lambda, self.randlora_gamma, self.init)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        was_meta = self.randlora_lambda.is_meta
-        out = super()._apply(fn, recurse)
-        if was_meta and not self.randlora_lambda.is_meta:
-            self.reset_parameters()
-        return out
-
-    def extra_repr(self) -> str:
-        return f"n={self.n}, m={self.m}, scaling={self.scaling:g}, init={self.init}"

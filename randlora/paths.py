@@ -11,16 +11,17 @@ the unique leading prefix that, added or stripped, maps every one of the file's 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from .bank import BasisBank
 from .errors import CheckpointError, StateError
+from .layer import RandLoraLinear
 
 __all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "compiled_inner", "examples",
-           "linear_paths", "locate", "match_paths", "on_root", "parse_prefix", "roots"]
+           "linear_paths", "locate", "match_paths", "on_root", "parse_prefix", "roots", "walk"]
 
 BANK_ATTR = "randlora_bank"  # the attribute of the adapter's root that holds its bank
 
@@ -30,6 +31,27 @@ def examples(items: Sequence[str], k: int = 3) -> str:
     items = list(items)
     shown = ", ".join(repr(str(i)) for i in items[:k])
     return shown + (f" and {len(items) - k} more" if len(items) > k else "")
+
+
+def walk(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` (same order, same names) without the modules inside adapted layers.
+
+    An adapted layer is yielded, its children are not: they are its adapters (one set more for every adapter
+    added), which hold no layer, bank or target any walk looks for. So a walk costs the same whether one
+    adapter or thousands are loaded. ``remove_duplicate=False`` yields a module once per name it has.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, mod = stack.pop()
+        if remove_duplicate:
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+        yield path, mod
+        if isinstance(mod, RandLoraLinear):
+            continue
+        stack.extend((f"{path}.{k}" if path else k, c) for k, c in reversed(mod._modules.items()) if c is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,7 +77,7 @@ def roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not isinstance(model, nn.Module):
         return []
     found = []
-    for path, mod in model.named_modules():
+    for path, mod in walk(model):
         bank = vars(mod).get(BANK_ATTR)  # not getattr: torch.compile's wrapper forwards attributes to _orig_mod
         if isinstance(bank, BasisBank):
             found.append((path, mod))
@@ -76,7 +98,7 @@ def canonical(path: str) -> str:
 
 def linear_paths(model: nn.Module, is_linear) -> dict[str, str]:
     """``{canonical path: real path}`` of the modules ``is_linear`` accepts (the root excluded)."""
-    return {canonical(n): n for n, m in model.named_modules() if n and is_linear(m)}
+    return {canonical(n): n for n, m in walk(model) if n and is_linear(m)}
 
 
 def compiled_inner(model: nn.Module) -> nn.Module:

@@ -24,8 +24,8 @@ from .recipes import BankShape, bank_shape, generate
 from .peft_format import CONFIG_FILE, KEY_PREFIX, PEFT_VERSION, WEIGHTS_FILE, bias_key, is_folder, target_modules, write_folder
 from .registry import BIAS_MODES
 from .paths import canonical, compiled_inner, linear_paths, locate, match_paths, on_root
-from .walker import (AdapterConfig, adapted_layers, config_of, eject, inject, is_bias_name, is_conv1d,
-                     is_linear, require_bank)
+from .walker import (AdapterConfig, adapted_layers, biases, config_of, eject, inject, is_conv1d, is_linear,
+                     require_bank)
 
 __all__ = ["load_peft", "save_peft", "read_peft", "is_peft_folder", "PEFT_CONFIG", "PEFT_WEIGHTS"]
 
@@ -316,7 +316,7 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
     """
     bank = require_bank(model)
     cfg = config_of(model, name)
-    layers = [(n, l, p) for n, l in adapted_layers(model) if (p := l.adapter_params(name)) is not None]
+    layers = [(n, l, ad) for n, l in adapted_layers(model) if (ad := l.adapter(name)) is not None]
     shape, conv = _check_writable(bank, cfg, layers, save_projection)
     adapted = sorted(n for n, _, _ in layers)
     tensors = _peft_tensors(model, layers)
@@ -352,12 +352,12 @@ def _check_writable(bank, cfg: AdapterConfig, layers: list, save_projection: boo
 def _peft_tensors(model: nn.Module, layers: list) -> dict[str, torch.Tensor]:
     """``λ``, ``γ`` (float32) and trained biases under peft's keys, as CPU copies."""
     tensors: dict[str, torch.Tensor] = {}
-    for n, _, params in layers:
-        tensors[f"{PREFIX}{n}.randlora_lambda"] = params[0].detach().to("cpu", torch.float32).clone()
-        tensors[f"{PREFIX}{n}.randlora_gamma"] = params[1].detach().to("cpu", torch.float32).clone()
+    for n, _, ad in layers:
+        tensors[f"{PREFIX}{n}.randlora_lambda"] = ad.randlora_lambda.detach().to("cpu", torch.float32).clone()
+        tensors[f"{PREFIX}{n}.randlora_gamma"] = ad.randlora_gamma.detach().to("cpu", torch.float32).clone()
     adapted = {n for n, _, _ in layers}
-    for pname, p in model.named_parameters():
-        if p.requires_grad and is_bias_name(pname):
+    for pname, p in biases(model):
+        if p.requires_grad:
             tensors[bias_key(canonical(pname), adapted)] = p.detach().to("cpu").clone()
     return tensors
 

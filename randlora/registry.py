@@ -7,13 +7,46 @@ the single source of truth for the active adapter: layers read it, nothing copie
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable, NamedTuple
 
-from .errors import StateError
+from .errors import ConfigError, StateError
 
-__all__ = ["AdapterConfig", "Registry", "DEFAULT", "BIAS_MODES"]
+__all__ = ["AdapterConfig", "Registry", "DEFAULT", "BIAS_MODES", "Init", "INITS", "DEFAULT_INIT", "get_init",
+           "FILE_DEFAULTS"]
 
 DEFAULT = "default"
 BIAS_MODES = ("none", "all", "randlora_only")  # AdapterConfig.bias
+
+
+class Init(NamedTuple):
+    """A starting point for an adapter: ``λ = 0`` (so the layer starts equal to its base) and ``γ = gamma(n, m)``."""
+
+    gamma: Callable[[int, int], float]
+    """``γ``'s starting value on a layer with ``n`` bases of width ``m``."""
+    alpha_scale: float
+    """:func:`randlora.inject`'s default ``alpha / r`` with this initialisation (docs/benchmarks.md)."""
+
+
+INITS = {
+    "sqrt": Init(lambda n, m: max(n, m) ** -0.5, 1.0),  # γ at the scale of LoRA's A: AdamW works at 1e-3 and 3e-3
+    "peft": Init(lambda n, m: 1.0 / max(n, m), 6.0),  # peft's initialisation
+}
+DEFAULT_INIT = "sqrt"
+
+FILE_DEFAULTS = {"init": "peft", "alpha": 640.0}
+"""What a stored config that lacks a setting was made with: files from before ``init`` existed used peft's start,
+and ``alpha`` defaulted to 640 when it was first stored (:meth:`AdapterConfig.from_dict`)."""
+
+
+def get_init(name: str) -> Init:
+    """The initialisation called ``name``.
+
+    Raises:
+        ConfigError: ``name`` is not a key of :data:`INITS`.
+    """
+    if name not in INITS:
+        raise ConfigError(f"unknown init {name!r}; use one of {list(INITS)}")
+    return INITS[name]
 
 
 @dataclass
@@ -25,12 +58,13 @@ class AdapterConfig:
     r: int = 32
     """Rank of each random basis. Smaller ``r`` means more bases (``n = ceil(min(O, I) / r)``) and more
     trainable values (``n·r + n·min(O, I)`` per layer)."""
-    alpha: float = 640.0
-    """Scale numerator: the update is ``(alpha / r) · ΔW``. ``inject``'s default is ``1 · r`` with ``init="sqrt"``,
-    ``6 · r`` with ``init="peft"``."""
-    init: str = "peft"
+    alpha: float = None  # type: ignore[assignment]
+    """Scale numerator: the update is ``(alpha / r) · ΔW``. None (the default) becomes ``inject``'s default for
+    ``init``: ``1 · r`` with ``init="sqrt"``, ``6 · r`` with ``init="peft"``."""
+    init: str = DEFAULT_INIT
     """Where ``γ`` started (``λ`` starts at 0): ``"sqrt"`` (``1 / sqrt(max(n, m))``) or ``"peft"``
-    (``1 / max(n, m)``). Used by ``reset_parameters`` and ``to_empty``; files without it were made with ``"peft"``."""
+    (``1 / max(n, m)``). Used by ``reset_parameters`` and ``to_empty``; stored configs without it were made with
+    ``"peft"`` (:meth:`from_dict`)."""
     dropout: float = 0.0
     """Dropout probability on the adapter's input (training only; the frozen path never drops)."""
     seed: int = 0
@@ -44,23 +78,34 @@ class AdapterConfig:
     fan_in_fan_out: list[str] = field(default_factory=list)
     """The targets whose weight is stored ``(in, out)`` (GPT-2 ``Conv1D``)."""
 
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = get_init(self.init).alpha_scale * self.r
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        """The settings a stored config (a file's metadata) names; a setting it lacks takes the value it had
+        when the file was written (:data:`FILE_DEFAULTS`), not today's default.
+
+        Raises:
+            TypeError: ``d`` is not a dict or has keys this class lacks (``targets`` included).
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+        return cls(**{**FILE_DEFAULTS, **d})
 
 
 @dataclass
 class Registry:
-    """A model's adapters, in the order they were added; the first one owns the layers' own ``λ``/``γ``."""
+    """A model's adapters, in the order they were added, and the active one."""
 
     adapters: dict[str, AdapterConfig]
     active: str
     grad_flags: dict[str, bool] = field(default_factory=dict)
     """``requires_grad`` of every parameter before ``inject`` froze them; ``eject`` puts them back."""
-
-    @property
-    def owner(self) -> str:
-        """The first adapter: its ``λ``/``γ`` are the layers' ``randlora_lambda``/``randlora_gamma``."""
-        return next(iter(self.adapters))
 
     def resolve(self, name: str | None) -> str:
         """``name`` checked against the adapters (None: the active one).

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import TargetError
 from .layer import RandLoraLinear
+from .paths import walk
 
 __all__ = ["select", "is_linear", "is_conv1d", "is_bias_name", "HEAD_NAMES"]
 
@@ -66,13 +67,13 @@ def _output_heads(model: nn.Module) -> list[nn.Module]:
             head = None
         if isinstance(head, nn.Module):
             return [head]
-    linear = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
+    linear = [(n, m) for n, m in walk(model) if n and is_linear(m)]
     named = [m for n, m in linear if n.rsplit(".", 1)[-1] in HEAD_NAMES]
     return named or [m for _, m in linear[-1:]]
 
 
 def _close_names(model: nn.Module, wanted: Sequence[str]) -> str:
-    tails = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)})
+    tails = sorted({n.rsplit(".", 1)[-1] for n, m in walk(model) if n and is_linear(m)})
     sugg = []
     for w in wanted:
         sugg += difflib.get_close_matches(w, tails, n=3)
@@ -93,7 +94,7 @@ def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, ex
             nothing, or a module registered under several names.
     """
     _check_spec(targets, "targets", allow_all=True)
-    named = [(n, m) for n, m in model.named_modules() if n]
+    named = [(n, m) for n, m in walk(model) if n]
     chosen = _by_targets(model, named, targets)
     before_exclude = chosen
     if exclude is not None:
@@ -171,7 +172,7 @@ def _refuse_empty(model: nn.Module, targets, exclude, before_exclude: list[str])
 
 def _refuse_aliases(model: nn.Module, by_name: dict[str, nn.Module], chosen: list[str]) -> None:
     aliases: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
+    for n, m in walk(model, remove_duplicate=False):
         aliases.setdefault(id(m), []).append(n)
     shared = [aliases[id(by_name[n])] for n in chosen if len(aliases[id(by_name[n])]) > 1]
     if shared:

@@ -34,9 +34,14 @@ from .planner import forward_costs, sparse_costs
 from .recipes import sparsity
 from .walker import registry_of
 
-__all__ = ["mixed", "group_cost", "Mixed"]
+__all__ = ["mixed", "group_cost", "Mixed", "inside_mixed"]
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # banks of models inside a mixed block
+
+
+def inside_mixed(bank) -> bool:
+    """Whether the model holding ``bank`` is inside a ``randlora.mixed`` block now."""
+    return bank in _ACTIVE
 
 
 def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, kept: bool = False,
@@ -70,15 +75,6 @@ def _adapted(model: nn.Module) -> list[tuple[str, RandLoraLinear]]:
             continue
         stack.extend((f"{prefix}.{k}" if prefix else k, c) for k, c in reversed(mod._modules.items()) if c is not None)
     return out
-
-
-def _params(layer, name: str):
-    """``(λ, γ, s, dropout)`` of adapter ``name`` on ``layer``, or None when the layer lacks it."""
-    p = layer.adapter_params(name)
-    if p is None:
-        return None
-    lam, gam, s, dmod = p
-    return lam, gam, s, dmod
 
 
 class Mixed:
@@ -159,19 +155,19 @@ class Mixed:
         :meth:`RandLoraLinear.apply_adapter` on its own, planned like a separate batch of those rows (so the
         planner may build ``W + s·ΔW`` for a long group), and the other rows through the frozen layer."""
         self._check(layer, x)
-        present = {name: p for name in self.groups if (p := _params(layer, name)) is not None}
+        present = {name: ad for name in self.groups if (ad := layer.adapter(name)) is not None}
         if not present:  # this layer carries none of the batch's adapters: every row keeps the base
             return layer.apply_adapter(x, None)
         serving = not torch.is_grad_enabled() and not (
-            layer.training and any(isinstance(p[3], nn.Dropout) for p in present.values()))
+            layer.training and any(ad.drops for ad in present.values()))
         T = x.numel() // x.shape[-1]
         kept = self._kept_deltas(layer, x, present, T) if serving and self.keep_bytes > 0 else {}
-        rest = {name: p for name, p in present.items() if name not in kept}
+        rest = {name: ad for name, ad in present.items() if name not in kept}
         if not kept and len(rest) == 1 and len(self.groups[next(iter(rest))]) == len(self.names):
             return layer.apply_adapter(x, next(iter(rest.values())))  # one adapter on every row: a plain call
         if rest and serving and self._batched_pays(layer, T, len(rest)):
             return self._base_plus_terms(layer, x, kept, rest)
-        parts = [layer.apply_adapter(self._rows_of(x, name), p) for name, p in rest.items()]
+        parts = [layer.apply_adapter(self._rows_of(x, name), ad) for name, ad in rest.items()]
         for name, D in kept.items():
             xg = self._rows_of(x, name)
             base = layer.apply_adapter(xg, None)
@@ -185,16 +181,16 @@ class Mixed:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         if layer.quantized:
-            return x.dtype if x.is_floating_point() else next(iter(present.values()))[0].dtype
+            return x.dtype if x.is_floating_point() else next(iter(present.values())).randlora_lambda.dtype
         return layer.weight.dtype
 
     def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int) -> dict[str, torch.Tensor]:
         """The groups whose kept ``s·ΔW`` (``T_g·O·I``) beats the op's routes, with that ``s·ΔW``."""
         cd, t = self._compute_dtype(layer, x, present), T // len(self.names)
         out = {}
-        for name, (lam, gam, _, _) in present.items():
-            if self._keep_pays(layer, len(self.groups[name]) * t, lam.numel(), x.device.type):
-                D = self._delta(layer, name, lam, gam, cd)
+        for name, ad in present.items():
+            if self._keep_pays(layer, len(self.groups[name]) * t, ad.randlora_lambda.numel(), x.device.type):
+                D = self._delta(layer, name, ad.randlora_lambda, ad.randlora_gamma, cd)
                 if D is not None:
                     out[name] = D
         return out
@@ -239,9 +235,10 @@ class Mixed:
             slot = {nm: k for k, (nm, _) in enumerate(rest)}
             gid = self._gid[key] = torch.tensor([slot.get(nm, len(rest)) for nm in self.names], dtype=torch.long,
                                                 device=x.device)
-        lam0, gam0 = rest[0][1][0], rest[0][1][1]
-        lam_st = torch.stack([p[0].to(cd) * p[2] for _, p in rest] + [lam0.new_zeros(lam0.shape, dtype=cd)])
-        gam_st = torch.stack([p[1].to(cd) for _, p in rest] + [gam0.new_zeros(gam0.shape, dtype=cd)])
+        lam0, gam0 = rest[0][1].randlora_lambda, rest[0][1].randlora_gamma
+        lam_st = torch.stack([ad.randlora_lambda.to(cd) * ad.scaling for _, ad in rest]
+                             + [lam0.new_zeros(lam0.shape, dtype=cd)])
+        gam_st = torch.stack([ad.randlora_gamma.to(cd) for _, ad in rest] + [gam0.new_zeros(gam0.shape, dtype=cd)])
         lr, gr = lam_st.index_select(0, gid), gam_st.index_select(0, gid)  # (B, r, n), (B, n, m)
         A, Bf = layer._views()
         A, Bf = A.to(cd), Bf.to(cd)  # (r, m), (M, n·r) with column k·n + i for basis i, rank k

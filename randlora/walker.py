@@ -17,9 +17,9 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
-from .layer import DEFAULT_INIT, RandLoraLinear, dequantize, get_init, is_quantized
+from .layer import DEFAULT_INIT, RandLoraLinear, get_init, is_quantized
 from .recipes import MODES, RECIPES, BankShape, bank_shape
-from .paths import BANK_ATTR, canonical, compiled_inner, locate, on_root
+from .paths import BANK_ATTR, canonical, compiled_inner, locate, on_root, walk
 from .registry import BIAS_MODES, DEFAULT, AdapterConfig, Registry
 from .selection import is_bias_name, is_conv1d, is_linear, select
 
@@ -27,9 +27,8 @@ __all__ = [
     "AdapterConfig",
     "InjectReport",
     "inject",
+    "adapt",
     "eject",
-    "merge",
-    "unmerge",
     "disabled",
     "use",
     "adapter_names",
@@ -42,7 +41,8 @@ __all__ = [
     "is_linear",
     "is_conv1d",
     "is_bias_name",
-    "drop_adapter",
+    "unwrap",
+    "biases",
     "trainable_parameters",
     "summary",
     "BANK_ATTR",
@@ -77,9 +77,32 @@ def _report(model: nn.Module, layers, bank: BasisBank) -> InjectReport:
     """The report of ``(name, layer)`` pairs: shapes, bases, trainable counts, totals of the model."""
     rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
             for n, l in layers]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return InjectReport(rows=rows, trainable=trainable, total=total, bank=bank.extra_repr())
+    params = list(_parameters(model))
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return InjectReport(rows=rows, trainable=trainable, total=sum(p.numel() for p in params), bank=bank.extra_repr())
+
+
+def _parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """``model.parameters()``, reading each adapted layer's adapters directly instead of walking them."""
+    seen: set[int] = set()
+    for _, mod in walk(model):
+        held = [ad._parameters for ad in mod.adapters().values()] if isinstance(mod, RandLoraLinear) else [
+            mod._parameters]
+        for p in (p for ps in held for p in ps.values()):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+def biases(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every bias, as ``model.named_parameters()`` names them (without walking the
+    adapters, which hold none)."""
+    seen: set[int] = set()
+    for path, mod in walk(model):
+        p = mod._parameters.get("bias")
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            yield (f"{path}.bias" if path else "bias"), p
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,7 +153,7 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
 
 def _adapted_modules(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
     """``(real module path, layer)`` for every adapted layer (for ``get_submodule`` and swapping)."""
-    for name, mod in model.named_modules():
+    for name, mod in walk(model):
         if isinstance(mod, RandLoraLinear):
             yield name, mod
 
@@ -230,12 +253,12 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Pl
                  dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=devices.pop())
 
 
-def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> InjectReport:
+def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> dict[str, RandLoraLinear]:
     """Swap the planned layers, freeze the rest, attach the bank. Nothing here can fail half-way."""
     bank = BasisBank(seed=cfg.seed, mode=cfg.bases, recipe=cfg.recipe, shape=plan.shape, dtype=plan.dtype,
                      device=plan.device)
     new = {n: RandLoraLinear(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
-                             fan_in_fan_out=n in cfg.fan_in_fan_out) for n, mod in plan.modules.items()}
+                             fan_in_fan_out=n in cfg.fan_in_fan_out, name=name) for n, mod in plan.modules.items()}
     bank.registry = Registry(adapters={name: cfg}, active=name,
                              grad_flags={n: p.requires_grad for n, p in model.named_parameters()})
     for p in model.parameters():
@@ -260,7 +283,7 @@ def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> Inje
         for n, p in model.named_parameters():
             if is_bias_name(n):
                 p.requires_grad_(True)
-    return _report(model, new.items(), bank)
+    return new
 
 
 def inject(
@@ -319,6 +342,22 @@ def inject(
     _check_module(model)
     model = compiled_inner(model)
     cfg = _validated_config(r, alpha, dropout, seed, bases, recipe, bias, init)
+    new = adapt(model, targets, cfg, layers=layers, exclude=exclude, name=name)
+    return _report(model, new.items(), require_bank(model))
+
+
+def adapt(model: nn.Module, targets: str | Sequence[str], cfg: AdapterConfig, *, layers=None, exclude=None,
+          name: str | None = None) -> dict[str, RandLoraLinear]:
+    """:func:`inject` with the settings of ``cfg`` (its ``targets`` and ``fan_in_fan_out`` are recomputed), without
+    the report: the adapted layers by real path. :func:`randlora.load` adds adapters through it, since the
+    report's trainable count reads every adapter's parameters and would cost more with each adapter loaded.
+
+    Raises:
+        as :func:`inject`.
+    """
+    _check_module(model)
+    model = compiled_inner(model)
+    cfg = _validated_config(cfg.r, cfg.alpha, cfg.dropout, cfg.seed, cfg.bases, cfg.recipe, cfg.bias, cfg.init)
     if name is not None:
         _check_name(name)
     _refuse_inner_adapter(model)
@@ -341,11 +380,12 @@ def _refuse_inner_adapter(model: nn.Module) -> None:
                          f"{found[0]!r}), targets, name=...), or call randlora.eject(model) before injecting here")
 
 
-def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers, exclude) -> InjectReport:
+def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
+               exclude) -> dict[str, RandLoraLinear]:
     """A further adapter ``name`` on already adapted layers, reading the model's bank."""
     bank = require_bank(model)
     reg = bank.registry
-    first = reg.owner
+    first = next(iter(reg.adapters))  # every adapter on the bank has the same shared settings
     if name in reg.adapters:
         raise StateError(f"the model already has an adapter {name!r}; pick another name, load into it with "
                          f"randlora.load_state_dict(model, sd, name={name!r}), or randlora.eject(model) first")
@@ -369,22 +409,7 @@ def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
     cfg.targets = [canonical(n) for n in names]
     cfg.fan_in_fan_out = [canonical(n) for n, l in new.items() if l.fan_in_fan_out]
     reg.adapters[name] = cfg  # off until use(model, name)
-    return _report(model, new.items(), bank)
-
-
-@on_root
-def drop_adapter(model: nn.Module, name: str) -> None:
-    """Remove the further adapter ``name`` again (not the first one, which owns the layers' parameters)."""
-    reg = registry_of(model)
-    for _, l in adapted_layers(model):
-        extra = l._modules.get("randlora_extra")
-        if extra is not None and name in extra:
-            del extra[name]
-            if len(extra) == 0:
-                del l.randlora_extra
-    reg.adapters.pop(name, None)
-    if reg.active == name:
-        reg.active = reg.owner
+    return new
 
 
 @on_root
@@ -415,13 +440,18 @@ def active_adapter(model: nn.Module) -> str:
     return registry_of(model).active
 
 
+def unwrap(model: nn.Module, path: str, layer: RandLoraLinear) -> None:
+    """Put the original module back at ``path`` (a real module path), holding the layer's weight and bias."""
+    base = layer.base_layer
+    base.weight = layer.weight
+    if layer.bias is not None:
+        base.bias = layer.bias
+    _set_submodule(model, path, base)
+
+
 def _restore(model: nn.Module) -> None:
     for name, layer in list(_adapted_modules(model)):
-        base = layer.base_layer
-        base.weight = layer.weight
-        if layer.bias is not None:
-            base.bias = layer.bias
-        _set_submodule(model, name, base)
+        unwrap(model, name, layer)
     bank = require_bank(model)
     bank.detach()
     delattr(model, BANK_ATTR)
@@ -443,116 +473,6 @@ def eject(model: nn.Module) -> None:
         if layer.merged:
             layer.unmerge_()
     _restore(model)
-
-
-def _merge_is_finite(layer: RandLoraLinear, name: str | None = None) -> bool:
-    d = layer.delta_weight(name=name)
-    return bool(torch.isfinite((layer._w().to(d.dtype) + d).to(layer.weight.dtype)).all())
-
-
-@torch.no_grad()
-def _dequantized_merge(layer: RandLoraLinear, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize(W) + s·ΔW`` of a quantised layer, accumulated in float32 and cast to ``dtype``."""
-    W = dequantize(layer.base_layer)
-    W += layer.delta_weight(torch.float32, name)
-    return W.to(dtype)
-
-
-def _plain_linear(layer: RandLoraLinear, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight`` and the layer's bias (cast to ``dtype``), no init pass."""
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    b = layer.bias
-    if b is not None:
-        lin.bias = b if b.dtype == dtype else nn.Parameter(b.detach().to(dtype), requires_grad=b.requires_grad)
-    lin.train(layer.training)
-    return lin
-
-
-@on_root
-def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: str | None = None,
-          dequantize: bool = False, dtype: torch.dtype = torch.float32) -> None:
-    """Fold ``s·ΔW`` into every adapted weight (float32 accumulation, cast back to the weight's dtype).
-
-    A quantised (bitsandbytes 4-bit/8-bit, torchao) base cannot take ``s·ΔW`` without re-quantising, so it is
-    refused unless ``dequantize=True``, which replaces each such layer by a plain ``nn.Linear`` holding
-    ``dequantize(W) + s·ΔW`` (float32 accumulation, cast to ``dtype``) and its bias (see docs/quantized.md).
-
-    Args:
-        model: an adapted model.
-        unload: put the original modules back (same keys and types as before :func:`inject`); with
-            ``False`` the wrappers stay, merged (see :func:`unmerge`).
-        safe: refuse, leaving every weight untouched, if any merged weight would be non-finite.
-        name: the adapter to fold in (default: the active one); with ``unload=True`` the others go.
-        dequantize: replace the quantised layers by ``nn.Linear`` layers in ``dtype`` (needs ``unload=True``).
-        dtype: the floating-point dtype of those ``nn.Linear`` weights (and biases); other layers keep theirs.
-
-    Raises:
-        ConfigError: ``dequantize=True`` with ``unload=False``, or ``dtype`` not a floating-point dtype.
-        StateError: no adapter, no adapter ``name``, already merged, the bank on another device than a
-            layer, quantised layers without ``dequantize=True``, or (``safe``) a non-finite result.
-    """
-    if not isinstance(dequantize, bool):
-        raise ConfigError(f"dequantize must be True or False, got {dequantize!r}")
-    if dequantize and not unload:
-        raise ConfigError("dequantize=True replaces the quantised layers by plain nn.Linear layers, so the wrappers "
-                          "cannot stay: pass unload=True (the default), or dequantize=False")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
-    name = registry_of(model).resolve(name)
-    every = list(_adapted_modules(model))
-    if any(l.merged for _, l in every):
-        raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
-                         "randlora.eject(model) to drop the wrappers")
-    layers = [(n, l) for n, l in every if l.adapter_params(name) is not None]
-    quant = [n for n, l in layers if l.quantized]
-    if quant and not dequantize:
-        more = " ..." if len(quant) > 5 else ""
-        raise StateError(f"layers {quant[:5]}{more} have quantised (bitsandbytes/torchao) weights: s·ΔW cannot "
-                         "be folded into them without re-quantising (lossy). Options: "
-                         "randlora.merge(model, dequantize=True, dtype=torch.bfloat16) for plain nn.Linear layers; "
-                         "randlora.save(model, path) and `python -m randlora merge` against the unquantised base "
-                         "weights; or keep the adapter unmerged (randlora.eject(model) drops it)")
-    for _, l in layers:
-        l._views()  # raises (device mismatch) before any weight changes
-    if safe:
-        with torch.no_grad():
-            # checked after the cast back to the weight's dtype: float16 can overflow where float32 did not
-            bad = [n for n, l in layers
-                   if not (bool(torch.isfinite(_dequantized_merge(l, name, dtype)).all()) if l.quantized
-                           else _merge_is_finite(l, name))]
-        if bad:
-            raise StateError(f"merging would make the weights of {bad[:5]} non-finite (λ/γ hold inf/nan, or the "
-                             "sum overflows the weight's dtype); "
-                             "nothing was merged. Reload a good adapter or call randlora.eject(model).")
-    del every
-    for i, (n, layer) in enumerate(layers):
-        if layer.quantized:
-            # swapped at once and the last reference dropped: each quantised layer is freed (unless the caller
-            # holds it) as its float replacement is built, so the peak is the float model plus one layer
-            _set_submodule(model, n, _plain_linear(layer, _dequantized_merge(layer, name, dtype), dtype))
-            layers[i] = None  # type: ignore[call-overload]
-        else:
-            layer.merge_(name=name)
-        del layer
-    if unload:
-        _restore(model)
-
-
-@on_root
-def unmerge(model: nn.Module) -> None:
-    """Undo ``merge(model, unload=False)``: subtract ``s·ΔW`` from every adapted weight again.
-
-    Raises:
-        StateError: the model has no adapter or is not merged.
-    """
-    require_bank(model)
-    layers = list(adapted_layers(model))
-    if not any(l.merged for _, l in layers):
-        raise StateError("the model is not merged; nothing to unmerge (merge(model, unload=False) first)")
-    for _, layer in layers:
-        if layer.merged:
-            layer.unmerge_()
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ def randomize(model: nn.Module, seed: int = 0, name: str = DEFAULT) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapted_layers(model):
-            p = layer.adapter_params(name)
-            if p is not None:
-                p[0].copy_(torch.randn(p[0].shape, generator=g))
-                p[1].copy_(torch.randn(p[1].shape, generator=g) / layer.m)
+            ad = layer.adapter(name)
+            if ad is not None:
+                ad.randlora_lambda.copy_(torch.randn(ad.randlora_lambda.shape, generator=g))
+                ad.randlora_gamma.copy_(torch.randn(ad.randlora_gamma.shape, generator=g) / layer.m)

@@ -296,7 +296,8 @@ def reference_named(model, path, name):
     from reference import reference_delta
 
     layer = model.get_submodule(path)
-    lam, gam, s, _ = layer.adapter_params(name)
+    ad = layer.adapter(name)
+    lam, gam, s = ad.randlora_lambda, ad.randlora_gamma, ad.scaling
     bank = layer.bank
     return reference_delta(lam.detach(), gam.detach(), bank.A, bank.B, layer.out_features, layer.in_features, s)
 

@@ -233,7 +233,7 @@ def fill_adapter(model: nn.Module, seed: int = 5) -> None:
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, RandLoraLinear):
-                lam, gam = mod.adapter_params()[:2]
+                lam, gam = mod.adapter().randlora_lambda, mod.adapter().randlora_gamma
                 lam.copy_(torch.randn(lam.shape, generator=g))
                 gam.copy_(torch.randn(gam.shape, generator=g) / mod.m)
                 if mod.bias is not None and mod.bias.requires_grad:

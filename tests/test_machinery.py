@@ -140,7 +140,7 @@ def test_one_adapted_layer_compiles_without_graph_breaks(case, fresh_dynamo):
     if case != "no_grad":
         y.sum().backward()
         assert all(p.grad is not None for p in randlora.trainable_parameters(holder)
-                   if p is layer.adapter_params()[0] or p is layer.adapter_params()[1])
+                   if p is layer.adapter().randlora_lambda or p is layer.adapter().randlora_gamma)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _ref_and_scale(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 reference output, and the size of the terms summed into each output entry:
     ``|x|·(|W| + s·Σ|B_i||diag λ_i||A||diag γ_i|)ᵀ + |b|`` (what rounding errors are relative to)."""
     bank = layer.bank
-    lam, gam = (t.detach().double() for t in layer.adapter_params()[:2])
+    lam, gam = (t.detach().double() for t in (layer.adapter().randlora_lambda, layer.adapter().randlora_gamma))
     O, I, s = layer.out_features, layer.in_features, layer.scaling
     W = layer._w().detach().double()
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(O, dtype=torch.float64)

@@ -29,10 +29,10 @@ def reference_forward(base: nn.Module, adapted: nn.Module, name: str | None, x: 
     bank = randlora.walker.bank_of(adapted)
     with torch.no_grad():
         for path, layer in adapted_layers(adapted):
-            p = layer.adapter_params(name) if name is not None else None
-            if p is not None:
-                d = reference_delta(p[0].detach(), p[1].detach(), bank.A, bank.B, layer.out_features,
-                                    layer.in_features, p[2])
+            ad = layer.adapter(name) if name is not None else None
+            if ad is not None:
+                d = reference_delta(ad.randlora_lambda.detach(), ad.randlora_gamma.detach(), bank.A, bank.B,
+                                    layer.out_features, layer.in_features, ad.scaling)
                 mods[path].weight.add_(d)
     return ref(x.double())
 

@@ -352,7 +352,7 @@ def test_disabled_and_cached(kind: str) -> None:
         assert torch.equal(_logits(model, ids), adapted)
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
-    assert all(l._prebuilt(l.randlora_lambda, l.randlora_gamma, l.scaling, torch.float32, 1000, True) is None
+    assert all(l._prebuilt(l, torch.float32, 1000, True) is None
                for _, l in adapted_layers(model))
 
 

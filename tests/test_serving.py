@@ -166,7 +166,7 @@ def test_a_layer_without_the_adapter_leaves_its_rows_at_the_base():
     model = cached_model("dense")
     x = torch.randn(2, 12)
     layer = model.layers[1].q_proj  # "c" is not on it
-    assert layer.adapter_params("c") is None
+    assert layer.adapter("c") is None
     with torch.no_grad(), randlora.mixed(model, ["c", "b"]):
         y = layer(x)
     with torch.no_grad(), randlora.disabled(model):
@@ -186,10 +186,10 @@ def _grads(model):
     out = {}
     for path, layer in adapted_layers(model):
         for name in ("default", "b", "c"):
-            p = layer.adapter_params(name)
-            if p is not None:
-                out[(path, name, "lambda")] = None if p[0].grad is None else p[0].grad.clone()
-                out[(path, name, "gamma")] = None if p[1].grad is None else p[1].grad.clone()
+            ad = layer.adapter(name)
+            if ad is not None:
+                for w, p in (("lambda", ad.randlora_lambda), ("gamma", ad.randlora_gamma)):
+                    out[(path, name, w)] = None if p.grad is None else p.grad.clone()
     return out
 
 
