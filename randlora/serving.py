@@ -172,10 +172,18 @@ class Mixed:
             xg = self._rows_of(x, name)
             base = layer.apply_adapter(xg, None)
             parts.append(base + F.linear(xg.to(D.dtype), D).to(base.dtype))
-        inv, others = self._inverse(tuple(rest) + tuple(kept), x.device)
+        applied = tuple(rest) + tuple(kept)
+        inv, others = self._inverse(applied, x.device)
         if others is not None:
             parts.append(layer.apply_adapter(x.index_select(0, others), None))
-        return torch.cat([t.to(parts[0].dtype) for t in parts]).index_select(0, inv)
+        if len(parts) == 1:  # one group holds every row, in batch order
+            return parts[0]
+        if torch.is_grad_enabled():  # one autograd node puts the rows back in batch order
+            return torch.cat([t.to(parts[0].dtype) for t in parts]).index_select(0, inv)
+        out = parts[0].new_empty((len(self.names),) + tuple(parts[0].shape[1:]))
+        for t, idx in zip(parts, [self.rows(n, x.device) for n in applied] + [others]):
+            out.index_copy_(0, idx, t.to(out.dtype))  # each group's rows written once, in place
+        return out
 
     def _compute_dtype(self, layer, x: torch.Tensor, present: dict) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
