@@ -18,7 +18,7 @@ import randlora
 from randlora import Adapter, AdapterConfig, RandLoraLinear
 from randlora.paths import walk
 from randlora.walker import adapted_layers, bank_of, config_of, registry_of
-from models import TARGETS, Net
+from models import TARGETS, Net, randomize
 
 SUBSET = ["layers.0.q_proj", "layers.1.up_proj"]  # adapter "c" lives on these two layers only
 SPEC = {  # added in this order: "a" first, "b" with its own scale, init and dropout, "c" on two layers
@@ -28,17 +28,6 @@ SPEC = {  # added in this order: "a" first, "b" with its own scale, init and dro
 }
 
 
-def fill(model: nn.Module, name: str, seed: int) -> None:
-    """Random ``λ``, ``γ`` of adapter ``name`` (``ΔW`` full rank)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            ad = layer.adapter(name)
-            if ad is not None:
-                ad.randlora_lambda.copy_(torch.randn(ad.randlora_lambda.shape, generator=g))
-                ad.randlora_gamma.copy_(torch.randn(ad.randlora_gamma.shape, generator=g) / layer.m)
-
-
 def build(base: nn.Module, names, bias: str = "none") -> nn.Module:
     """A copy of ``base`` with the adapters ``names`` of :data:`SPEC`, in that order, each with its own values
     (the same values whichever other adapters the model has)."""
@@ -46,7 +35,7 @@ def build(base: nn.Module, names, bias: str = "none") -> nn.Module:
     for nm in names:
         spec = dict(SPEC[nm])
         randlora.inject(model, spec.pop("targets"), r=4, bias=bias, name=nm, **spec)
-        fill(model, nm, seed=ord(nm))
+        randomize(model, ord(nm), nm)
     return model.eval()
 
 
@@ -100,7 +89,7 @@ def test_state_dict_and_parameter_names_of_one_and_of_several_adapters():
         # a full-model state dict saved by torch loads, strictly, into the same model built again
         fresh = build(base, names)
         for nm in names:
-            fill(fresh, nm, seed=99)
+            randomize(fresh, 99, nm)
         fresh.load_state_dict(model.state_dict())
         x = torch.randn(3, 12)
         for nm in names:
@@ -157,7 +146,7 @@ def test_a_file_without_alpha_or_init_loads_as_it_was_written(tmp_path, drop):
     base = Net()
     model = copy.deepcopy(base)
     randlora.inject(model, TARGETS, r=4, alpha=640.0, init="peft")  # what such files were made with
-    fill(model, "default", 3)
+    randomize(model, 3, "default")
     path = randlora.save(model, tmp_path / "a.safetensors", save_projection=False)
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -251,7 +240,7 @@ def test_deleting_the_only_adapter_gives_back_the_original_model():
     originals = [(n, m) for n, m in model.named_modules()]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     randlora.inject(model, TARGETS, r=4, bias="all")
-    fill(model, "default", 1)
+    randomize(model, 1, "default")
     randlora.inject(model, ["q_proj"], r=4, bias="all", name="b")
     randlora.delete(model, "default")
     assert randlora.adapter_names(model) == ["b"]
