@@ -269,7 +269,17 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
 
 
 def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
-    """The checkpoint must carry intact bases (:func:`stored_bases`) or name this model's (fingerprint)."""
+    """The checkpoint must name this model's bases (fingerprint) or carry intact ones (:func:`stored_bases`).
+
+    When the fingerprint names exactly this model's bases, stored bases are compared with the bank itself, in
+    the bank's dtype: a bf16/fp16 model's state dict holds its rounded bases, which no float32 checksum names.
+    """
+    if FP in state and _has_bases(state) and not bank.fingerprint.differences(state[FP]):
+        if not (torch.equal(state["randlora_A"].to(bank.A), bank.A) and torch.equal(state["randlora_B"].to(bank.B),
+                                                                                    bank.B)):
+            raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
+                                  "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
+        return
     stored = stored_bases(state)
     if FP not in state:
         return

@@ -343,3 +343,25 @@ def test_file_without_init_setting_loads_as_peft_init(tmp_path):
     x = torch.randn(3, 12)
     assert torch.equal(plain(x), model(x)) and randlora.walker.config_of(plain).init == "peft"
     assert all(layer.init == "peft" for _, layer in adapted_layers(plain))
+
+
+@pytest.mark.parametrize("bases", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_state_dict_with_bases_loads_back(bases, dtype):
+    """A bf16/fp16 model's state dict carries its bank's rounded bases, which no float32 checksum names: they are
+    checked against the model's own bank instead, and a changed entry is still refused as corrupt."""
+    base = Net().to(dtype)
+    model = copy.deepcopy(base)
+    randlora.inject(model, TARGETS, r=4, bases=bases)
+    randomize(model, 2)
+    sd = randlora.state_dict(model, save_projection=True)
+    assert sd["randlora_A"].dtype == dtype
+    fresh = copy.deepcopy(base)
+    randlora.inject(fresh, TARGETS, r=4, bases=bases)
+    randlora.load_state_dict(fresh, sd)
+    x = torch.randn(3, 12, dtype=dtype)
+    assert torch.equal(model(x), fresh(x))
+    bad = dict(sd, randlora_A=sd["randlora_A"].clone())
+    bad["randlora_A"][0, 0] += 1
+    with pytest.raises(randlora.CheckpointError, match="corrupt"):
+        randlora.load_state_dict(fresh, bad)
