@@ -50,7 +50,7 @@ def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None,
 
     ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``s·ΔW`` (``M·nr·m``, zero when
     ``kept``) then ``T·O·I``; ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost.
-    The frozen layer itself costs ``T·O·I`` and runs once for the whole batch.
+    The frozen layer's own ``T·O·I`` is not counted (the weight route of a whole group folds it into its matmul).
     """
     c = forward_costs(T, O, I, nr, fused=False, kept=False)
     out = {"activation": float(c["activation"]),
@@ -282,8 +282,10 @@ class Mixed:
 def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0) -> Iterator[Mixed]:
     """Context manager: inside, batch row ``i`` runs through adapter ``names[i]`` (``None``: the base model).
 
-    Every adapted layer computes ``x Wᵀ + b`` once for the whole batch and adds, per group of rows sharing an
-    adapter, that adapter's ``s · dropout(x_g) ΔWᵀ``; a layer that lacks an adapter leaves its rows at the base.
+    Every adapted layer computes each group of rows sharing an adapter as a batch of its own through that
+    adapter (``x_g Wᵀ + b + s · dropout(x_g) ΔWᵀ``, planned like any call), and the rows of ``None`` through the
+    frozen layer; decode-sized no-grad calls run the frozen layer once for the whole batch plus one pass over the
+    bases for every group. A layer that lacks an adapter leaves its rows at the base.
     Rows are the inputs' first dimension (``(B, ..., I)``), so it works for a plain forward, for training
     (each row's gradient reaches its own adapter only) and under transformers' ``generate()`` with a KV cache.
     Each row's output equals that row run alone with its adapter active (:func:`randlora.use`).
