@@ -186,11 +186,12 @@ class Mixed:
         return out
 
     def _compute_dtype(self, layer, x: torch.Tensor, present: dict) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
+        """The dtype the layer's own forward computes the adapter term in (:meth:`RandLoraLinear._compute_dtype`)."""
         if layer.quantized:
-            return x.dtype if x.is_floating_point() else next(iter(present.values())).randlora_lambda.dtype
-        return layer.weight.dtype
+            base = x.dtype if x.is_floating_point() else next(iter(present.values())).randlora_lambda.dtype
+        else:
+            base = layer.weight.dtype
+        return layer._compute_dtype(x, base)[0]
 
     def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int) -> dict[str, torch.Tensor]:
         """The groups whose kept ``s·ΔW`` (``T_g·O·I``) beats the op's routes, with that ``s·ΔW``."""
