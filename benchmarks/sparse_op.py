@@ -109,7 +109,7 @@ def kernels(O, I, T, r, mode, reps, device="cpu"):
     ``spmm_weight`` / ``sampled_weight`` of ``device``'s row of ``randlora.planner.DEVICE_COSTS``."""
     d = setup(O, I, T, r, mode, device=device)
     idx = d["idx"]
-    _, s_a, b_val, _ = idx.operands(torch.float32)
+    _, s_a, b_val, *_ = idx.operands(torch.float32)
     nr = idx.r * idx.n
     x = torch.randn(T, idx.m, device=device)
     u = torch.randn(T, nr, device=device)

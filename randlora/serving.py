@@ -12,7 +12,7 @@ activation route ``T_g·nr·(O + I)``, or building ``W + s·ΔW_a`` (``M·nr·m`
 (ternary bases) the sparse route; rows without an adapter cost ``T·O·I``. A no-grad call with few tokens per
 group (decoding steps) instead runs the frozen layer once for the batch and every group in one pass over the
 bases with per-row ``s·λ`` and ``γ`` (the bases read once instead of once per group; see
-:meth:`Mixed._batched_pays`). With ``keep_bytes`` the block also keeps ``s·ΔW_a`` between no-grad calls and a
+:meth:`Mixed._batched_kind`). With ``keep_bytes`` the block also keeps ``s·ΔW_a`` between no-grad calls and a
 group's term then costs ``T_g·O·I``. See docs/serving.md.
 """
 
@@ -30,8 +30,9 @@ from torch import nn
 from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
 from .paths import canonical, on_root
-from .planner import forward_costs, sparse_costs
+from .planner import device_costs, forward_costs, sparse_costs
 from .recipes import sparsity
+from .sparse import grouped_terms
 from .walker import registry_of
 
 __all__ = ["mixed", "group_cost", "Mixed", "inside_mixed"]
@@ -48,11 +49,12 @@ def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None,
                device: str = "cpu") -> dict[str, float]:
     """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
 
-    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``s·ΔW`` (``M·nr·m``, zero when
-    ``kept``) then ``T·O·I``; ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost.
-    The frozen layer's own ``T·O·I`` is not counted (the weight route of a whole group folds it into its matmul).
+    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW`` (``M·nr·m``), whose
+    one matmul replaces the frozen one; with ``kept`` (``s·ΔW`` already built and kept) the separate product
+    ``T·O·I`` instead; ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost. The
+    frozen layer's own ``T·O·I`` is not counted.
     """
-    c = forward_costs(T, O, I, nr, fused=False, kept=False)
+    c = forward_costs(T, O, I, nr, fused=True, kept=False)
     out = {"activation": float(c["activation"]),
            "weight": float(T * O * I if kept else c["weight"])}
     if density is not None:
@@ -95,6 +97,7 @@ class Mixed:
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._gather: dict[tuple[tuple[str, ...], torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._gid: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._tok: dict[tuple[str, int, torch.device], torch.Tensor] = {}
         self._paths = paths
         self.keep_bytes = int(keep_bytes)
         self.kept_bytes = 0
@@ -151,7 +154,7 @@ class Mixed:
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         """The layer's output for the whole batch, each row through its own adapter (the layer's ``forward`` inside
         the block). Per call, one of two plans: decode-sized no-grad calls run the frozen layer once for the batch
-        plus one batched pass over the bases (:meth:`_batched_pays`); otherwise each group of rows goes through
+        plus one batched pass over the bases (:meth:`_batched_kind`); otherwise each group of rows goes through
         :meth:`RandLoraLinear.apply_adapter` on its own, planned like a separate batch of those rows (so the
         planner may build ``W + s·ΔW`` for a long group), and the other rows through the frozen layer."""
         self._check(layer, x)
@@ -165,8 +168,9 @@ class Mixed:
         rest = {name: ad for name, ad in present.items() if name not in kept}
         if not kept and len(rest) == 1 and len(self.groups[next(iter(rest))]) == len(self.names):
             return layer.apply_adapter(x, next(iter(rest.values())))  # one adapter on every row: a plain call
-        if rest and serving and self._batched_pays(layer, T, len(rest)):
-            return self._base_plus_terms(layer, x, kept, rest)
+        kind = self._batched_kind(layer, T, rest, x.device.type) if rest and serving else None
+        if kind is not None:
+            return self._base_plus_terms(layer, x, kept, rest, kind)
         parts = [layer.apply_adapter(self._rows_of(x, name), ad) for name, ad in rest.items()]
         for name, D in kept.items():
             xg = self._rows_of(x, name)
@@ -204,12 +208,13 @@ class Mixed:
                     out[name] = D
         return out
 
-    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict) -> torch.Tensor:
+    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict, kind: str) -> torch.Tensor:
         """The frozen layer once for the batch, the kept groups' ``x_g s·ΔWᵀ`` and one batched pass for ``rest``."""
         out = layer.apply_adapter(x, None)
         with torch.autocast(x.device.type, enabled=False):
             cd = self._compute_dtype(layer, x, rest)
-            out = out + self._batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
+            batched = self._sparse_batched if kind == "sparse" else self._batched
+            out = out + batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
             if not kept:
                 return out
             terms = [F.linear(self._rows_of(x, name).to(D.dtype), D).to(out.dtype) for name, D in kept.items()]
@@ -222,16 +227,41 @@ class Mixed:
         idx = self.rows(name, x.device)
         return x if idx is None else x.index_select(0, idx)
 
-    def _batched_pays(self, layer, T: int, G: int) -> bool:
-        """Whether one batched pass over every row (per-row ``λ``/``γ``) moves fewer values than ``G`` grouped op
-        calls: ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the bases read once) against
-        ``G·(2·n·r·m + M·n·r)`` (each call writes and reads its ``n·r × m`` scaled bases and reads the bases).
-        Ternary bases too (the pass reads their dense views; the grouped calls' sparse route has a per-call cost
-        the batched pass avoids, docs/serving.md). Only with the layer's ``path`` left at ``"auto"``."""
+    def _batched_kind(self, layer, T: int, rest: dict, dev: str) -> str | None:
+        """Whether one batched pass over every row (per-row ``λ``/``γ``) beats one op call per group, and which:
+        ``"sparse"`` (ternary bases, :func:`randlora.sparse.grouped_terms`) when each group's cheapest route on
+        its own ``T_g`` tokens is the sparse one (the pass then does the same multiply-adds, but the frozen
+        matmul and the ``B_flat`` product run once for all rows instead of once per group) and no group fills
+        the device's token block of the sparse route (:data:`randlora.planner.DEVICE_COSTS`; a group that does
+        runs the op's blocked route on its own as well, while the pass takes all tokens at once); else ``"dense"``
+        (through the bases' dense views) when it moves fewer values, ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the
+        bases read once) against ``G·(2·n·r·m + M·n·r)`` (each of the ``G`` calls writes and reads its
+        ``n·r × m`` scaled bases and reads the bases); else None. Only with the layer's ``path`` at ``"auto"``."""
         if layer.path != "auto":
-            return False
+            return None
         n, r, m, M = layer.n, layer.r, layer.m, layer.M
-        return 2 * T * n * m + M * n * r < G * (2 * n * r * m + M * n * r)
+        if self._density is not None:
+            O, I, t = layer.out_features, layer.in_features, T // len(self.names)
+            Tg = [len(self.groups[nm]) * t for nm in rest]
+            costs = [group_cost(T_g, O, I, n * r, density=self._density, device=dev) for T_g in Tg]
+            if all(min(c, key=c.get) == "sparse" for c in costs) and max(Tg) < (self._block(dev) or T + 1):
+                return "sparse"
+        return "dense" if 2 * T * n * m + M * n * r < len(rest) * (2 * n * r * m + M * n * r) else None
+
+    @staticmethod
+    def _block(dev: str) -> int | None:
+        """The sparse route's token block on ``dev`` now (:data:`randlora.planner.DEVICE_COSTS`; None: none)."""
+        dc = device_costs(dev)
+        return dc.token_block if dev != "cpu" or torch.get_num_threads() == 1 else dc.token_block_threaded
+
+    def _tokens(self, name: str, t: int, device: torch.device) -> torch.Tensor:
+        """The token positions (rows of the ``(B·t, I)`` input) of adapter ``name``'s rows."""
+        key = (name, t, device)
+        tok = self._tok.get(key)
+        if tok is None:
+            rows = torch.tensor(self.groups[name], dtype=torch.long, device=device)
+            tok = self._tok[key] = (rows[:, None] * t + torch.arange(t, device=device)).reshape(-1)
+        return tok
 
     def _batched(self, layer, x: torch.Tensor, rest: list) -> torch.Tensor:
         """Every adapter of ``rest`` in one pass over the bases, each row with its own ``s·λ`` and ``γ`` (zeros
@@ -262,6 +292,15 @@ class Mixed:
             z = torch.matmul(xf, Bf).reshape(rows, t, r, n) * lr[:, None]
             y = (torch.matmul(z.transpose(-1, -2), A) * gr[:, None]).sum(-2)  # (B, t, n, m) -> (B, t, O)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _sparse_batched(self, layer, x: torch.Tensor, rest: list) -> torch.Tensor:
+        """Every adapter of ``rest`` in one pass over ternary bases' non-zeros (:func:`randlora.sparse.grouped_terms`:
+        the ``B_flat`` product once for all rows, the ``S`` product per adapter on its rows' tokens)."""
+        xf = x.reshape(-1, x.shape[-1])
+        t = xf.shape[0] // len(self.names)
+        groups = [(ad.randlora_lambda, ad.randlora_gamma, ad.scaling, self._tokens(nm, t, x.device)) for nm, ad in rest]
+        idx = layer.bank.sparse_index(layer.out_features, layer.in_features)
+        return grouped_terms(xf, idx, layer.out_features, groups, self._block(x.device.type)).reshape(*x.shape[:-1], -1)
 
     def _inverse(self, applied: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The gather index that maps the groups ``applied`` (concatenated, then the other rows in batch order) to

@@ -43,6 +43,7 @@ __all__ = [
     "SparseCache",
     "build_index",
     "sparse_randlora_linear",
+    "grouped_terms",
     "SparseRandLoraFunction",
     "sparse_costs",
     "sparse_pays",
@@ -132,6 +133,8 @@ class SparseIndex:
             self.t_src = self.s_row[tperm].contiguous()  # row of S (= index into the (n·r, T) operand)
             self.t_offs = _offsets(self.s_cols[tperm], m)
             self.b_offs, self.b_idx, self.b_val = _csr_parts(B)
+            self.a_offs, self.a_idx, self.a_val = _csr_parts(A)
+            self.at_offs, self.at_idx, self.at_val = _csr_parts(A.t())
             self.bt_offs, self.bt_idx, self.bt_val = _csr_parts(B.t())
             self.nnz_A = int(nnzA)
             self.nnz_B = int(self.b_idx.numel())
@@ -146,10 +149,11 @@ class SparseIndex:
         return out_features(I, self.m, self.M)
 
     def operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``(vals, s_a, b_val, bt_val)`` in ``dtype`` (memoised)."""
+        """``(vals, s_a, b_val, bt_val, a_val, at_val)`` in ``dtype`` (memoised)."""
         got = self._cast.get(dtype)
         if got is None:
-            got = self._cast[dtype] = tuple(t.to(dtype) for t in (self.vals, self.s_a, self.b_val, self.bt_val))
+            got = self._cast[dtype] = tuple(t.to(dtype) for t in (self.vals, self.s_a, self.b_val, self.bt_val,
+                                                                  self.a_val, self.at_val))
         return got
 
     def __repr__(self) -> str:
@@ -295,7 +299,7 @@ def _grad_x(gy: torch.Tensor, W: torch.Tensor | None, dxb: torch.Tensor, cd: tor
 
 def _backward_widening(idx, gy, x, W, w, s, c, wd, need_x, need_S):
     """``O >= I``: ``gy → B_flatᵀ`` (kept for ``∂S``) ``→ Sᵀ`` (``∂x``). Returns ``(∂x, ∂S)``."""
-    _, _, _, bt_val = idx.operands(wd)
+    _, _, _, bt_val, *_ = idx.operands(wd)
     BT = (idx.bt_offs, idx.bt_idx, bt_val)
     gyb = _to_blocks(gy, c, wd)
     if need_x:
@@ -310,7 +314,7 @@ def _backward_widening(idx, gy, x, W, w, s, c, wd, need_x, need_S):
 
 def _backward_narrowing(idx, gy, x, W, w, s, c, wd, need_x, need_S):
     """``O < I``: ``gy → S → B_flat`` (``∂x``); ``x B_flat`` recomputed for ``∂S``. Returns ``(∂x, ∂S)``."""
-    _, _, b_val, bt_val = idx.operands(wd)
+    _, _, b_val, bt_val, *_ = idx.operands(wd)
     gx = dS = None
     if need_x:
         dxb, _ = _chain(_to_blocks(gy, c, wd), [_S(idx, w), (idx.b_offs, idx.b_idx, b_val * s)])
@@ -332,7 +336,7 @@ class _SparseOp(torch.autograd.Function):
         O = W.shape[0] if W is not None else idx.out_features(I)
         _check(idx, lam, gam, O, I)
         wd = _work_dtype(idx, cd)
-        _, s_a, b_val, bt_val = idx.operands(wd)
+        _, s_a, b_val, bt_val, *_ = idx.operands(wd)
         w = _s_weights(lam, gam, idx, s_a, wd)
         xb = _to_blocks(x, route.block or max(T, 1), wd)
         # s is folded into the weights of the last sparse product (a few thousand numbers, not T × O)
@@ -362,7 +366,7 @@ class _SparseOp(torch.autograd.Function):
         need_x, need_S = need[0], need[3] or need[4]
         T, I = x.shape
         wd = _work_dtype(idx, x.dtype)
-        vals, s_a, _, _ = idx.operands(wd)
+        vals, s_a, *_ = idx.operands(wd)
         c = ctx.route.block or max(T, 1)
         gx = dlam = dgam = None
         if need_x or need_S:
@@ -373,6 +377,74 @@ class _SparseOp(torch.autograd.Function):
                 dlam, dgam = reduce_grads(dS, lam, gam, vals, s, need[3], need[4], cols=idx.cols)
         gW, gb = grad_epilogue(gy, x, W, need)
         return gx, gW, gb, dlam, dgam, None, None, None
+
+
+def _scaled_side(idx: SparseIndex, T_g: int) -> bool:
+    """Whether one group's ``S`` product of :func:`grouped_terms` goes through ``A`` with ``γ`` and ``λ`` scaling
+    the activations (writes and reads an ``n × m × T_g`` temporary; ``A``'s non-zeros read per token and basis)
+    rather than building the adapter's ``S`` (three gathers of its ``n·nnz(A)`` values, counted twice each as
+    random reads, and their write; then ``S``'s non-zeros read per token): the one that touches fewer values."""
+    nnz_s = idx.n * idx.nnz_A
+    return 2 * idx.n * idx.m * T_g + nnz_s * T_g < 7 * nnz_s + nnz_s * T_g
+
+
+def _group_term(idx: SparseIndex, z: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, s: float,
+                widening: bool, ops: tuple) -> torch.Tensor:
+    """One adapter's ``S`` (``widening``: ``z`` is its tokens of ``xᵀ``, returns ``(n·r, T_g)``) or ``Sᵀ`` product
+    (``z`` its tokens of ``(x B_flat)ᵀ``, returns ``(m, T_g)``), in ``z``'s dtype."""
+    r, n, m, T_g, wd = idx.r, idx.n, idx.m, z.shape[1], z.dtype
+    s_a, a_val, at_val = ops
+    if not _scaled_side(idx, T_g):
+        w = _s_weights(lam, gam, idx, s_a, wd) * s
+        return _spmm(*(_S(idx, w) if widening else _ST(idx, w)), z)
+    lam_s, gam_t = (lam.to(wd) * s)[:, :, None], gam.to(wd).t()[:, :, None]  # (r, n, 1), (m, n, 1)
+    if widening:  # row k·n + i of token t: s·λ[k, i] Σ_j A[k, j] γ[i, j] x[j, t]
+        u = (gam_t * z[:, None, :]).reshape(m, -1)  # (m, n·T_g)
+        return (_spmm(idx.a_offs, idx.a_idx, a_val, u).view(r, n, T_g) * lam_s).view(r * n, T_g)
+    v = (z.view(r, n, T_g) * lam_s).reshape(r, -1)  # column j of token t: Σ_i γ[i, j] Σ_k A[k, j] s·λ[k, i] z[k·n + i, t]
+    return (_spmm(idx.at_offs, idx.at_idx, at_val, v).view(m, n, T_g) * gam_t).sum(1)
+
+
+def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block: int | None = None) -> torch.Tensor:
+    """``Σ_g s_g · x_g ΔW_gᵀ`` for several adapters at once, each on its own tokens, through the bases' non-zeros
+    (no autograd: the serving pass of :func:`randlora.mixed`).
+
+    The tokens of every group are taken group after group, in windows of ``block`` tokens (the op's token block,
+    so that a window's products stay in cache; None: one window); per window the ``B_flat`` product, the same for
+    every adapter, runs once, and only the product with ``S`` (``λ``, ``A``, ``γ``) runs per group on its part of
+    the window (:func:`_group_term`; for few tokens ``γ`` and ``λ`` scale the activations around a product with
+    ``A`` instead of building the adapter's ``S``). Tokens of no group get 0.
+
+    Args:
+        x: ``(T, I)`` in the compute dtype.
+        idx: ``bank.sparse_index(O, I)``.
+        O: the layer's output width.
+        groups: ``(λ, γ, s, tokens)`` per adapter, ``tokens`` a long tensor of distinct token positions (rows of
+            ``x``), disjoint between groups.
+        block: tokens per window (None: all at once).
+
+    Returns:
+        ``(T, O)`` in ``x``'s dtype.
+    """
+    T, I = x.shape
+    cd, wd = x.dtype, _work_dtype(idx, x.dtype)
+    _, s_a, b_val, bt_val, a_val, at_val = idx.operands(wd)
+    every = torch.cat([g[3] for g in groups])
+    ends = torch.tensor([g[3].numel() for g in groups]).cumsum(0).tolist()
+    spans = list(zip([0] + ends[:-1], ends))
+    y = x.new_zeros(T, O)
+    c = block or every.numel()
+    for w0 in range(0, every.numel(), c):
+        w1 = min(w0 + c, every.numel())
+        xa = x.index_select(0, every[w0:w1]).t().to(wd).contiguous()  # token-major (I, window)
+        z = xa if O >= I else _spmm(idx.bt_offs, idx.bt_idx, bt_val, xa)  # (I, ·), or x B_flat: (n·r, ·)
+        ya = torch.cat([_group_term(idx, z[:, max(a, w0) - w0:min(b, w1) - w0].contiguous(), lam, gam, s, O >= I,
+                                    (s_a, a_val, at_val))
+                        for (lam, gam, s, _), (a, b) in zip(groups, spans) if a < w1 and b > w0], dim=1)
+        if O >= I:
+            ya = _spmm(idx.b_offs, idx.b_idx, b_val, ya)
+        y.index_copy_(0, every[w0:w1], ya.t().to(cd))
+    return y
 
 
 def _check(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, O: int, I: int) -> None:

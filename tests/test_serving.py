@@ -81,32 +81,57 @@ def assert_untouched(a, b):
 # ------------------------------------------------------------------------------------------------
 # equality with the rows run alone
 # ------------------------------------------------------------------------------------------------
-ROUTES = ["auto", "batched", "grouped"]
+ROUTES = ["auto", "dense", "sparse", "grouped"]  # the no-grad plans: batched (dense views or non-zeros), grouped
 
 
-def forced(route: str):
+def forced(route: str, bases: str):
     """Force the no-grad choice between one batched pass (per-row λ/γ) and one op call per group."""
     if route == "auto":
         return contextlib.nullcontext()
-    return mock.patch.object(Mixed, "_batched_pays", lambda self, layer, T, G: route == "batched")
+    kind = None if route == "grouped" else "dense" if bases == "dense" else route
+    return mock.patch.object(Mixed, "_batched_kind", lambda self, layer, T, rest, dev: kind)
+
+
+def spied(seen: list):
+    """``Mixed._batched_kind`` recording each call's answer in ``seen``."""
+    real = Mixed._batched_kind
+
+    def spy(self, layer, T, rest, dev):
+        seen.append(real(self, layer, T, rest, dev))
+        return seen[-1]
+
+    return mock.patch.object(Mixed, "_batched_kind", spy)
 
 
 def test_both_no_grad_routes_are_taken_by_the_cost_rule():
-    model = cached_model("dense")
-    seen = []
-    real = Mixed._batched_pays
-
-    def spy(self, layer, T, G):
-        seen.append(real(self, layer, T, G))
-        return seen[-1]
-
-    with torch.no_grad(), mock.patch.object(Mixed, "_batched_pays", spy):
+    model, seen = cached_model("dense"), []
+    with torch.no_grad(), spied(seen):
         for B, seq in ((4, 1), (2, 40)):  # few tokens over several groups: batched; many tokens, two groups: not
             names = ["default", "b", "c", None][:B] if B == 4 else ["default", "b"]
             with randlora.mixed(model, names):
                 model(torch.randn(B, seq, 12))
-            assert seen and all(seen) == (B == 4) and any(seen) == (B == 4), seen
+            assert seen and set(seen) == ({"dense"} if B == 4 else {None}), seen
             seen.clear()
+
+
+def test_sparse_batched_pass_is_taken_by_its_cost_rule():
+    """Ternary bases wide enough for their non-zeros to pay (density 1/16 at width 256): decode-sized calls
+    share the B_flat product across groups; long calls of two groups, where each group's own plan builds
+    W + s·ΔW, keep the grouped calls; on the 12-wide net (density 0.29) the non-zeros never pay."""
+    torch.manual_seed(0)
+    wide = Net(d=256, h=320, n_layers=1)
+    for name in ("default", "b"):
+        randlora.inject(wide, TARGETS, r=8, bases="very_sparse", name=name)
+    seen = []
+    with torch.no_grad(), spied(seen):
+        for B, seq, want in ((4, 1, {"sparse"}), (2, 600, {None})):
+            with randlora.mixed(wide, ["default", "b", None, "b"][:B]):
+                wide(torch.randn(B, seq, 256))
+            assert set(seen) == want, (B, seq, seen)
+            seen.clear()
+        with randlora.mixed(cached_model("very_sparse"), ["default", "b", "c", None]):
+            cached_model("very_sparse")(torch.randn(4, 1, 12))
+        assert set(seen) == {"dense"}, seen
 
 
 def test_adapters_differ_so_equality_means_something():
@@ -127,7 +152,7 @@ def test_each_row_equals_the_row_run_alone(bases, names, seq, seed, keep, route)
     model = cached_model(bases, torch.float64)
     x = torch.randn(len(names), seq, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     before = untouched(model)
-    with torch.no_grad(), forced(route):
+    with torch.no_grad(), forced(route, bases):
         with randlora.mixed(model, names, keep_bytes=keep) as state:
             y = model(x)
             y2 = model(x)  # a second call (the kept s·ΔW is reused)

@@ -8,15 +8,17 @@ import dataclasses
 import io
 import math
 import pickle
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import randlora
 from randlora import ops, planner
+from randlora import sparse as sparse_mod
 from randlora.bank import BasisBank
 from randlora.errors import ConfigError
 from randlora.recipes import BankShape
@@ -24,6 +26,7 @@ from randlora.sparse import (
     SparseCache,
     SparseIndex,
     build_index,
+    grouped_terms,
     padded_width,
     sparse_costs,
     sparse_pays,
@@ -220,6 +223,35 @@ def test_non_contiguous_input_and_gradient(monkeypatch, O, I):
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for a, e in zip((x, W, b, lam, gam), refs):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-11, atol=1e-11)
+
+
+@settings(max_examples=40, deadline=None)
+@given(O=st.integers(1, 40), I=st.integers(1, 40), r=st.integers(1, 12), T=st.integers(1, 20),
+       G=st.integers(1, 4), density=st.sampled_from([0.05, 0.2, 1.0]), seed=st.integers(0, 2**16),
+       side=st.sampled_from([None, True, False]), block=st.sampled_from([None, 1, 3, 7]), data=st.data())
+def test_grouped_terms_equal_each_adapter_on_its_tokens(O, I, r, T, G, density, seed, side, block, data):
+    """The serving pass: several adapters at once, each on its own tokens (others 0), equal to the float64
+    reference ``x_g ΔW_gᵀ`` per group, whichever way each group's S product goes (``side``: forced, or the
+    rule's choice) and in windows of any ``block`` of tokens (a window may cut through groups)."""
+    A, B, A_bank, B_bank = ternary_views(O, I, r, density, seed=seed)
+    idx = build_index(A, B, r)
+    x = leaves(O, I, r, T, seed=seed)[0].detach()
+    owner = data.draw(st.lists(st.integers(-1, G - 1), min_size=T, max_size=T))  # -1: no adapter
+    groups, want = [], torch.zeros(T, O, dtype=torch.float64)
+    for g in range(G):
+        _, _, _, lam, gam = leaves(O, I, r, 1, seed=seed + 7 * g + 1)
+        lam, gam, s = lam.detach(), gam.detach(), 0.5 + g
+        tok = torch.tensor([t for t in range(T) if owner[t] == g], dtype=torch.long)
+        if tok.numel() == 0:
+            continue
+        groups.append((lam, gam, s, tok[torch.randperm(tok.numel())]))  # any order within a group
+        D = reference_delta(lam, gam, A_bank, B_bank, O, I, s)
+        want[tok] = x[tok] @ D.t()
+    assume(groups)  # (a mixed block calls it with at least one adapter)
+    with mock.patch.object(sparse_mod, "_scaled_side", (lambda i, t: side) if side is not None else sparse_mod._scaled_side):
+        y = grouped_terms(x, idx, O, groups, block)
+    assert y.shape == (T, O) and y.dtype == x.dtype
+    torch.testing.assert_close(y, want, rtol=1e-11, atol=1e-11)
 
 
 def test_all_zero_bases_give_the_frozen_layer():
