@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import math
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import have, machine, markdown_table, median, peak_rss_mb, write_json  # noqa: E402
+from _common import have, machine, markdown_table, median, peak_rss_mb, timed, write_json  # noqa: E402
 
 import randlora  # noqa: E402
 from randlora.walker import adapted_layers, bank_of  # noqa: E402
@@ -236,6 +237,37 @@ def fmt(v):
     return "–" if v is None else f"{v:.1f}"
 
 
+def group_terms_bench(reps, tokens=(1, 2, 4, 8, 16, 32, 64)):
+    """Per-group cost of the ternary bases' batched pass (``randlora.sparse._group_term``), both ways: ``γ``/``λ``
+    scaling the activations around ``A`` (``scaled``) against building the adapter's ``S`` (``S``), at the
+    Llama's and MiniLM's layer shapes (``very_sparse``, r = 32), for groups of ``T_g`` tokens; µs, median."""
+    from unittest import mock
+
+    from randlora import sparse
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for O, I in ((2816, 1024), (1024, 2816), (1536, 384), (384, 384)):
+        m, M, r = min(O, I), max(O, I), 32
+        n, d = -(-m // r), 1 / math.sqrt(m)
+        A, B = (torch.where(torch.rand(*s, generator=g) < d, torch.randint(0, 2, s, generator=g) * 2.0 - 1, 0.0)
+                for s in ((r, m), (M, n * r)))
+        idx = sparse.build_index(A, B, r)
+        lam, gam = torch.randn(r, n, generator=g), torch.randn(n, m, generator=g)
+        _, s_a, _, _, a_val, at_val = idx.operands(torch.float32)
+        for T_g in tokens:
+            z = torch.randn(m if O >= I else n * r, T_g, generator=g)
+            t = {}
+            for side in (True, False):
+                with mock.patch.object(sparse, "_scaled_side", lambda i, tg, _s=side: _s):
+                    f = lambda: sparse._group_term(idx, z, lam, gam, 0.5, O >= I, (s_a, a_val, at_val))  # noqa: E731
+                    f()
+                    t[side] = 1e6 * median([timed(f) for _ in range(reps)])
+            rows.append([f"{O}×{I}", T_g, f"{t[True]:.0f}", f"{t[False]:.0f}",
+                         "scaled" if sparse._scaled_side(idx, T_g) else "S"])
+    print(markdown_table(["layer (O×I)", "T_g", "scaled µs", "S µs", "rule takes"], rows))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny Llama, dense, B=8, K=1,4: a smoke run")
@@ -252,8 +284,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--load-only", action="store_true", help="only the loading row (100 adapters into the model)")
+    ap.add_argument("--group-terms", action="store_true",
+                    help="only the per-group cost of the ternary bases' batched pass, both ways (µs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.group_terms:
+        return group_terms_bench(max(args.reps, 20))
     size = LLAMA
     if args.quick:
         size, args.models, args.bases, args.batch, args.K = TINY, ["llama"], ["dense"], [8], [1, 4]

@@ -381,11 +381,11 @@ class _SparseOp(torch.autograd.Function):
 
 def _scaled_side(idx: SparseIndex, T_g: int) -> bool:
     """Whether one group's ``S`` product of :func:`grouped_terms` goes through ``A`` with ``γ`` and ``λ`` scaling
-    the activations (writes and reads an ``n × m × T_g`` temporary; ``A``'s non-zeros read per token and basis)
-    rather than building the adapter's ``S`` (three gathers of its ``n·nnz(A)`` values, counted twice each as
-    random reads, and their write; then ``S``'s non-zeros read per token): the one that touches fewer values."""
-    nnz_s = idx.n * idx.nnz_A
-    return 2 * idx.n * idx.m * T_g + nnz_s * T_g < 7 * nnz_s + nnz_s * T_g
+    the activations (an ``n × m × T_g`` temporary, growing with ``T_g``) rather than through the adapter's own
+    ``S`` (built from three gathers of its ``n·nnz(A)`` values: about constant in ``T_g``, as its rows are
+    short): when ``2·m·T_g < 3·nnz(A)``, i.e. single-token groups at ``very_sparse`` density (measured with
+    ``python benchmarks/serving.py --group-terms``, docs/serving.md)."""
+    return 2 * idx.m * T_g < 3 * idx.nnz_A
 
 
 def _group_term(idx: SparseIndex, z: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, s: float,
