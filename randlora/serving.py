@@ -213,6 +213,8 @@ class Mixed:
         out = layer.apply_adapter(x, None)
         with torch.autocast(x.device.type, enabled=False):
             cd = self._compute_dtype(layer, x, rest)
+            if kind == "dense" and self._density is not None and x.device.type == "cpu" and cd.itemsize < 4:
+                cd = torch.float32  # ternary bases: sum in float32 on the CPU, as their sparse route does
             batched = self._sparse_batched if kind == "sparse" else self._batched
             out = out + batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
             if not kept:
