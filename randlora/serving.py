@@ -11,9 +11,10 @@ group costs what a separate batch of its rows costs, as the planner routes it: t
 activation route ``T_g·nr·(O + I)``, or building ``W + s·ΔW_a`` (``M·nr·m``) and one matmul ``T_g·O·I``, or
 (ternary bases) the sparse route; rows without an adapter cost ``T·O·I``. A no-grad call with few tokens per
 group (decoding steps) instead runs the frozen layer once for the batch and every group in one pass over the
-bases with per-row ``s·λ`` and ``γ`` (the bases read once instead of once per group; see
-:meth:`Mixed._batched_kind`). With ``keep_bytes`` the block also keeps ``s·ΔW_a`` between no-grad calls and a
-group's term then costs ``T_g·O·I``. See docs/serving.md.
+bases with per-row ``s·λ`` and ``γ`` (the bases read once instead of once per group; ternary bases through
+their non-zeros, :func:`randlora.sparse.grouped_terms`; see :meth:`Mixed._batched_kind`). With ``keep_bytes``
+the block also keeps ``s·ΔW_a`` between no-grad calls and a group's term then costs ``T_g·O·I``. See
+docs/serving.md.
 """
 
 from __future__ import annotations
