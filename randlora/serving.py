@@ -320,6 +320,22 @@ class Mixed:
         return hit
 
 
+def _after_block(layer, path: str, x: torch.Tensor) -> torch.Tensor:
+    """An adapted layer's ``forward`` from the end of a ``mixed`` block to its next call. A call from inside a
+    backward pass is activation checkpointing re-running, outside the block, a forward that ran inside it
+    (reentrant checkpointing runs that forward without gradients, so any call of the block may be one): every
+    row would take the active adapter and the gradients would be wrong, so it is refused. Any other call is a
+    new forward: the layer gets its own ``forward`` back."""
+    if getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
+        raise StateError(
+            f"the adapted layer {path!r} is being re-run during backward after a randlora.mixed(...) block ended: "
+            "activation checkpointing recomputes the forward in backward, and a forward that ran inside the block "
+            "must be recomputed inside it (outside, every row would take the active adapter: wrong gradients). "
+            "Call loss.backward() inside the `with randlora.mixed(...)` block")
+    layer.__dict__.pop("forward", None)
+    return layer.forward(x)
+
+
 @contextlib.contextmanager
 @on_root
 def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0) -> Iterator[Mixed]:
@@ -384,8 +400,8 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
             l.forward = functools.partial(state.forward, l)
         yield state
     finally:
-        for _, l in layers:
-            l.__dict__.pop("forward", None)
+        for p, l in layers:  # until its next call, a layer refuses to be re-run by backward (checkpointing)
+            l.forward = functools.partial(_after_block, l, p)
         if bank is not None:
             _ACTIVE.discard(bank)
         state._kept.clear()

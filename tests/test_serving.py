@@ -14,8 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import randlora
+from randlora.errors import StateError
 from randlora.serving import Mixed
 from randlora.walker import adapted_layers
 from models import TARGETS, Net
@@ -281,6 +283,41 @@ def test_training_gradients_reach_each_rows_own_adapter_only(names):
             torch.testing.assert_close(got[key], want[key], **TOL64)
         else:  # an adapter with no row in the batch gets no gradient
             assert got[key] is None and want[key] is None, key
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-foreach"])
+def test_activation_checkpointing_inside_the_block_and_refused_outside(reentrant, optimizer):
+    """Checkpointed forward with backward inside the block: the gradients and one optimiser step equal the
+    uncheckpointed block's. Backward after the block would recompute every row with the active adapter: it is
+    refused, naming the fix; the next (plain, checkpointed) training step works as usual."""
+    names = ["b", "default", None, "c", "b"]
+    x = torch.randn(len(names), 3, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def step(ckpt: bool):
+        model = served().double().train()
+        params = randlora.trainable_parameters(model)
+        opt = (torch.optim.SGD(params, lr=0.1) if optimizer == "sgd"
+               else torch.optim.AdamW(params, lr=1e-2, foreach=True))
+        xi = x.clone().requires_grad_(reentrant)
+        with randlora.mixed(model, names):
+            y = checkpoint(model, xi, use_reentrant=reentrant) if ckpt else model(xi)
+            (y ** 2).sum().backward()
+        opt.step()
+        return model, {k: v.detach().clone() for k, v in model.state_dict().items() if "randlora_" in k}
+
+    _, want = step(False)
+    model, got = step(True)
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], **TOL64)
+    with randlora.mixed(model, names):
+        y = checkpoint(model, x.clone().requires_grad_(reentrant), use_reentrant=reentrant)
+    with pytest.raises(StateError, match=r"re-run during backward after a randlora.mixed.*inside the"):
+        (y ** 2).sum().backward()
+    model.zero_grad()
+    checkpoint(model, x.clone().requires_grad_(reentrant), use_reentrant=reentrant).sum().backward()
+    assert all(p.grad is not None for p in randlora.trainable_parameters(model)[:2])
 
 
 def test_training_with_dropout_keeps_gradients_per_adapter():
