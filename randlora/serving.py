@@ -247,7 +247,7 @@ class Mixed:
             O, I, t = layer.out_features, layer.in_features, T // len(self.names)
             Tg = [len(self.groups[nm]) * t for nm in rest]
             costs = [group_cost(T_g, O, I, n * r, density=self._density, device=dev) for T_g in Tg]
-            if all(min(c, key=c.get) == "sparse" for c in costs) and max(Tg) < (self._block(dev) or T + 1):
+            if all(c["sparse"] <= min(c.values()) for c in costs) and max(Tg) < (self._block(dev) or T + 1):
                 return "sparse"
         return "dense" if 2 * T * n * m + M * n * r < len(rest) * (2 * n * r * m + M * n * r) else None
 
