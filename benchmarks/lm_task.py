@@ -5,7 +5,7 @@ next-token prediction with a decoder, the setting most adapters are used in, sma
 
 Model: ``transformers.LlamaForCausalLM`` over bytes (ids 0-255, then BOS 256, EOS 257, PAD 258, one spare;
 vocabulary 260), hidden 128, 4 layers, 4 heads, MLP 352, trained on windows of ``SEQ`` = 128 bytes; about
-0.9 M parameters, shipped in ``benchmarks/data/tiny_lm/`` (``config.json``, ``model.safetensors``,
+0.9 M parameters, shipped in ``benchmarks/tiny_lm/`` (``config.json``, ``model.safetensors``,
 ``pretrain.json``).
 
 Corpora, both read from the running CPython (3.11 here; another version gives other texts, so other
@@ -19,7 +19,7 @@ numbers), one EOS after each document:
 
 Commands:
 
-    python benchmarks/lm_task.py pretrain          # about 10 min on one thread; writes benchmarks/data/tiny_lm/
+    python benchmarks/lm_task.py pretrain          # about 10 min on one thread; writes benchmarks/tiny_lm/
     python benchmarks/lm_task.py study             # 3 seeds at lr 3e-3, 1e-3; full FT at 3e-4, 1e-4; frozen
     python benchmarks/lm_task.py study --quick     # smoke run (< 40 s), used by tests/test_lm_task.py
 
@@ -27,7 +27,9 @@ The study adapts the shipped model to B's training files with: peft LoRA on ever
 blocks (q, k, v, o, gate, up, down) at per-target ranks whose trainable count is closest to RandLora's;
 RandLora ``randlora.inject(model, "all-linear", r=32, seed=seed)`` (the library's defaults otherwise: init
 "sqrt", alpha = r, dense bases; r = 32 is full rank on the 128-wide layers: n = 4 bases); full fine-tuning
-at its own rates (``--full-lrs``); and the frozen model. AdamW (no weight decay), linear warmup (10 % of the
+at its own rates (``--full-lrs``); RandLora again with AdamW weight decay 3 on λ/γ (``randlora-wd3``, the
+setting docs/usage.md recommends); and the frozen model. AdamW (no weight decay unless the row says so), linear
+warmup (10 % of the
 steps) then linear decay, the same batches for every method on a given seed. Metric: perplexity per byte
 of B's held-out files (lower is better), mean ± std over seeds, and RandLora minus LoRA in log-perplexity
 (= mean NLL per byte, in nats) paired by seed. Every run is cached as JSON in ``--out``/lm_runs, keyed by
@@ -61,7 +63,7 @@ from _common import OUT_DIR, machine, markdown_table, median, write_json  # noqa
 import randlora  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODEL_DIR = HERE / "data" / "tiny_lm"
+MODEL_DIR = HERE / "tiny_lm"
 BOS, EOS, PAD, VOCAB = 256, 257, 258, 260
 SEQ = 128  # bytes per training / evaluation window (the model's positions go to 256)
 MODEL_SIZES = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
@@ -152,9 +154,9 @@ def schedule(step: int, steps: int, warmup: int) -> float:
 
 
 def train_loop(model: nn.Module, params: list, stream: torch.Tensor, starts: torch.Tensor, lr: float,
-               warmup: int) -> list[float]:
-    """AdamW (no weight decay) over the given batches with :func:`schedule`; returns the losses."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+               warmup: int, weight_decay: float = 0.0) -> list[float]:
+    """AdamW (weight decay 0 unless given) over the given batches with :func:`schedule`; returns the losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()  # the Llama config has no dropout: train and eval compute the same function
     losses, steps = [], len(starts)
     for step in range(steps):
@@ -217,8 +219,10 @@ def pretrain(args) -> int:
 # the study: LoRA against RandLora at equal trainable count, frozen, full fine-tuning
 # ------------------------------------------------------------------------------------------------
 LABELS = {"frozen": "frozen (no training)", "lora": "LoRA (peft, equal count)",
-          "randlora": "RandLora (defaults)", "full": "full fine-tuning"}
-ORDER = ("lora", "randlora", "full", "frozen")
+          "randlora": "RandLora (defaults)", "randlora-wd3": "RandLora, AdamW weight decay 3 on λ/γ",
+          "full": "full fine-tuning"}
+ORDER = ("lora", "randlora", "randlora-wd3", "full", "frozen")
+WEIGHT_DECAY = {"randlora-wd3": 3.0}  # AdamW's decoupled weight decay per method (0 otherwise)
 
 
 def run_key(spec: dict) -> str:
@@ -268,9 +272,10 @@ def build(spec: dict, ctx: Context) -> tuple[nn.Module, list, str]:
         return model, list(model.parameters()), "every weight trains"
     if method == "frozen":
         return model, [], "no training"
-    if method == "randlora":
+    if method.startswith("randlora"):
         randlora.inject(model, "all-linear", r=spec["r"], seed=seed)  # the bases drawn per seed, like LoRA's A
-        note = f"r={spec['r']}, alpha=r, init sqrt, dense, bases seed {seed}"
+        wd = WEIGHT_DECAY.get(method, 0.0)
+        note = f"r={spec['r']}, alpha=r, init sqrt, dense, bases seed {seed}, weight decay {wd}"
         return model, randlora.trainable_parameters(model), note
     from peft import LoraConfig, get_peft_model
 
@@ -289,7 +294,8 @@ def train_run(spec: dict, ctx: Context) -> dict:
     model, params, note = build(spec, ctx)
     starts = batch_starts(len(ctx.train), spec["steps"] if params else 0, spec["batch"], spec["seed"])
     t0 = time.perf_counter()
-    losses = train_loop(model, params, ctx.train, starts, spec["lr"], max(1, spec["steps"] // 10)) if params else []
+    losses = (train_loop(model, params, ctx.train, starts, spec["lr"], max(1, spec["steps"] // 10),
+                         WEIGHT_DECAY.get(spec["method"], 0.0)) if params else [])
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     ppl = perplexity(model, ctx.held, ctx.eval_windows)
@@ -308,7 +314,7 @@ def study_specs(args, ctx: Context) -> list[tuple[str, float, list[dict]]]:
         for lr in lrs:
             seeds = [0] if method == "frozen" else list(range(args.seeds))
             specs = [{"task": "lm-code", "method": method, "lr": lr, "seed": s, "steps": 0 if method == "frozen"
-                      else args.steps, "batch": args.batch, "r": args.r if method in ("lora", "randlora") else None,
+                      else args.steps, "batch": args.batch, "r": args.r if method in ("lora", "randlora", "randlora-wd3") else None,
                       "model": ctx.model_hash, "eval_windows": ctx.eval_windows} for s in seeds]
             rows.append((method, lr, specs))
     return rows
@@ -354,7 +360,7 @@ def summarize(args, ctx: Context, recs: dict[str, dict]) -> list[dict]:
                      "seconds": [r["seconds"] for r in done], "finite": all(r["finite"] for r in done)})
     lora = {row["lr"]: row for row in rows if row["method"] == "lora"}
     for row in rows:
-        ref = lora.get(row["lr"]) if row["method"] == "randlora" else None
+        ref = lora.get(row["lr"]) if row["method"].startswith("randlora") else None
         if ref is not None:
             pairs = [(a, b, p, q) for s, a, p in zip(row["seeds"], row["nll"], row["ppl"])
                      for t, b, q in zip(ref["seeds"], ref["nll"], ref["ppl"]) if s == t]

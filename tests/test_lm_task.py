@@ -63,18 +63,18 @@ def test_study_quick(tmp_path, one_thread, capsys) -> None:
     assert lm.main(args) == 0
     data = json.loads((tmp_path / "lm_study.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"lora", "randlora", "full", "frozen"}
+    assert set(rows) == {"lora", "randlora", "randlora-wd3", "full", "frozen"}
     for row in rows.values():
         assert len(row["ppl"]) == 1 and math.isfinite(row["ppl"][0]) and 1 < row["ppl"][0] < 256
     assert rows["frozen"]["trainable"] == 0 and not rows["frozen"]["train_loss"]
-    assert rows["lora"]["trainable"] == rows["randlora"]["trainable"] == 17_920
+    assert rows["lora"]["trainable"] == rows["randlora"]["trainable"] == rows["randlora-wd3"]["trainable"] == 17_920
     assert rows["full"]["trainable"] == sum(p.numel() for p in lm.load_model().parameters())
-    for m in ("lora", "randlora", "full"):  # training moved the model away from the frozen one
+    for m in ("lora", "randlora", "randlora-wd3", "full"):  # training moved the model away from the frozen one
         assert rows[m]["ppl"][0] != rows["frozen"]["ppl"][0] and len(rows[m]["train_loss"]) == 1
     assert rows["randlora"]["minus_lora_nll"] == pytest.approx([rows["randlora"]["nll"][0] - rows["lora"]["nll"][0]])
     assert "| RandLora (defaults) | 17,920 |" in capsys.readouterr().out
     runs = sorted((tmp_path / "lm_runs").glob("*.json"))
-    assert len(runs) == 4
+    assert len(runs) == 5
     stamps = [p.stat().st_mtime_ns for p in runs]
     assert lm.main(args) == 0
     assert [p.stat().st_mtime_ns for p in runs] == stamps  # resumed from the cache
