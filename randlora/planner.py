@@ -25,6 +25,7 @@ __all__ = [
     "DeviceCosts",
     "DEVICE_COSTS",
     "device_costs",
+    "token_block",
     "plan_call",
     "op_route",
     "sparse_op_route",
@@ -347,11 +348,16 @@ def _dense(T: int, O: int, I: int, nr: int, fused: bool, path: str, need_x: bool
                  None, float(cost))
 
 
+def token_block(device: str, threads: int) -> int | None:
+    """The sparse route's token block on ``device`` with ``threads`` torch threads (None: no blocking)."""
+    dc = device_costs(device)
+    return dc.token_block if threads == 1 else dc.token_block_threaded
+
+
 def _sparse(T: int, device: str, threads: int, need_x: bool, need_S: bool, need_W: bool, cost: float) -> Route:
     """The sparse route; its token block is the device's (one block of all tokens when ``T`` fits in one, or on
     devices without blocking)."""
-    dc = device_costs(device)
-    c = dc.token_block if threads == 1 else dc.token_block_threaded
+    c = token_block(device, threads)
     block = c if (c is not None and T > c) else None
     return Route("sparse", "sparse", None, "sparse" if need_x else None, "sampled" if need_S else None, need_W,
                  block, float(cost))

@@ -31,7 +31,7 @@ from torch import nn
 from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
 from .paths import canonical, on_root
-from .planner import device_costs, forward_costs, sparse_costs
+from .planner import forward_costs, sparse_costs, token_block
 from .recipes import sparsity
 from .sparse import grouped_terms
 from .walker import registry_of
@@ -235,11 +235,11 @@ class Mixed:
         ``"sparse"`` (ternary bases, :func:`randlora.sparse.grouped_terms`) when each group's cheapest route on
         its own ``T_g`` tokens is the sparse one (the pass then does the same multiply-adds, but the frozen
         matmul and the ``B_flat`` product run once for all rows instead of once per group) and no group fills
-        the device's token block of the sparse route (:data:`randlora.planner.DEVICE_COSTS`; a group that does
-        runs the op's blocked route on its own as well, while the pass takes all tokens at once); else ``"dense"``
-        (through the bases' dense views) when it moves fewer values, ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the
-        bases read once) against ``G·(2·n·r·m + M·n·r)`` (each of the ``G`` calls writes and reads its
-        ``n·r × m`` scaled bases and reads the bases); else None. Only with the layer's ``path`` at ``"auto"``."""
+        the device's token block of the sparse route (:func:`randlora.planner.token_block`; a group that does
+        runs the op's blocked route on its own as well); else ``"dense"`` (through the bases' dense views) when it
+        moves fewer values, ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the bases read once)
+        against ``G·(2·n·r·m + M·n·r)`` (each of the ``G`` calls writes and reads its ``n·r × m`` scaled bases and
+        reads the bases); else None. Only with the layer's ``path`` at ``"auto"``."""
         if layer.path != "auto":
             return None
         n, r, m, M = layer.n, layer.r, layer.m, layer.M
@@ -253,9 +253,8 @@ class Mixed:
 
     @staticmethod
     def _block(dev: str) -> int | None:
-        """The sparse route's token block on ``dev`` now (:data:`randlora.planner.DEVICE_COSTS`; None: none)."""
-        dc = device_costs(dev)
-        return dc.token_block if dev != "cpu" or torch.get_num_threads() == 1 else dc.token_block_threaded
+        """The sparse route's token block on ``dev`` now (:func:`randlora.planner.token_block`; None: none)."""
+        return token_block(dev, torch.get_num_threads() if dev == "cpu" else 1)
 
     def _tokens(self, name: str, t: int, device: torch.device) -> torch.Tensor:
         """The token positions (rows of the ``(B·t, I)`` input) of adapter ``name``'s rows."""

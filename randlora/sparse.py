@@ -30,6 +30,8 @@ without its padding; all of them exist on CUDA.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -430,7 +432,7 @@ def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block
     cd, wd = x.dtype, _work_dtype(idx, x.dtype)
     _, s_a, b_val, bt_val, a_val, at_val = idx.operands(wd)
     every = torch.cat([g[3] for g in groups])
-    ends = torch.tensor([g[3].numel() for g in groups]).cumsum(0).tolist()
+    ends = list(itertools.accumulate(g[3].numel() for g in groups))
     spans = list(zip([0] + ends[:-1], ends))
     y = x.new_zeros(T, O)
     c = block or every.numel()
