@@ -275,8 +275,7 @@ def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
     the bank's dtype: a bf16/fp16 model's state dict holds its rounded bases, which no float32 checksum names.
     """
     if FP in state and _has_bases(state) and not bank.fingerprint.differences(state[FP]):
-        if not (torch.equal(state["randlora_A"].to(bank.A), bank.A) and torch.equal(state["randlora_B"].to(bank.B),
-                                                                                    bank.B)):
+        if not all(torch.equal(state[k].to(t), t) for k, t in zip(BASES, (bank.A, bank.B))):
             raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
                                   "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
         return
