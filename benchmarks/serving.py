@@ -268,6 +268,28 @@ def group_terms_bench(reps, tokens=(1, 2, 4, 8, 16, 32, 64)):
     print(markdown_table(["layer (O×I)", "T_g", "scaled µs", "S µs", "rule takes"], rows))
 
 
+def gemm_tokens_bench(reps, device="cpu", tokens=(1, 4, 16, 32, 64, 512, 2048)):
+    """The token count under which a dense ``x Wᵀ`` is bound by reading ``W`` (``planner.DEVICE_COSTS``'
+    ``gemm_tokens``): its time at ``T`` tokens against one token's, at the Llama's and MiniLM's layer shapes; the
+    estimate is ``T·t(1)/t(T)`` at ``T >= 512``, where the time grows with ``T``."""
+    dev = torch.device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for O, I in ((2816, 1024), (1024, 2816), (1024, 1024), (1536, 384), (384, 384)):
+        W = torch.randn(O, I, device=dev, dtype=dtype)
+        t = {}
+        for T in tokens:
+            x = torch.randn(T, I, device=dev, dtype=dtype)
+            f = lambda: (torch.nn.functional.linear(x, W), sync())  # noqa: E731
+            for _ in range(3):
+                f()
+            t[T] = median([timed(f) for _ in range(reps)])
+        est = [T * t[1] / t[T] for T in tokens if T >= 512]
+        rows.append([f"{O}×{I}"] + [f"{1e6 * t[T]:.0f}" for T in tokens] + [f"{min(est):.0f}-{max(est):.0f}"])
+    print(markdown_table(["layer (O×I)"] + [f"T = {T} (µs)" for T in tokens] + ["gemm_tokens"], rows))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny Llama, dense, B=8, K=1,4: a smoke run")
@@ -286,8 +308,13 @@ def main(argv=None):
     ap.add_argument("--load-only", action="store_true", help="only the loading row (100 adapters into the model)")
     ap.add_argument("--group-terms", action="store_true",
                     help="only the per-group cost of the ternary bases' batched pass, both ways (µs)")
+    ap.add_argument("--gemm-tokens", action="store_true",
+                    help="only the token count under which a frozen layer's matmul is bound by reading W")
+    ap.add_argument("--device", default="cpu", help="device of --gemm-tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.gemm_tokens:
+        return gemm_tokens_bench(max(args.reps, 20), args.device)
     if args.group_terms:
         return group_terms_bench(max(args.reps, 20))
     size = LLAMA

@@ -66,13 +66,16 @@ class DeviceCosts:
     """... with more threads."""
     scratch: bool
     """Reuse per-thread scratch buffers for the ops' transients (False where the allocator already pools)."""
+    gemm_tokens: int
+    """A dense ``x Wᵀ`` of fewer tokens than this takes about as long as one of this many (it is bound by
+    reading ``W``): what one more ``O × I`` matrix to read costs, in tokens of multiply-adds."""
     measured_by: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
-        token_block=64, token_block_threaded=512, scratch=True,
+        token_block=64, token_block_threaded=512, scratch=True, gemm_tokens=12,
         measured_by={
             "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
             "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
@@ -82,10 +85,12 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
             "token_block": "python benchmarks/sparse_op.py (one thread; blocks of 64 vs 512 tokens)",
             "token_block_threaded": "python benchmarks/sparse_op.py (two threads; blocks of 64 vs 512 tokens)",
             "scratch": "python benchmarks/step.py --grid all:1024 (peak RSS with and without, -60-100 MB)",
+            "gemm_tokens": "python benchmarks/serving.py --gemm-tokens (T·t(1)/t(T) at T >= 512: 10-14 with two "
+                           "threads, 8-15 with one; docs/serving.md)",
         }),
     "cuda": DeviceCosts(
         spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
-        token_block=None, token_block_threaded=None, scratch=False,
+        token_block=None, token_block_threaded=None, scratch=False, gemm_tokens=200,
         measured_by={
             "spmm_weight": "arithmetic (H100/H200 bf16): dense GEMM ~4.9e14 MAC/s; a gather reads one element "
                            "per multiply-add, ~6e12/s from L2 (~1.2e13 B/s, 2 B) -> ~80. To measure: "
@@ -98,6 +103,8 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
             "token_block": "one block of all tokens: no cache-sized blocking on a GPU",
             "token_block_threaded": "as token_block",
             "scratch": "the CUDA caching allocator already pools",
+            "gemm_tokens": "arithmetic (H100/H200 bf16): ~4.9e14 MAC/s over ~2.4e12 values/s read from HBM -> ~200. "
+                           "To measure: python benchmarks/serving.py --gemm-tokens --device cuda",
         }),
 }
 

@@ -13,7 +13,8 @@ activation route ``T_g·nr·(O + I)``, or building ``W + s·ΔW_a`` (``M·nr·m`
 group (decoding steps) instead runs the frozen layer once for the batch and every group in one pass over the
 bases with per-row ``s·λ`` and ``γ`` (the bases read once instead of once per group; ternary bases through
 their non-zeros, :func:`randlora.sparse.grouped_terms`; see :meth:`Mixed._batched_kind`). With ``keep_bytes``
-the block also keeps ``s·ΔW_a`` between no-grad calls and a group's term then costs ``T_g·O·I``. See
+the block also keeps ``W + s·ΔW_a`` between no-grad calls: a group's rows then cost one matmul with it
+instead of the frozen one. See
 docs/serving.md.
 """
 
@@ -31,7 +32,7 @@ from torch import nn
 from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
 from .paths import canonical, on_root
-from .planner import forward_costs, sparse_costs, token_block
+from .planner import device_costs, forward_costs, sparse_costs, token_block
 from .recipes import sparsity
 from .sparse import grouped_terms
 from .walker import registry_of
@@ -46,18 +47,23 @@ def inside_mixed(bank) -> bool:
     return bank in _ACTIVE
 
 
-def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, kept: bool = False,
+def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, quantized: bool = False,
                device: str = "cpu") -> dict[str, float]:
     """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
 
     ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW`` (``M·nr·m``), whose
-    one matmul replaces the frozen one; with ``kept`` (``s·ΔW`` already built and kept) the separate product
-    ``T·O·I`` instead; ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost. The
-    frozen layer's own ``T·O·I`` is not counted.
+    one matmul replaces the frozen one (a quantized base layer has no float ``W`` to build on: the build and one
+    more matmul ``T·O·I``); ``"kept"``: ``W + s·ΔW`` built earlier and kept (``keep_bytes``), whose matmul
+    replaces the frozen one on the group's rows: no multiply-adds, but one more ``O × I`` matrix read, which a
+    matmul of fewer than ``gemm_tokens`` tokens (:data:`randlora.planner.DEVICE_COSTS`) is bound by:
+    ``O·I·max(gemm_tokens - T, 0)`` (quantized: ``s·ΔW`` kept, its matmul on top, ``O·I·max(T, gemm_tokens)``);
+    ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost. The frozen layer's own
+    ``T·O·I`` is not counted.
     """
-    c = forward_costs(T, O, I, nr, fused=True, kept=False)
-    out = {"activation": float(c["activation"]),
-           "weight": float(T * O * I if kept else c["weight"])}
+    c = forward_costs(T, O, I, nr, fused=not quantized, kept=False)
+    tau = device_costs(device).gemm_tokens
+    out = {"activation": float(c["activation"]), "weight": float(c["weight"]),
+           "kept": float(O * I * (max(T, tau) if quantized else max(tau - T, 0)))}
     if density is not None:
         out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False,
                                            need_W=False, device=device)["forward"])
@@ -81,12 +87,12 @@ def _adapted(model: nn.Module) -> list[tuple[str, RandLoraLinear]]:
 
 
 class Mixed:
-    """The state of one ``randlora.mixed`` block: row groups, kept ``s·ΔW`` and the layers' forward.
+    """The state of one ``randlora.mixed`` block: row groups, kept ``W + s·ΔW`` and the layers' forward.
 
     Attributes:
         names: one adapter name (or None) per batch row.
         groups: adapter name -> the rows that use it (in batch order), for the adapters named.
-        kept_bytes: bytes of ``s·ΔW`` kept so far (at most ``keep_bytes``).
+        kept_bytes: bytes of ``W + s·ΔW`` kept so far (at most ``keep_bytes``).
     """
 
     def __init__(self, names: list[str | None], paths: dict[int, str], keep_bytes: int, density: float | None):
@@ -128,10 +134,14 @@ class Mixed:
                 "per batch row; generate() with num_beams or num_return_sequences > 1 repeats each row, so "
                 "repeat its name as well")
 
-    def _delta(self, layer, name: str, lam: torch.Tensor, gam: torch.Tensor, cd: torch.dtype) -> torch.Tensor | None:
-        """The kept ``s·ΔW`` of ``name`` on ``layer`` in ``cd`` (built now if the budget allows), or None."""
+    def _kept_matrix(self, layer, name: str, ad, cd: torch.dtype) -> torch.Tensor | None:
+        """The kept matrix of adapter ``name`` on ``layer`` in ``cd`` (built now if the budget allows), or None:
+        ``W + s·ΔW`` (``s·ΔW`` on a quantized base layer, whose own forward stays the frozen term). Reused while
+        ``λ``, ``γ``, the weight and the bank are the tensors and versions it was built from."""
+        lam, gam, W = ad.randlora_lambda, ad.randlora_gamma, layer.weight
         key = (id(layer), name)
-        stamp = (lam._version, gam._version, lam.data_ptr(), gam.data_ptr(), cd, getattr(layer.bank, "generation", 0))
+        stamp = (lam._version, gam._version, W._version, lam.data_ptr(), gam.data_ptr(), W.data_ptr(), cd,
+                 getattr(layer.bank, "generation", 0))
         hit = self._kept.get(key)
         if hit is not None:
             if hit[0] == stamp:
@@ -142,15 +152,33 @@ class Mixed:
         if self.kept_bytes + size > self.keep_bytes:
             return None
         with torch.no_grad():
-            D = layer.delta_weight(name=name).to(cd)
+            D = layer.delta_weight(name=name)
+            if not layer.quantized:
+                D.add_(layer._w().to(D.dtype))
+            D = D.to(cd)
         self._kept[key] = (stamp, D)
         self.kept_bytes += size
         return D
 
     def _keep_pays(self, layer, T: int, nr: int, device: str) -> bool:
-        """Whether a kept ``s·ΔW`` (``T·O·I``) is cheaper than the op's best route for this call."""
-        c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density, device=device)
-        return T * layer.out_features * layer.in_features < min(c.values())
+        """Whether a kept matrix (:func:`group_cost`'s ``"kept"``) is cheaper than the op's best route for a group
+        of ``T`` tokens."""
+        c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density,
+                       quantized=layer.quantized, device=device)
+        return c.pop("kept") < min(c.values())
+
+    def _kept_rows(self, layer, xg: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """The layer's output for the rows ``xg`` of a group with the kept matrix ``D`` (:meth:`_kept_matrix`):
+        ``x_g (W + s·ΔW)ᵀ + b``, or ``base(x_g) + x_g (s·ΔW)ᵀ`` on a quantized base layer; in the dtype the
+        layer's own forward returns."""
+        if layer.quantized:
+            base = layer.apply_adapter(xg, None)
+            with torch.autocast(xg.device.type, enabled=False):
+                return base + F.linear(xg.to(D.dtype), D).to(base.dtype)
+        out_dtype = layer._compute_dtype(xg, layer.weight.dtype)[1]
+        with torch.autocast(xg.device.type, enabled=False):
+            y = F.linear(xg.to(D.dtype), D, layer.bias.to(D.dtype) if layer.bias is not None else None)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         """The layer's output for the whole batch, each row through its own adapter (the layer's ``forward`` inside
@@ -173,10 +201,7 @@ class Mixed:
         if kind is not None:
             return self._base_plus_terms(layer, x, kept, rest, kind)
         parts = [layer.apply_adapter(self._rows_of(x, name), ad) for name, ad in rest.items()]
-        for name, D in kept.items():
-            xg = self._rows_of(x, name)
-            base = layer.apply_adapter(xg, None)
-            parts.append(base + F.linear(xg.to(D.dtype), D).to(base.dtype))
+        parts += [self._kept_rows(layer, self._rows_of(x, name), D) for name, D in kept.items()]
         applied = tuple(rest) + tuple(kept)
         inv, others = self._inverse(applied, x.device)
         if others is not None:
@@ -199,18 +224,19 @@ class Mixed:
         return layer._compute_dtype(x, base)[0]
 
     def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int) -> dict[str, torch.Tensor]:
-        """The groups whose kept ``s·ΔW`` (``T_g·O·I``) beats the op's routes, with that ``s·ΔW``."""
+        """The groups whose kept matrix (:meth:`_kept_matrix`) beats the op's routes, with that matrix."""
         cd, t = self._compute_dtype(layer, x, present), T // len(self.names)
         out = {}
         for name, ad in present.items():
             if self._keep_pays(layer, len(self.groups[name]) * t, ad.randlora_lambda.numel(), x.device.type):
-                D = self._delta(layer, name, ad.randlora_lambda, ad.randlora_gamma, cd)
+                D = self._kept_matrix(layer, name, ad, cd)
                 if D is not None:
                     out[name] = D
         return out
 
     def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict, kind: str) -> torch.Tensor:
-        """The frozen layer once for the batch, the kept groups' ``x_g s·ΔWᵀ`` and one batched pass for ``rest``."""
+        """The frozen layer once for the batch plus one batched pass for ``rest``; then the kept groups' rows
+        replaced by theirs (:meth:`_kept_rows`)."""
         out = layer.apply_adapter(x, None)
         with torch.autocast(x.device.type, enabled=False):
             cd = self._compute_dtype(layer, x, rest)
@@ -218,13 +244,10 @@ class Mixed:
                 cd = torch.float32  # ternary bases: sum in float32 on the CPU, as their sparse route does
             batched = self._sparse_batched if kind == "sparse" else self._batched
             out = out + batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
-            if not kept:
-                return out
-            terms = [F.linear(self._rows_of(x, name).to(D.dtype), D).to(out.dtype) for name, D in kept.items()]
-        inv, others = self._inverse(tuple(kept), x.device)
-        if others is not None:
-            terms.append(out.new_zeros((others.numel(),) + tuple(out.shape[1:])))
-        return out + torch.cat(terms).index_select(0, inv)
+        for name, D in kept.items():
+            idx = self.rows(name, x.device)
+            out.index_copy_(0, idx, self._kept_rows(layer, x.index_select(0, idx), D).to(out.dtype))
+        return out
 
     def _rows_of(self, x: torch.Tensor, name: str) -> torch.Tensor:
         idx = self.rows(name, x.device)
@@ -246,8 +269,9 @@ class Mixed:
         if self._density is not None:
             O, I, t = layer.out_features, layer.in_features, T // len(self.names)
             Tg = [len(self.groups[nm]) * t for nm in rest]
-            costs = [group_cost(T_g, O, I, n * r, density=self._density, device=dev) for T_g in Tg]
-            if all(c["sparse"] <= min(c.values()) for c in costs) and max(Tg) < (self._block(dev) or T + 1):
+            costs = [group_cost(T_g, O, I, n * r, density=self._density, quantized=layer.quantized, device=dev)
+                     for T_g in Tg]
+            if all(c["sparse"] <= min(v for k, v in c.items() if k != "kept") for c in costs) and max(Tg) < (self._block(dev) or T + 1):
                 return "sparse"
         return "dense" if 2 * T * n * m + M * n * r < len(rest) * (2 * n * r * m + M * n * r) else None
 
@@ -351,9 +375,10 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
     Args:
         model: an adapted model (or any module containing its root), not merged.
         names: one adapter name or None per batch row (a list or tuple).
-        keep_bytes: memory budget for keeping each used adapter's ``s·ΔW`` (``O × I`` per layer and adapter, in
-            the compute dtype) between the block's no-grad calls, when ``T·O·I`` then beats the op's route
-            (docs/serving.md); 0 (default) keeps nothing.
+        keep_bytes: memory budget for keeping each used adapter's ``W + s·ΔW`` (``O × I`` per layer and adapter,
+            in the compute dtype; ``s·ΔW`` on quantized base layers) between the block's no-grad calls, for groups
+            where its one matmul beats the op's route (groups of about ``gemm_tokens`` tokens or more,
+            :func:`group_cost`; docs/serving.md); 0 (default) keeps nothing.
 
     Yields:
         the block's :class:`Mixed` state (``groups``, ``kept_bytes``).

@@ -24,6 +24,7 @@ the base layer's behaviour, not the adapter's; ``test_packed_cpu_weight_dequanti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -601,3 +602,29 @@ def test_torchao_int8_weight_only() -> None:
 def F_linear(x: torch.Tensor, layer: randlora.RandLoraLinear) -> torch.Tensor:
     """The float twin's base output ``x Wᵀ + b`` (its wrapper owns the weight)."""
     return torch.nn.functional.linear(x, layer.weight, layer.bias).detach()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("keep", [0, 1 << 24])
+def test_mixed_rows_equal_rows_alone(kind: str, keep: int) -> None:
+    """``randlora.mixed`` on quantized base layers: each row equals the row run alone with its adapter (int8: the
+    base's own rounding differs with the batch, so within ``TOL_8BIT``); with ``keep_bytes`` the 12-token groups
+    keep ``s·ΔW`` (the base's forward stays the frozen term) and the second call reuses it."""
+    model = _adapted(kind)
+    randlora.inject(model, "all-linear", r=8, seed=0, name="b")
+    randomize(model, 5, "b")
+    names, ids = ["b", "default", None, "b"], _ids(batch=4)
+    want = []
+    for i, name in enumerate(names):
+        with contextlib.ExitStack() as stack:
+            if name is None:
+                stack.enter_context(randlora.disabled(model))
+            else:
+                randlora.use(model, name)
+            want.append(_logits(model, ids[i:i + 1]))
+    want = torch.cat(want)
+    with torch.no_grad(), randlora.mixed(model, names, keep_bytes=keep) as state:
+        got = [model(input_ids=ids).logits for _ in range(2)]
+    assert (state.kept_bytes > 0) == (keep > 0)
+    for g in got:
+        assert _rel(g, want) <= (TOL_8BIT if kind == "int8" else TOL_FLOAT32)
