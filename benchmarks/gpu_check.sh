@@ -15,10 +15,13 @@ python benchmarks/step.py --device cuda --dtype bf16 --grid all:4096 all:8192 --
 python -m pytest -q -rs tests/test_trainer_engines.py -k cuda 2>&1 | tee "$OUT/test_trainer_engines_cuda.txt"
 
 # --- the CUDA row of randlora.planner.DEVICE_COSTS (set from arithmetic counts until this runs) ---
-# spmm_weight / sampled_weight: time per multiply-add of the sparse route's embedding_bag products and of its
-# sampled ∂S (gather + bmm) against a dense GEMM's, on the GPU; copy the medians into DEVICE_COSTS["cuda"]
-# with this command as their `measured_by`. Then the routes that follow from them, one layer and one step:
+# spmm_weight / sampled_weight / layout_weight: time per multiply-add of the sparse route's embedding_bag
+# products and of its sampled ∂S (gather + bmm), and per element of its token-block copies, against a dense
+# GEMM's, on the GPU; gemm_tokens: the token count under which a frozen layer's matmul is bound by reading W.
+# Copy the medians into DEVICE_COSTS["cuda"] with these commands as their `measured_by`. Then the routes that
+# follow from them, one layer and one step:
 python benchmarks/sparse_op.py --kernels --device cuda --reps 5 --tokens 1024 4096 8192 2>&1 | tee "$OUT/sparse_kernels.txt"
+python benchmarks/serving.py --gemm-tokens --device cuda 2>&1 | tee "$OUT/gemm_tokens.txt"
 python -c "from randlora.planner import plan_call as p
 for T in (1024, 4096, 8192):
     for O, I in ((1024, 1024), (2816, 1024), (1024, 2816)):

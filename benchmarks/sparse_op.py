@@ -8,7 +8,9 @@ grad) on the dense activation route and the dense weight route (``ops.randlora_l
 weighted by ``SPMM_WEIGHT``/``SAMPLED_WEIGHT``), and the measured vs predicted sparse/dense ratio.
 
     python benchmarks/sparse_op.py                       # 1024², 2816×1024, 1024×2816 × T = 1024, 4096 × both modes
-    python benchmarks/sparse_op.py --kernels             # time per multiply-add of the sparse kernels vs a GEMM
+    python benchmarks/sparse_op.py --kernels             # time per multiply-add of the sparse kernels vs a GEMM,
+                                                         # and per element of the token-block copies
+    python benchmarks/sparse_op.py --routes              # each route of one layer timed against the planner's pick
     python benchmarks/sparse_op.py --quick               # small shapes, a smoke run
     python benchmarks/sparse_op.py --threads 1           # one thread (steadier on a busy machine)
 """
@@ -122,11 +124,15 @@ def kernels(O, I, T, r, mode, reps, device="cpu"):
     Bd = torch.randn(idx.M, nr, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     xt, ut = x.t().contiguous(), u.t().contiguous()
+    xb = sparse._to_blocks(x, c, torch.float32).clone()
+    y = torch.randn(T, idx.M, device=device)
+    yb = sparse._to_blocks(y, c, torch.float32).clone()
     fns = {
-        "S spmm": (lambda: sparse._chain(sparse._to_blocks(x, c, torch.float32), [sparse._S(idx, w)]),
-                   T * idx.n * idx.nnz_A),
+        "S spmm": (lambda: sparse._chain(xb, [sparse._S(idx, w)]), T * idx.n * idx.nnz_A),
         "B spmm": (lambda: sparse._chain(ub, [B]), T * idx.nnz_B),
         "sampled dS": (lambda: sparse._sampled(ub, x, idx, torch.float32), T * nr * idx.J),
+        "to blocks": (lambda: sparse._to_blocks(x, c, torch.float32), T * idx.m),
+        "from blocks": (lambda: sparse._from_blocks(y, yb, add=True), T * idx.M),
         "GEMM S": (lambda: torch.mm(S_dense, xt), T * nr * idx.m),
         "GEMM B": (lambda: torch.mm(Bd, ut), T * idx.M * nr),
     }
@@ -139,13 +145,62 @@ def kernels(O, I, T, r, mode, reps, device="cpu"):
     per = {k: median(times[k]) / fns[k][1] for k in fns}
     gemm = (per["GEMM S"] + per["GEMM B"]) / 2
     return dict(O=O, I=I, T=T, mode=mode, spmm_S=per["S spmm"] / gemm, spmm_B=per["B spmm"] / gemm,
-                sampled=per["sampled dS"] / gemm, ms={k: median(v) * 1e3 for k, v in times.items()})
+                sampled=per["sampled dS"] / gemm, layout_in=per["to blocks"] / gemm,
+                layout_out=per["from blocks"] / gemm, ms={k: median(v) * 1e3 for k, v in times.items()})
+
+
+ROUTE_CELLS = [  # (grad, O, I, T): MiniLM's and the benchmark Llama's widths, no-grad and training calls
+    (False, 384, 384, 512), (False, 1536, 384, 512), (False, 2816, 1024, 64), (False, 2816, 1024, 512),
+    (False, 2816, 1024, 2048), (False, 1024, 2816, 2048), (True, 1024, 1024, 4096), (True, 1024, 2816, 4096),
+    (True, 384, 384, 256), (True, 384, 384, 1024), (True, 1536, 384, 256), (True, 1536, 384, 1024),
+    (True, 384, 1536, 256), (True, 384, 1536, 1024)]
+
+
+def routes(reps, mode="very_sparse"):
+    """One adapted layer (``bases=mode``, r = 32, W given) timed on each route its ``path`` can force, no-grad
+    forward or a training step (forward + backward, ``x``, ``λ``, ``γ`` needing grad), against the route the
+    planner picks (``path="auto"``): the check of the sparse cost's weights (``planner.DEVICE_COSTS``)."""
+    import randlora
+
+    rows = []
+    for grad, O, I, T in ROUTE_CELLS:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(I, O))
+        randlora.inject(model, ["0"], r=32, bases=mode)
+        layer = model[0]
+        with torch.no_grad():
+            layer.randlora_lambda.normal_()
+        x = torch.randn(T, I, requires_grad=grad)
+
+        def call():
+            with torch.set_grad_enabled(grad):
+                y = layer(x)
+                if grad:
+                    y.sum().backward()
+                    layer.randlora_lambda.grad = layer.randlora_gamma.grad = x.grad = None
+
+        t = {}
+        for path in ("sparse", "weight", "activation", "auto"):
+            layer.set_path(path)
+            call()
+            t[path] = median([timed(call) for _ in range(reps)])
+        layer.set_path("auto")
+        with torch.set_grad_enabled(grad):
+            picked = layer.route(T, need_x=grad)
+        best = min(("sparse", "weight", "activation"), key=t.__getitem__)
+        rows.append(["training step" if grad else "no-grad forward", f"{O}×{I}", T]
+                    + [f"{1e3 * t[p]:.2f}" for p in ("sparse", "weight", "activation", "auto")]
+                    + [best, f"{picked.kind}/{picked.forward}", f"{t['auto'] / t[best]:.2f}"])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    print(markdown_table(["call", "O×I", "T", "sparse ms", "weight ms", "activation ms", "auto ms", "fastest",
+                          "planner's route", "auto / fastest"], rows))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="measure the spmm / sampled weights (planner.DEVICE_COSTS) instead")
+    ap.add_argument("--routes", action="store_true", help="time each route of one layer against the planner's pick")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
@@ -162,6 +217,8 @@ def main(argv=None):
     if args.quick:
         shapes, tokens, args.reps, args.r = [(96, 64), (64, 96)], [16, 128], 1, 8
     info = machine()
+    if args.routes:
+        return routes(args.reps)
     if args.kernels:
         rows = []
         for O, I in shapes:
@@ -169,13 +226,15 @@ def main(argv=None):
                 for mode in args.modes:
                     k = kernels(O, I, T, args.r, mode, args.reps, args.device)
                     rows.append([f"{O}×{I}", T, mode, f"{k['spmm_S']:.2f}", f"{k['spmm_B']:.2f}",
-                                 f"{k['sampled']:.2f}"] + [f"{v:.1f}" for v in k["ms"].values()])
+                                 f"{k['sampled']:.2f}", f"{k['layout_in']:.0f}", f"{k['layout_out']:.0f}"]
+                                + [f"{v:.2f}" for v in k["ms"].values()])
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
         print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
               f"({info['torch_threads']} threads), {args.device}, fp32, r={args.r}; time per multiply-add relative "
               "to a GEMM's\n")
         print(markdown_table(["O×I", "T", "bases", "S spmm / GEMM", "B spmm / GEMM", "sampled ∂S / GEMM",
-                              "S spmm ms", "B spmm ms", "sampled ∂S ms", "GEMM S ms", "GEMM B ms"], rows))
+                              "input to blocks / GEMM", "blocks added to output / GEMM", "S spmm ms", "B spmm ms",
+                              "sampled ∂S ms", "to blocks ms", "from blocks ms", "GEMM S ms", "GEMM B ms"], rows))
         return
     rows, res = [], []
     for O, I in shapes:

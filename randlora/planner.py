@@ -66,6 +66,11 @@ class DeviceCosts:
     """... with more threads."""
     scratch: bool
     """Reuse per-thread scratch buffers for the ops' transients (False where the allocator already pools)."""
+    layout_weight: float
+    """Time per element of the sparse route's token-major copies (the input into token blocks, the blocks added
+    back into the output) against a dense GEMM's per multiply-add, with one torch thread."""
+    layout_weight_threaded: float
+    """... with more threads (a GEMM speeds up with them, a copy much less)."""
     gemm_tokens: int
     """A dense ``x Wᵀ`` of fewer tokens than this takes about as long as one of this many (it is bound by
     reading ``W``): what one more ``O × I`` matrix to read costs, in tokens of multiply-adds."""
@@ -75,7 +80,8 @@ class DeviceCosts:
 DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
-        token_block=64, token_block_threaded=512, scratch=True, gemm_tokens=12,
+        token_block=64, token_block_threaded=512, scratch=True, layout_weight=130.0, layout_weight_threaded=250.0,
+        gemm_tokens=12,
         measured_by={
             "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
             "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
@@ -85,12 +91,19 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
             "token_block": "python benchmarks/sparse_op.py (one thread; blocks of 64 vs 512 tokens)",
             "token_block_threaded": "python benchmarks/sparse_op.py (two threads; blocks of 64 vs 512 tokens)",
             "scratch": "python benchmarks/step.py --grid all:1024 (peak RSS with and without, -60-100 MB)",
+            "layout_weight": "python benchmarks/sparse_op.py --kernels --threads 1 (input to blocks 80-250, blocks "
+                             "added to output 90-250; T = 512, 2048, widths 384-2816; docs/sparse.md)",
+            "layout_weight_threaded": "python benchmarks/sparse_op.py --kernels (two threads: 130-530 and 120-680, "
+                                      "the wide transposed adds the slowest; copies that stay in cache cost less), "
+                                      "then python benchmarks/sparse_op.py --routes: 250 picks the fastest route "
+                                      "in 12 of its 14 calls (docs/sparse.md)",
             "gemm_tokens": "python benchmarks/serving.py --gemm-tokens (T·t(1)/t(T) at T >= 512: 10-14 with two "
                            "threads, 8-15 with one; docs/serving.md)",
         }),
     "cuda": DeviceCosts(
         spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
-        token_block=None, token_block_threaded=None, scratch=False, gemm_tokens=200,
+        token_block=None, token_block_threaded=None, scratch=False, layout_weight=400.0,
+        layout_weight_threaded=400.0, gemm_tokens=200,
         measured_by={
             "spmm_weight": "arithmetic (H100/H200 bf16): dense GEMM ~4.9e14 MAC/s; a gather reads one element "
                            "per multiply-add, ~6e12/s from L2 (~1.2e13 B/s, 2 B) -> ~80. To measure: "
@@ -103,6 +116,10 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
             "token_block": "one block of all tokens: no cache-sized blocking on a GPU",
             "token_block_threaded": "as token_block",
             "scratch": "the CUDA caching allocator already pools",
+            "layout_weight": "arithmetic (H100/H200 bf16): a copy reads and writes each element, ~1.2e12 "
+                             "elements/s at ~4.8e12 B/s, against ~4.9e14 MAC/s -> ~400. To measure: python "
+                             "benchmarks/sparse_op.py --kernels --device cuda",
+            "layout_weight_threaded": "as layout_weight (one stream)",
             "gemm_tokens": "arithmetic (H100/H200 bf16): ~4.9e14 MAC/s over ~2.4e12 values/s read from HBM -> ~200. "
                            "To measure: python benchmarks/serving.py --gemm-tokens --device cuda",
         }),
@@ -261,7 +278,7 @@ def padded_width(m: int, density: float, r: int = 32) -> float:
 
 def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, need_x: bool = True,
                  need_S: bool = True, need_W: bool = False, weighted: bool = True, r: int = 32,
-                 device: str = "cpu") -> dict[str, float]:
+                 device: str = "cpu", threads: int = 1) -> dict[str, float]:
     """Extra multiply-adds over the frozen layer of the sparse route, forward and backward.
 
     Same convention as :func:`forward_costs` / :func:`backward_costs` (the frozen ``x Wᵀ`` and ``gy W`` are not
@@ -269,7 +286,10 @@ def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: f
     ``T·n·r·m·density_A``, one with ``B_flat`` or ``B_flatᵀ`` ``T·M·n·r·density_B``, the sampled ``∂S``
     ``T·n·r·J`` with ``J`` the padded non-zeros per row of ``A`` (:func:`padded_width`). Forward: one ``S`` and
     one ``B`` product. Backward: ``∂x`` one of each; ``∂S`` the sampled product plus a ``B`` product (shared
-    with ``∂x`` when ``I <= O``; when ``O < I`` it recomputes ``x B_flat`` rather than keep it).
+    with ``∂x`` when ``I <= O``; when ``O < I`` it recomputes ``x B_flat`` rather than keep it). Weighted, a
+    call also pays its token-major copies, ``layout_weight`` per element: forward ``T·(I + O)`` (the input into
+    token blocks, the blocks added to the output); backward ``T·(O + I)`` for ``∂x`` (``gy`` in, ``∂x`` out)
+    and, for ``∂S`` alone, ``gy`` (``I <= O``) or ``x`` (``O < I``) into blocks.
 
     Args:
         T, O, I: tokens, output and input width.
@@ -281,6 +301,7 @@ def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: f
             compare with the dense costs.
         r: the rank (for the padding estimate).
         device: the device type whose constants weigh the products.
+        threads: torch's thread count (picks ``layout_weight`` or ``layout_weight_threaded``).
 
     Returns:
         ``{"forward": ..., "backward": ..., "total": ...}``.
@@ -291,12 +312,14 @@ def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: f
     sS = wsp * T * nr * m * density_A
     sB = wsp * T * M * nr * density_B
     sD = wsa * T * nr * padded_width(m, density_A, r)
-    fwd = sS + sB
+    wl = (dc.layout_weight if threads == 1 else dc.layout_weight_threaded) if weighted else 0.0
+    fwd = sS + sB + wl * T * (I + O)
     bwd = float(T * O * I) if need_W else 0.0
     if need_x:
-        bwd += sS + sB
+        bwd += sS + sB + wl * T * (O + I)
     if need_S:
         bwd += sD + (sB if (O < I or not need_x) else 0.0)
+        bwd += wl * T * (I if O < I else (0 if need_x else O))
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
 
 
@@ -313,19 +336,19 @@ def _dense_floor(T: int, O: int, I: int, nr: int, fused: bool, need_x: bool, nee
 
 def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, fused: bool = True,
                 need_x: bool = True, need_S: bool = True, need_W: bool = False, r: int = 32,
-                device: str = "cpu") -> bool:
+                device: str = "cpu", threads: int = 1) -> bool:
     """Whether the sparse route's weighted cost is below the cheapest dense plan's (:func:`plan`, path auto,
     with and, when ``W`` is given, without a kept ``W + s·ΔW``, whose build is then counted).
 
     Args:
-        T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r, device: as :func:`sparse_costs`.
+        T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r, device, threads: as :func:`sparse_costs`.
         fused: ``W`` is given (as :func:`plan`).
 
     Returns:
         True when the sparse route is predicted cheaper for this call.
     """
     sc = sparse_costs(T, O, I, nr, density_A, density_B, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
-                      device=device)
+                      device=device, threads=threads)
     return sc["total"] < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W)
 
 
@@ -384,13 +407,13 @@ def plan_call(*, T: int, O: int, I: int, nr: int, r: int, device: str = "cpu", g
         path, keep: the layer's explicit settings (``"sparse"`` forces the sparse route).
         cached: the layer sits inside :func:`randlora.cached` (its ``s·ΔW`` may be reused).
         density: the ternary bases' density (None: dense bases; no sparse route).
-        threads: torch's thread count (the CPU's token block depends on it).
+        threads: torch's thread count (the CPU's token block and copy weight depend on it).
         compiling: under ``torch.compile`` (no prebuilt ``W + s·ΔW``).
     """
     need_x, need_S, need_W = grad and need_x, grad and need_S, grad and need_W and fused
     if density is not None and path not in ("weight", "activation") and not cached:
         sc = sparse_costs(T, O, I, nr, density, density, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
-                          device=device)["total"]
+                          device=device, threads=threads)["total"]
         if path == "sparse" or sc < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W):
             return _sparse(T, device, threads, need_x, need_S, need_W, sc)
     path = "auto" if path == "sparse" else path

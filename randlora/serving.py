@@ -48,7 +48,7 @@ def inside_mixed(bank) -> bool:
 
 
 def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, quantized: bool = False,
-               device: str = "cpu") -> dict[str, float]:
+               device: str = "cpu", threads: int = 1) -> dict[str, float]:
     """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
 
     ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW`` (``M·nr·m``), whose
@@ -57,17 +57,23 @@ def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None,
     replaces the frozen one on the group's rows: no multiply-adds, but one more ``O × I`` matrix read, which a
     matmul of fewer than ``gemm_tokens`` tokens (:data:`randlora.planner.DEVICE_COSTS`) is bound by:
     ``O·I·max(gemm_tokens - T, 0)`` (quantized: ``s·ΔW`` kept, its matmul on top, ``O·I·max(T, gemm_tokens)``);
-    ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost. The frozen layer's own
-    ``T·O·I`` is not counted.
+    ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost with ``threads`` torch
+    threads. The frozen layer's own ``T·O·I`` is not counted.
     """
     c = forward_costs(T, O, I, nr, fused=not quantized, kept=False)
     tau = device_costs(device).gemm_tokens
     out = {"activation": float(c["activation"]), "weight": float(c["weight"]),
            "kept": float(O * I * (max(T, tau) if quantized else max(tau - T, 0)))}
     if density is not None:
-        out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False,
-                                           need_W=False, device=device)["forward"])
+        out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False, need_W=False,
+                                           device=device, threads=threads)["forward"])
     return out
+
+
+def _threads(dev: str) -> int:
+    """The thread count the planner weighs ``dev``'s CPU kernels with (as the layer's own calls: torch's, 1 off
+    the CPU)."""
+    return torch.get_num_threads() if dev == "cpu" else 1
 
 
 def _adapted(model: nn.Module) -> list[tuple[str, RandLoraLinear]]:
@@ -164,7 +170,7 @@ class Mixed:
         """Whether a kept matrix (:func:`group_cost`'s ``"kept"``) is cheaper than the op's best route for a group
         of ``T`` tokens."""
         c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density,
-                       quantized=layer.quantized, device=device)
+                       quantized=layer.quantized, device=device, threads=_threads(device))
         return c.pop("kept") < min(c.values())
 
     def _kept_rows(self, layer, xg: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
@@ -269,16 +275,17 @@ class Mixed:
         if self._density is not None:
             O, I, t = layer.out_features, layer.in_features, T // len(self.names)
             Tg = [len(self.groups[nm]) * t for nm in rest]
-            costs = [group_cost(T_g, O, I, n * r, density=self._density, quantized=layer.quantized, device=dev)
-                     for T_g in Tg]
-            if all(c["sparse"] <= min(v for k, v in c.items() if k != "kept") for c in costs) and max(Tg) < (self._block(dev) or T + 1):
+            costs = [group_cost(T_g, O, I, n * r, density=self._density, quantized=layer.quantized, device=dev,
+                                threads=_threads(dev)) for T_g in Tg]
+            sparse_best = all(c["sparse"] <= min(v for k, v in c.items() if k != "kept") for c in costs)
+            if sparse_best and max(Tg) < (self._block(dev) or T + 1):
                 return "sparse"
         return "dense" if 2 * T * n * m + M * n * r < len(rest) * (2 * n * r * m + M * n * r) else None
 
     @staticmethod
     def _block(dev: str) -> int | None:
         """The sparse route's token block on ``dev`` now (:func:`randlora.planner.token_block`; None: none)."""
-        return token_block(dev, torch.get_num_threads() if dev == "cpu" else 1)
+        return token_block(dev, _threads(dev))
 
     def _tokens(self, name: str, t: int, device: torch.device) -> torch.Tensor:
         """The token positions (rows of the ``(B·t, I)`` input) of adapter ``name``'s rows."""

@@ -27,7 +27,8 @@ def old_route(T, O, I, nr, r, *, grad=True, need_x=True, need_S=True, need_W=Fal
     """``(kind, forward, kept, (∂x, ∂S), block)`` as ``layer._op`` and the ops chose them before."""
     if density is not None and path not in ("weight", "activation") and not cached:  # layer._sparse_route
         if path == "sparse" or sparse_pays(T, O, I, nr, density, density, fused=fused, need_x=grad and need_x,
-                                           need_S=grad and need_S, need_W=grad and need_W and fused, r=r):
+                                           need_S=grad and need_S, need_W=grad and need_W and fused, r=r,
+                                           threads=threads):
             c = 64 if threads == 1 else 512  # sparse._block on the CPU
             bwd = ("sparse" if grad and need_x else None, "sampled" if grad and need_S else None)
             return "sparse", "sparse", False, bwd, (c if T > c else None)
@@ -125,7 +126,8 @@ def test_no_cpu_constant_decides_a_cuda_route(monkeypatch):
 
     cuda, cpu = routes("cuda"), routes("cpu")
     absurd = planner.DeviceCosts(spmm_weight=1e-9, sampled_weight=1e-9, keep_memory_ratio=1e9, keep_reuse_ratio=1e9,
-                         token_block=1, token_block_threaded=1, scratch=True, gemm_tokens=1)
+                                 token_block=1, token_block_threaded=1, scratch=True, layout_weight=1e-9,
+                                 layout_weight_threaded=1e-9, gemm_tokens=1)
     monkeypatch.setitem(DEVICE_COSTS, "cpu", absurd)
     assert routes("cuda") == cuda
     assert routes("cpu") != cpu  # (the patch does reach the CPU's routes)

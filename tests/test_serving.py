@@ -117,18 +117,18 @@ def test_both_no_grad_routes_are_taken_by_the_cost_rule():
 
 
 def test_sparse_batched_pass_is_taken_by_its_cost_rule():
-    """Ternary bases wide enough for their non-zeros to pay (density 1/16 at width 256): decode-sized calls
-    share the B_flat product across groups; long calls of two groups, where each group's own plan builds
-    W + s·ΔW, keep the grouped calls; on the 12-wide net (density 0.29) the non-zeros never pay."""
+    """Ternary bases wide enough for their non-zeros and token-block copies to pay (density 1/32 at width 1024):
+    decode-sized calls share the B_flat product across groups; long calls of two groups, which fill the token
+    block, keep the grouped calls; on the 12-wide net (density 0.29) the non-zeros never pay."""
     torch.manual_seed(0)
-    wide = Net(d=256, h=320, n_layers=1)
+    wide = Net(d=1024, h=1280, n_layers=1)
     for name in ("default", "b"):
         randlora.inject(wide, TARGETS, r=8, bases="very_sparse", name=name)
     seen = []
     with torch.no_grad(), spied(seen):
         for B, seq, want in ((4, 1, {"sparse"}), (2, 600, {None})):
             with randlora.mixed(wide, ["default", "b", None, "b"][:B]):
-                wide(torch.randn(B, seq, 256))
+                wide(torch.randn(B, seq, 1024))
             assert set(seen) == want, (B, seq, seen)
             seen.clear()
         with randlora.mixed(cached_model("very_sparse"), ["default", "b", "c", None]):

@@ -21,6 +21,7 @@ from randlora import ops, planner
 from randlora import sparse as sparse_mod
 from randlora.bank import BasisBank
 from randlora.errors import ConfigError
+from randlora.planner import plan_call
 from randlora.recipes import BankShape
 from randlora.sparse import (
     SparseCache,
@@ -428,6 +429,33 @@ def test_costs_scale_with_density_and_route_choice():
     for T_ in (64, 1024, 8192):
         for O_, I_ in ((1024, 1024), (2816, 1024), (1024, 2816)):
             assert not sparse_pays(T_, O_, I_, 1024, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("need_x,need_S", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("O,I", [(1024, 512), (512, 1024)])
+def test_costs_count_the_token_block_copies(O, I, need_x, need_S):
+    """Weighted, each call pays ``layout_weight`` per element copied to or from token blocks: forward the input
+    and the output; backward ``gy`` and ``∂x`` for ∂x, and ``gy`` (I <= O) or ``x`` (O < I) for ∂S alone."""
+    T, nr, d = 300, 512, 1 / 32
+    cpu = planner.DEVICE_COSTS["cpu"]
+    one = sparse_costs(T, O, I, nr, d, d, need_x=need_x, need_S=need_S, threads=1)
+    two = sparse_costs(T, O, I, nr, d, d, need_x=need_x, need_S=need_S, threads=2)
+    per = cpu.layout_weight_threaded - cpu.layout_weight
+    assert two["forward"] - one["forward"] == pytest.approx(per * T * (I + O))
+    copied = (T * (O + I) if need_x else 0) + (T * (I if O < I else (0 if need_x else O)) if need_S else 0)
+    assert two["backward"] - one["backward"] == pytest.approx(per * copied)
+
+
+def test_copies_move_narrow_layers_off_the_sparse_route():
+    """At all-MiniLM-L6-v2's widths the token-block copies outweigh the sparse products' savings, and a no-grad
+    call of 512 tokens builds W + s·ΔW (measured faster: docs/sparse.md); at the benchmark Llama's widths a
+    decode step of 64 rows stays on the sparse route, and 2,048 tokens of 2816×1024 build W + s·ΔW."""
+    def fwd(T, O, I, threads=2):
+        return plan_call(T=T, O=O, I=I, nr=min(O, I), r=32, grad=False, density=1 / math.sqrt(min(O, I)),
+                         threads=threads).forward
+    assert fwd(512, 384, 384) == "weight" and fwd(512, 1536, 384) == "weight"
+    assert fwd(64, 2816, 1024) == fwd(64, 1024, 2816) == fwd(512, 2816, 1024) == "sparse"
+    assert fwd(2048, 2816, 1024) == "weight"
 
 
 # ------------------------------------------------------------------------------------------------
