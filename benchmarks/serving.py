@@ -269,9 +269,9 @@ def group_terms_bench(reps, tokens=(1, 2, 4, 8, 16, 32, 64)):
 
 
 def gemm_tokens_bench(reps, device="cpu", tokens=(1, 4, 16, 32, 64, 512, 2048)):
-    """The token count under which a dense ``x Wᵀ`` is bound by reading ``W`` (``planner.DEVICE_COSTS``'
-    ``gemm_tokens``): its time at ``T`` tokens against one token's, at the Llama's and MiniLM's layer shapes; the
-    estimate is ``T·t(1)/t(T)`` at ``T >= 512``, where the time grows with ``T``."""
+    """What a dense ``x Wᵀ`` costs beyond its multiply-adds (``planner.DEVICE_COSTS``' ``gemm_tokens``): its time
+    at ``T`` tokens, at the Llama's and MiniLM's layer shapes, fitted as ``c·(T + gemm_tokens)`` through
+    ``T = 64`` and ``T = 512`` (the sizes a group of a mixed batch has)."""
     dev = torch.device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -285,9 +285,37 @@ def gemm_tokens_bench(reps, device="cpu", tokens=(1, 4, 16, 32, 64, 512, 2048)):
             for _ in range(3):
                 f()
             t[T] = median([timed(f) for _ in range(reps)])
-        est = [T * t[1] / t[T] for T in tokens if T >= 512]
-        rows.append([f"{O}×{I}"] + [f"{1e6 * t[T]:.0f}" for T in tokens] + [f"{min(est):.0f}-{max(est):.0f}"])
+        tau = (t[64] * 512 - t[512] * 64) / (t[512] - t[64])
+        rows.append([f"{O}×{I}"] + [f"{1e6 * t[T]:.0f}" for T in tokens] + [f"{tau:.0f}"])
     print(markdown_table(["layer (O×I)"] + [f"T = {T} (µs)" for T in tokens] + ["gemm_tokens"], rows))
+    if dev.type == "cpu":
+        group_overhead_bench(reps)
+
+
+def group_overhead_bench(reps, groups=(1, 9)):
+    """``planner.DEVICE_COSTS``' ``group_overhead``: what one more group costs a ``randlora.mixed`` call that
+    goes group by group, beyond its multiply-adds and copies (Python, kernel starts). Timed on 8-wide layers, where
+    the work is next to nothing: one call with 9 kept groups against one with 1, per extra group, in µs and in
+    multiply-adds of a 2048 × 1024 × 1024 GEMM timed beside it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(8)])
+    for i in range(max(groups)):
+        randlora.inject(net, [str(j) for j in range(8)], r=4, name=f"g{i}")
+    x = torch.randn(max(groups) * 2, 32, 8)  # 32 tokens a row: the call goes group by group
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
+    gemm = median([timed(lambda: torch.mm(a, b)) for _ in range(reps)]) / (2048 * 1024 * 1024)
+    t = {}
+    with torch.no_grad():
+        for G in groups:
+            names = [f"g{i % G}" for i in range(len(x))]
+            with randlora.mixed(net, names, keep_bytes=1 << 30) as state:
+                net(x)
+                assert state.kept_bytes > 0 or G == 1
+                t[G] = median([timed(lambda: net(x)) for _ in range(reps)]) / 8  # per layer call
+    per = (t[max(groups)] - t[min(groups)]) / (max(groups) - min(groups))
+    print(f"\none more group of a mixed call (kept W + s·ΔW, 8 × 8 layers): {1e6 * per:.1f} µs per layer call = "
+          f"{per / gemm / 1e6:.1f} M multiply-adds of a 2048 × 1024 × 1024 GEMM ({1 / gemm / 1e9:.0f} G/s): "
+          "group_overhead")
 
 
 def main(argv=None):

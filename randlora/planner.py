@@ -72,8 +72,11 @@ class DeviceCosts:
     layout_weight_threaded: float
     """... with more threads (a GEMM speeds up with them, a copy much less)."""
     gemm_tokens: int
-    """A dense ``x Wᵀ`` of fewer tokens than this takes about as long as one of this many (it is bound by
-    reading ``W``): what one more ``O × I`` matrix to read costs, in tokens of multiply-adds."""
+    """A dense ``x Wᵀ`` of ``T`` tokens takes about as long as ``T + gemm_tokens`` tokens' multiply-adds at the
+    rate of long ones (reading ``W`` and starting the kernel): what one more matmul costs beyond its own work."""
+    group_overhead: float
+    """What one more group of rows costs a ``randlora.mixed`` call that goes group by group, beyond its
+    multiply-adds and copies (Python, kernel starts), in GEMM multiply-adds."""
     measured_by: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -81,7 +84,7 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
         token_block=64, token_block_threaded=512, scratch=True, layout_weight=130.0, layout_weight_threaded=250.0,
-        gemm_tokens=12,
+        gemm_tokens=25, group_overhead=8e6,
         measured_by={
             "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
             "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
@@ -97,13 +100,15 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
                                       "the wide transposed adds the slowest; copies that stay in cache cost less), "
                                       "then python benchmarks/sparse_op.py --routes: 250 picks the fastest route "
                                       "in 12 of its 14 calls (docs/sparse.md)",
-            "gemm_tokens": "python benchmarks/serving.py --gemm-tokens (T·t(1)/t(T) at T >= 512: 10-14 with two "
-                           "threads, 8-15 with one; docs/serving.md)",
+            "gemm_tokens": "python benchmarks/serving.py --gemm-tokens (t(T) fitted as c·(T + gemm_tokens) through "
+                           "T = 64 and 512: 11-33 at the Llama's and MiniLM's widths, two threads; docs/serving.md)",
+            "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 60-63 µs per group and layer "
+                              "call, 7.9-8.7 M multiply-adds of a GEMM at 130-138 G/s)",
         }),
     "cuda": DeviceCosts(
         spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
         token_block=None, token_block_threaded=None, scratch=False, layout_weight=400.0,
-        layout_weight_threaded=400.0, gemm_tokens=200,
+        layout_weight_threaded=400.0, gemm_tokens=200, group_overhead=2e10,
         measured_by={
             "spmm_weight": "arithmetic (H100/H200 bf16): dense GEMM ~4.9e14 MAC/s; a gather reads one element "
                            "per multiply-add, ~6e12/s from L2 (~1.2e13 B/s, 2 B) -> ~80. To measure: "
@@ -122,6 +127,8 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
             "layout_weight_threaded": "as layout_weight (one stream)",
             "gemm_tokens": "arithmetic (H100/H200 bf16): ~4.9e14 MAC/s over ~2.4e12 values/s read from HBM -> ~200. "
                            "To measure: python benchmarks/serving.py --gemm-tokens --device cuda",
+            "group_overhead": "arithmetic: about 40 µs of Python and kernel starts per group at ~4.9e14 MAC/s. "
+                              "Not measured on a GPU yet (the --gemm-tokens overhead line runs on the CPU)",
         }),
 }
 

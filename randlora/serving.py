@@ -54,16 +54,15 @@ def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None,
     ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW`` (``M·nr·m``), whose
     one matmul replaces the frozen one (a quantized base layer has no float ``W`` to build on: the build and one
     more matmul ``T·O·I``); ``"kept"``: ``W + s·ΔW`` built earlier and kept (``keep_bytes``), whose matmul
-    replaces the frozen one on the group's rows: no multiply-adds, but one more ``O × I`` matrix read, which a
-    matmul of fewer than ``gemm_tokens`` tokens (:data:`randlora.planner.DEVICE_COSTS`) is bound by:
-    ``O·I·max(gemm_tokens - T, 0)`` (quantized: ``s·ΔW`` kept, its matmul on top, ``O·I·max(T, gemm_tokens)``);
+    replaces the group's frozen one: nothing on top (a quantized base layer keeps ``s·ΔW``, whose matmul comes on
+    top: ``O·I·(T + gemm_tokens)``, :data:`randlora.planner.DEVICE_COSTS`);
     ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost with ``threads`` torch
     threads. The frozen layer's own ``T·O·I`` is not counted.
     """
     c = forward_costs(T, O, I, nr, fused=not quantized, kept=False)
     tau = device_costs(device).gemm_tokens
     out = {"activation": float(c["activation"]), "weight": float(c["weight"]),
-           "kept": float(O * I * (max(T, tau) if quantized else max(tau - T, 0)))}
+           "kept": float(O * I * (T + tau)) if quantized else 0.0}
     if density is not None:
         out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False, need_W=False,
                                            device=device, threads=threads)["forward"])
@@ -168,7 +167,7 @@ class Mixed:
 
     def _keep_pays(self, layer, T: int, nr: int, device: str) -> bool:
         """Whether a kept matrix (:func:`group_cost`'s ``"kept"``) is cheaper than the op's best route for a group
-        of ``T`` tokens."""
+        of ``T`` tokens called on its own."""
         c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density,
                        quantized=layer.quantized, device=device, threads=_threads(device))
         return c.pop("kept") < min(c.values())
@@ -230,15 +229,46 @@ class Mixed:
         return layer._compute_dtype(x, base)[0]
 
     def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int) -> dict[str, torch.Tensor]:
-        """The groups whose kept matrix (:meth:`_kept_matrix`) beats the op's routes, with that matrix."""
-        cd, t = self._compute_dtype(layer, x, present), T // len(self.names)
+        """The groups that take a kept matrix (:meth:`_kept_matrix`), with that matrix. A call that would go group
+        by group keeps each group whose kept matrix beats its route (:meth:`_keep_pays`), as the budget allows. A
+        call that would take the batched pass keeps every group or none (:meth:`_keep_all_pays`): the pass
+        runs over every row whatever some groups keep."""
+        cd, t, dev = self._compute_dtype(layer, x, present), T // len(self.names), x.device.type
+        tokens = {name: len(self.groups[name]) * t for name in present}
+        kind = self._batched_kind(layer, T, present, dev)
+        if kind is None:
+            want = [nm for nm, ad in present.items()
+                    if self._keep_pays(layer, tokens[nm], ad.randlora_lambda.numel(), dev)]
+        else:
+            size = layer.out_features * layer.in_features * torch.empty((), dtype=cd).element_size()
+            new = sum((id(layer), nm) not in self._kept for nm in present)
+            if self.kept_bytes + new * size > self.keep_bytes or not self._keep_all_pays(layer, T, tokens, kind, dev):
+                return {}
+            want = list(present)
         out = {}
-        for name, ad in present.items():
-            if self._keep_pays(layer, len(self.groups[name]) * t, ad.randlora_lambda.numel(), x.device.type):
-                D = self._kept_matrix(layer, name, ad, cd)
-                if D is not None:
-                    out[name] = D
-        return out
+        for name in want:
+            D = self._kept_matrix(layer, name, present[name], cd)
+            if D is not None:
+                out[name] = D
+        return out if kind is None or len(out) == len(present) else {}
+
+    def _keep_all_pays(self, layer, T: int, tokens: dict, kind: str, dev: str) -> bool:
+        """Whether every group's kept matmul, ``O·I·(T_g + gemm_tokens)`` each (twice on a quantized base layer:
+        its own forward too), gathering and scattering the rows (``T·(I + O)`` values copied, weighed as the
+        sparse route's one-thread copies; none when one group holds every row) and each group's fixed
+        ``group_overhead`` beat the batched call: the frozen matmul ``O·I·(T + gemm_tokens)`` plus the pass,
+        ``T·nr·(O + I)`` through the bases' dense views or the groups' sparse costs."""
+        O, I, nr, dc = layer.out_features, layer.in_features, layer.n * layer.r, device_costs(dev)
+        tau, copy = dc.gemm_tokens, dc.layout_weight
+        kept = sum(O * I * (T_g + tau) for T_g in tokens.values()) * (2 if layer.quantized else 1)
+        if not (len(tokens) == 1 and len(self.groups[next(iter(tokens))]) == len(self.names)):
+            kept += copy * T * (I + O) + dc.group_overhead * len(tokens)
+        if kind == "sparse":
+            pass_cost = sum(group_cost(T_g, O, I, nr, density=self._density, quantized=layer.quantized, device=dev,
+                                       threads=_threads(dev))["sparse"] for T_g in tokens.values())
+        else:
+            pass_cost = T * nr * (O + I)
+        return kept < O * I * (T + tau) + pass_cost
 
     def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict, kind: str) -> torch.Tensor:
         """The frozen layer once for the batch plus one batched pass for ``rest``; then the kept groups' rows
@@ -383,9 +413,10 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
         model: an adapted model (or any module containing its root), not merged.
         names: one adapter name or None per batch row (a list or tuple).
         keep_bytes: memory budget for keeping each used adapter's ``W + s·ΔW`` (``O × I`` per layer and adapter,
-            in the compute dtype; ``s·ΔW`` on quantized base layers) between the block's no-grad calls, for groups
-            where its one matmul beats the op's route (groups of about ``gemm_tokens`` tokens or more,
-            :func:`group_cost`; docs/serving.md); 0 (default) keeps nothing.
+            in the compute dtype; ``s·ΔW`` on quantized base layers) between the block's no-grad calls, where its
+            matmul beats the call's route (a call that goes group by group; a decode-sized call only when keeping
+            every group beats the batched pass: :meth:`Mixed._keep_all_pays`; docs/serving.md); 0 (default)
+            keeps nothing.
 
     Yields:
         the block's :class:`Mixed` state (``groups``, ``kept_bytes``).

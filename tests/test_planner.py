@@ -127,7 +127,7 @@ def test_no_cpu_constant_decides_a_cuda_route(monkeypatch):
     cuda, cpu = routes("cuda"), routes("cpu")
     absurd = planner.DeviceCosts(spmm_weight=1e-9, sampled_weight=1e-9, keep_memory_ratio=1e9, keep_reuse_ratio=1e9,
                                  token_block=1, token_block_threaded=1, scratch=True, layout_weight=1e-9,
-                                 layout_weight_threaded=1e-9, gemm_tokens=1)
+                                 layout_weight_threaded=1e-9, gemm_tokens=1, group_overhead=1e-9)
     monkeypatch.setitem(DEVICE_COSTS, "cpu", absurd)
     assert routes("cuda") == cuda
     assert routes("cpu") != cpu  # (the patch does reach the CPU's routes)
