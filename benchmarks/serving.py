@@ -220,7 +220,7 @@ def run_model(kind, size, bases, args, workloads):
             for K in Ks:
                 if K > B:
                     continue
-                names = [f"a{i % K}" for i in range(B)]
+                names = [f"a{i * K // B}" if args.sorted else f"a{i % K}" for i in range(B)]
                 med, diff, kept_mb = bench_case(model, pm, batch, names, args.reps, args.keep_mb << 20)
                 row = {"model": kind, "bases": bases, "workload": wl, "seq": seq, "B": B, "K": K,
                        "max_diff": diff, "kept_mb": kept_mb, "lora_rank": rank if pm is not None else None}
@@ -339,6 +339,8 @@ def main(argv=None):
     ap.add_argument("--gemm-tokens", action="store_true",
                     help="only the token count under which a frozen layer's matmul is bound by reading W")
     ap.add_argument("--device", default="cpu", help="device of --gemm-tokens")
+    ap.add_argument("--sorted", action="store_true",
+                    help="rows sorted by adapter (row i uses adapter i·K // B) instead of interleaved (i mod K)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.gemm_tokens:

@@ -108,6 +108,8 @@ class Mixed:
                 self.groups.setdefault(nm, []).append(i)
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._gather: dict[tuple[tuple[str, ...], torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._runs = {name: _run(rows) for name, rows in self.groups.items()}
+        self._plain: dict[tuple[str, ...], tuple[list[int], slice | None] | None] = {}
         self._gid: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self._tok: dict[tuple[str, int, torch.device], torch.Tensor] = {}
         self._paths = paths
@@ -209,10 +211,13 @@ class Mixed:
         parts += [self._kept_rows(layer, self._rows_of(x, name), D) for name, D in kept.items()]
         applied = tuple(rest) + tuple(kept)
         inv, others = self._inverse(applied, x.device)
+        plain = self._cat_order(applied)
         if others is not None:
-            parts.append(layer.apply_adapter(x.index_select(0, others), None))
+            parts.append(layer.apply_adapter(x[plain[1]] if plain else x.index_select(0, others), None))
         if len(parts) == 1:  # one group holds every row, in batch order
             return parts[0]
+        if plain is not None:  # every group is one run of rows: concatenated in order, they are the batch
+            return torch.cat([parts[k].to(parts[0].dtype) for k in plain[0]])
         if torch.is_grad_enabled():  # one autograd node puts the rows back in batch order
             return torch.cat([t.to(parts[0].dtype) for t in parts]).index_select(0, inv)
         out = parts[0].new_empty((len(self.names),) + tuple(parts[0].shape[1:]))
@@ -286,8 +291,9 @@ class Mixed:
         return out
 
     def _rows_of(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        idx = self.rows(name, x.device)
-        return x if idx is None else x.index_select(0, idx)
+        """The rows of adapter ``name``: a view when they are one run of rows, else gathered."""
+        run = self._runs[name]
+        return x[run] if run is not None else x.index_select(0, self.rows(name, x.device))
 
     def _batched_kind(self, layer, T: int, rest: dict, dev: str) -> str | None:
         """Whether one batched pass over every row (per-row ``λ``/``γ``) beats one op call per group, and which:
@@ -378,6 +384,24 @@ class Mixed:
             hit = self._gather[key] = (inv.to(device), torch.tensor(others, dtype=torch.long, device=device)
                                        if others else None)
         return hit
+
+
+    def _cat_order(self, applied: tuple[str, ...]) -> tuple[list[int], slice | None] | None:
+        """When the rows of each group of ``applied``, and the other rows, are runs of consecutive rows (a batch
+        sorted by adapter): the order of their parts that concatenates to batch order, and the other rows' run;
+        else None (the parts are put back by index)."""
+        if applied not in self._plain:
+            taken = {i for n in applied for i in self.groups[n]}
+            others = [i for i in range(len(self.names)) if i not in taken]
+            runs = [self._runs[n] for n in applied] + ([_run(others)] if others else [])
+            self._plain[applied] = None if any(r is None for r in runs) else (
+                sorted(range(len(runs)), key=lambda k: runs[k].start), runs[-1] if others else None)
+        return self._plain[applied]
+
+
+def _run(rows: list[int]) -> slice | None:
+    """``rows`` as a slice when they are consecutive, else None."""
+    return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
 
 
 def _after_block(layer, path: str, x: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,28 @@ def test_reduced_precision_rows_are_as_accurate_as_alone(precision, bases, route
     assert err_alone > 0 and err <= 2 * err_alone, (float(err), float(err_alone))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_batch_sorted_by_adapter_is_sliced_not_gathered(grad):
+    """Rows sorted by adapter: each group is a view of its rows and the parts are concatenated in order, with no
+    gather or scatter by index; interleaved rows are gathered and put back by index. Both equal the rows alone."""
+    model = cached_model("dense")
+    x = torch.randn(5, 6, 12)  # 6 tokens a row: the calls go group by group
+    calls = []
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+        return mock.patch.object(torch.Tensor, name, lambda self, *a: calls.append(name) or real(self, *a))
+
+    for names, gathered in ((["b", "b", "default", "default", None], False), (["b", "default", "b", None, "default"], True)):
+        calls.clear()
+        with torch.set_grad_enabled(grad), counted("index_select"), counted("index_copy_"):
+            with randlora.mixed(model, names):
+                y = model(x.clone().requires_grad_(grad))
+        assert bool(calls) == gathered, (names, calls)
+        with torch.no_grad():
+            torch.testing.assert_close(y.detach(), alone(model, names, x), **TOL)
+
+
 def test_two_dimensional_inputs_and_a_single_adapter_batch():
     model = cached_model("dense")
     x = torch.randn(5, 12)
@@ -245,7 +267,8 @@ def _zero(model):
         p.grad = None
 
 
-@pytest.mark.parametrize("names", [["b", None, "default", "b", None], ["c", "b", "c"], ["default"] * 3])
+@pytest.mark.parametrize("names", [["b", None, "default", "b", None], ["c", "b", "c"], ["default"] * 3,
+                                   ["b", "b", "default", None, None]])  # (the last sorted by adapter: sliced)
 def test_training_gradients_reach_each_rows_own_adapter_only(names):
     model = served().double().train()  # float64: see TOL64
     g = torch.Generator().manual_seed(7)
