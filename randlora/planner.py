@@ -102,7 +102,7 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
                                       "in 12 of its 14 calls (docs/sparse.md)",
             "gemm_tokens": "python benchmarks/serving.py --gemm-tokens (t(T) fitted as c·(T + gemm_tokens) through "
                            "T = 64 and 512: 11-33 at the Llama's and MiniLM's widths, two threads; docs/serving.md)",
-            "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 60-63 µs per group and layer "
+            "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 58-63 µs per group and layer "
                               "call, 7.9-8.7 M multiply-adds of a GEMM at 130-138 G/s)",
         }),
     "cuda": DeviceCosts(

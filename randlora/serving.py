@@ -385,7 +385,6 @@ class Mixed:
                                        if others else None)
         return hit
 
-
     def _cat_order(self, applied: tuple[str, ...]) -> tuple[list[int], slice | None] | None:
         """When the rows of each group of ``applied``, and the other rows, are runs of consecutive rows (a batch
         sorted by adapter): the order of their parts that concatenates to batch order, and the other rows' run;
