@@ -271,18 +271,19 @@ def group_terms_bench(reps, tokens=(1, 2, 4, 8, 16, 32, 64)):
 def gemm_tokens_bench(reps, device="cpu", tokens=(1, 4, 16, 32, 64, 512, 2048)):
     """What a dense ``x Wᵀ`` costs beyond its multiply-adds (``planner.DEVICE_COSTS``' ``gemm_tokens``): its time
     at ``T`` tokens, at the Llama's and MiniLM's layer shapes, fitted as ``c·(T + gemm_tokens)`` through
-    ``T = 64`` and ``T = 512`` (the sizes a group of a mixed batch has)."""
+    ``T = 64`` and ``T = 512`` (the sizes a group of a mixed batch has). Each call reads another of enough
+    weights to outgrow the caches (64 MB), as a mixed block's kept matrices are read."""
     dev = torch.device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
     for O, I in ((2816, 1024), (1024, 2816), (1024, 1024), (1536, 384), (384, 384)):
-        W = torch.randn(O, I, device=dev, dtype=dtype)
+        Ws = [torch.randn(O, I, device=dev, dtype=dtype) for _ in range(max(4, int(64e6 // (O * I * 4))))]
         t = {}
         for T in tokens:
             x = torch.randn(T, I, device=dev, dtype=dtype)
-            f = lambda: (torch.nn.functional.linear(x, W), sync())  # noqa: E731
-            for _ in range(3):
+            f = lambda: (torch.nn.functional.linear(x, Ws.append(Ws.pop(0)) or Ws[0]), sync())  # noqa: E731
+            for _ in range(len(Ws)):
                 f()
             t[T] = median([timed(f) for _ in range(reps)])
         tau = (t[64] * 512 - t[512] * 64) / (t[512] - t[64])

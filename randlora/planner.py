@@ -84,7 +84,7 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
         token_block=64, token_block_threaded=512, scratch=True, layout_weight=130.0, layout_weight_threaded=250.0,
-        gemm_tokens=25, group_overhead=8e6,
+        gemm_tokens=40, group_overhead=8e6,
         measured_by={
             "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
             "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
@@ -100,10 +100,11 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
                                       "the wide transposed adds the slowest; copies that stay in cache cost less), "
                                       "then python benchmarks/sparse_op.py --routes: 250 picks the fastest route "
                                       "in 12 of its 14 calls (docs/sparse.md)",
-            "gemm_tokens": "python benchmarks/serving.py --gemm-tokens (t(T) fitted as c·(T + gemm_tokens) through "
-                           "T = 64 and 512: 11-33 at the Llama's and MiniLM's widths, two threads; docs/serving.md)",
-            "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 58-63 µs per group and layer "
-                              "call, 7.9-8.7 M multiply-adds of a GEMM at 130-138 G/s)",
+            "gemm_tokens": "python benchmarks/serving.py --gemm-tokens --reps 60 (t(T) fitted as c·(T + gemm_tokens) "
+                           "through T = 64 and 512, each call reading a weight out of cache as kept matrices are: "
+                           "30-41 at the Llama's and MiniLM's widths, two threads; docs/serving.md)",
+            "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 50-63 µs per group and layer "
+                              "call, 7.9-9.0 M multiply-adds of a GEMM at 130-168 G/s)",
         }),
     "cuda": DeviceCosts(
         spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,

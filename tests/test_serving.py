@@ -461,11 +461,11 @@ def test_nested_blocks_and_errors_inside_the_block():
     # q_proj), where a kept W + s·ΔW replaces each group's frozen matmul at no extra cost: both adapters keep
     (["default", "b"], 6, 2),
     # three single-token groups and a base row take the batched pass, which keeps all or none: three kept matmuls
-    # O·I·(1 + 25) (gemm_tokens 25 on the CPU), the rows' copies 130·T·(I + O) and 3 group_overhead (8e6 each)
-    # against the frozen O·I·(4 + 25) plus the pass 4·nr·(O + I), nr = 12: 11232 + 12480 + 2.4e7 vs 4176 + 1152
+    # O·I·(1 + 40) (gemm_tokens 40 on the CPU), the rows' copies 130·T·(I + O) and 3 group_overhead (8e6 each)
+    # against the frozen O·I·(4 + 40) plus the pass 4·nr·(O + I), nr = 12: 17712 + 12480 + 2.4e7 vs 6336 + 1152
     # on q_proj: none kept
     (["default", "b", "c", None], 1, 0),
-    # one group of every row: its kept matmul (O·I·(3 + 25), no copies) replaces the frozen one and the pass
+    # one group of every row: its kept matmul (O·I·(3 + 40), no copies) replaces the frozen one and the pass
     (["default"] * 3, 1, 1),
 ])
 def test_keep_bytes_keeps_what_its_cost_rule_says(names, seq, kept):
