@@ -338,7 +338,8 @@ def main(argv=None):
     ap.add_argument("--group-terms", action="store_true",
                     help="only the per-group cost of the ternary bases' batched pass, both ways (µs)")
     ap.add_argument("--gemm-tokens", action="store_true",
-                    help="only the token count under which a frozen layer's matmul is bound by reading W")
+                    help="only what a matmul costs beyond its multiply-adds (gemm_tokens) and what one more group "
+                         "costs a mixed call (group_overhead), planner.DEVICE_COSTS")
     ap.add_argument("--device", default="cpu", help="device of --gemm-tokens")
     ap.add_argument("--sorted", action="store_true",
                     help="rows sorted by adapter (row i uses adapter i·K // B) instead of interleaved (i mod K)")

@@ -199,12 +199,15 @@ class Mixed:
             return layer.apply_adapter(x, None)
         serving = not torch.is_grad_enabled() and not (
             layer.training and any(ad.drops for ad in present.values()))
-        T = x.numel() // x.shape[-1]
-        kept = self._kept_deltas(layer, x, present, T) if serving and self.keep_bytes > 0 else {}
+        T, dev = x.numel() // x.shape[-1], x.device.type
+        keeping = serving and self.keep_bytes > 0
+        kind = self._batched_kind(layer, T, present, dev) if keeping else None  # (with nothing kept, rest's too)
+        kept = self._kept_deltas(layer, x, present, T, kind) if keeping else {}
         rest = {name: ad for name, ad in present.items() if name not in kept}
         if not kept and len(rest) == 1 and len(self.groups[next(iter(rest))]) == len(self.names):
             return layer.apply_adapter(x, next(iter(rest.values())))  # one adapter on every row: a plain call
-        kind = self._batched_kind(layer, T, rest, x.device.type) if rest and serving else None
+        if kept or not keeping:
+            kind = self._batched_kind(layer, T, rest, dev) if rest and serving else None
         if kind is not None:
             return self._base_plus_terms(layer, x, kept, rest, kind)
         parts = [layer.apply_adapter(self._rows_of(x, name), ad) for name, ad in rest.items()]
@@ -233,14 +236,14 @@ class Mixed:
             base = layer.weight.dtype
         return layer._compute_dtype(x, base)[0]
 
-    def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int) -> dict[str, torch.Tensor]:
+    def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int,
+                     kind: str | None) -> dict[str, torch.Tensor]:
         """The groups that take a kept matrix (:meth:`_kept_matrix`), with that matrix. A call that would go group
-        by group keeps each group whose kept matrix beats its route (:meth:`_keep_pays`), as the budget allows. A
-        call that would take the batched pass keeps every group or none (:meth:`_keep_all_pays`): the pass
-        runs over every row whatever some groups keep."""
+        by group (``kind`` None: :meth:`_batched_kind` of every group present) keeps each group whose kept matrix
+        beats its route (:meth:`_keep_pays`), as the budget allows. A call that would take the batched pass keeps
+        every group or none (:meth:`_keep_all_pays`): the pass runs over every row whatever some groups keep."""
         cd, t, dev = self._compute_dtype(layer, x, present), T // len(self.names), x.device.type
         tokens = {name: len(self.groups[name]) * t for name in present}
-        kind = self._batched_kind(layer, T, present, dev)
         if kind is None:
             want = [nm for nm, ad in present.items()
                     if self._keep_pays(layer, tokens[nm], ad.randlora_lambda.numel(), dev)]
@@ -286,8 +289,8 @@ class Mixed:
             batched = self._sparse_batched if kind == "sparse" else self._batched
             out = out + batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
         for name, D in kept.items():
-            idx = self.rows(name, x.device)
-            out.index_copy_(0, idx, self._kept_rows(layer, x.index_select(0, idx), D).to(out.dtype))
+            rows = self._kept_rows(layer, self._rows_of(x, name), D).to(out.dtype)
+            out.index_copy_(0, self.rows(name, x.device), rows)
         return out
 
     def _rows_of(self, x: torch.Tensor, name: str) -> torch.Tensor:
