@@ -11,6 +11,7 @@ weighted by ``SPMM_WEIGHT``/``SAMPLED_WEIGHT``), and the measured vs predicted s
     python benchmarks/sparse_op.py --kernels             # time per multiply-add of the sparse kernels vs a GEMM,
                                                          # and per element of the token-block copies
     python benchmarks/sparse_op.py --routes              # each route of one layer timed against the planner's pick
+    python benchmarks/sparse_op.py --builds              # building W + s·ΔW through the non-zeros vs the dense views
     python benchmarks/sparse_op.py --quick               # small shapes, a smoke run
     python benchmarks/sparse_op.py --threads 1           # one thread (steadier on a busy machine)
 """
@@ -149,6 +150,40 @@ def kernels(O, I, T, r, mode, reps, device="cpu"):
                 layout_out=per["from blocks"] / gemm, ms={k: median(v) * 1e3 for k, v in times.items()})
 
 
+BUILD_SHAPES = [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024), (1024, 2816)]
+
+
+@torch.no_grad()
+def builds(shapes, modes, r, reps):
+    """``W + s·ΔW`` built through the bases' dense views (``ops.build_weight``: one ``addmm`` of ``M·n·r·m``
+    multiply-adds) and through their non-zeros (``sparse.sparse_delta``), timed alternately: ``build_weight`` of
+    ``planner.DEVICE_COSTS`` is the sparse build's time per multiply-add it does (``M·n·r·m·density_B``) against
+    the dense build's, i.e. the ratio of the two times over the density."""
+    rows = []
+    for O, I in shapes:
+        for mode in modes:
+            d = setup(O, I, 1, r, mode)
+            idx, tr = d["idx"], O < I
+            lam, gam, W = d["lam"].detach(), d["gam"].detach(), d["W"]
+            fns = {"dense": lambda: ops.build_weight(W, lam, gam, d["A"], d["B"], 0.5, tr, torch.float32),
+                   "sparse": lambda: sparse.sparse_delta(idx, lam, gam, 0.5, tr, torch.float32, W)}
+            err = (fns["dense"]() - fns["sparse"]()).abs().max().item()
+            times = {k: [] for k in fns}
+            for rep in range(reps):
+                for k in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
+                    times[k].append(timed(fns[k]))
+            t = {k: median(v) for k, v in times.items()}
+            ratio = t["sparse"] / t["dense"]
+            rows.append([f"{O}×{I}", mode, f"{idx.density_B:.4f}", f"{1e3 * t['dense']:.2f}",
+                         f"{1e3 * t['sparse']:.2f}", f"{ratio:.2f}", f"{ratio / idx.density_B:.1f}", f"{err:.1e}"])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    info = machine()
+    print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"fp32, r={r}, median of {reps}\n")
+    print(markdown_table(["O×I", "bases", "density", "dense views ms", "non-zeros ms", "non-zeros / dense",
+                          "build_weight", "max |diff|"], rows))
+
+
 ROUTE_CELLS = [  # (grad, O, I, T): MiniLM's and the benchmark Llama's widths, no-grad and training calls
     (False, 384, 384, 512), (False, 1536, 384, 512), (False, 2816, 1024, 64), (False, 2816, 1024, 512),
     (False, 2816, 1024, 2048), (False, 1024, 2816, 2048), (True, 1024, 1024, 4096), (True, 1024, 2816, 4096),
@@ -201,6 +236,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="measure the spmm / sampled weights (planner.DEVICE_COSTS) instead")
     ap.add_argument("--routes", action="store_true", help="time each route of one layer against the planner's pick")
+    ap.add_argument("--builds", action="store_true",
+                    help="time W + s·ΔW built through the bases' non-zeros against their dense views")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
@@ -219,6 +256,9 @@ def main(argv=None):
     info = machine()
     if args.routes:
         return routes(args.reps)
+    if args.builds:
+        return builds([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else BUILD_SHAPES,
+                      args.modes, args.r, args.reps)
     if args.kernels:
         rows = []
         for O, I in shapes:

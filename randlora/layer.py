@@ -15,7 +15,7 @@ from . import planner
 from .ops import KEEP_POLICIES, PATHS, acc_dtype, build_weight, delta_weight, randlora_linear
 from .planner import Route
 from .recipes import sparsity
-from .sparse import sparse_randlora_linear
+from .sparse import sparse_delta, sparse_randlora_linear
 
 __all__ = ["RandLoraLinear", "Adapter", "is_quantized", "dequantize", "INITS", "DEFAULT_INIT", "Init", "get_init"]
 
@@ -367,9 +367,22 @@ class RandLoraLinear(Adapter):
         ad = self.adapter(name)
         if ad is None:
             raise StateError(f"this layer has no adapter {name or self.active!r}; it has {self.adapter_names()}")
-        A, B = self._views()
-        return delta_weight(ad.randlora_lambda, ad.randlora_gamma, A, B, ad.scaling,
-                            self.out_features < self.in_features, dtype)
+        return self._delta(ad, dtype)
+
+    def _density(self) -> float | None:
+        """The ternary bases' density (None: dense bases)."""
+        bank = self._bank
+        return None if bank.mode == "dense" else 1.0 / sparsity(bank.mode, bank.shape)
+
+    def _delta(self, ad: Adapter, dtype: torch.dtype) -> torch.Tensor:
+        """``s·ΔW`` of ``ad`` in ``dtype``: through ternary bases' non-zeros where that is the cheaper build on this
+        device (:func:`randlora.planner.sparse_build_pays`), else through the bases' dense views."""
+        lam, gam, s, tr = ad.randlora_lambda, ad.randlora_gamma, ad.scaling, self.out_features < self.in_features
+        A, B = self._views()  # (also the device check)
+        if planner.sparse_build_pays(self._density(), A.device.type):
+            idx = self._bank.sparse_index(self.out_features, self.in_features)
+            return sparse_delta(idx, lam, gam, s, tr, dtype)
+        return delta_weight(lam, gam, A, B, s, tr, dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -433,16 +446,14 @@ class RandLoraLinear(Adapter):
         call (shapes, device type, grad mode, which inputs need gradients) and of the explicit settings
         (``path``, ``keep``, whether the layer sits inside :func:`randlora.cached`). Never of earlier calls, so
         a recomputed forward (activation checkpointing) saves exactly what the first one saved."""
-        bank = self._bank
-        ternary = bank.mode != "dense"
+        density = self._density()
         lam, gam = ad.randlora_lambda, ad.randlora_gamma
         return planner.plan_call(
             T=T, O=self.out_features, I=self.in_features, nr=lam.numel(), r=self.r, device=device,
             grad=torch.is_grad_enabled(), need_x=need_x, need_S=lam.requires_grad or gam.requires_grad,
             need_W=self.weight.requires_grad, fused=fused, path=self.path, keep=self.keep,
             cached=self._delta_cache is not None,
-            density=1.0 / sparsity(bank.mode, bank.shape) if ternary else None,
-            threads=torch.get_num_threads() if (ternary and device == "cpu") else 1,
+            density=density, threads=torch.get_num_threads() if (density is not None and device == "cpu") else 1,
             compiling=torch.compiler.is_compiling())
 
     def _weff(self, route: Route, ad: Adapter, cd: torch.dtype, A: torch.Tensor,
@@ -454,10 +465,14 @@ class RandLoraLinear(Adapter):
         tr = self.out_features < self.in_features
         if route.build == "fresh":
             return build_weight(self._w(), lam, gam, A, B, s, tr, cd)
+        if route.build == "sparse":
+            with torch.no_grad():
+                idx = self._bank.sparse_index(self.out_features, self.in_features)
+                return sparse_delta(idx, lam, gam, s, tr, cd, self._w())
         acc = acc_dtype(self.weight.dtype)
         bank = self._bank
         D = self._delta_cache.delta(lam, gam, s, (bank.A, bank.B, bank.generation),
-                                    lambda: delta_weight(lam.detach(), gam.detach(), A, B, s, tr, acc))
+                                    torch.no_grad()(lambda: self._delta(ad, acc)))
         with torch.no_grad():
             return (self._w().to(acc) + D).to(cd)
 

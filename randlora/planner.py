@@ -36,6 +36,8 @@ __all__ = [
     "sparse_costs",
     "sparse_pays",
     "padded_width",
+    "build_cost",
+    "sparse_build_pays",
     "PATHS",
     "KEEP_POLICIES",
 ]
@@ -77,6 +79,9 @@ class DeviceCosts:
     group_overhead: float
     """What one more group of rows costs a ``randlora.mixed`` call that goes group by group, beyond its
     multiply-adds and copies (Python, kernel starts), in GEMM multiply-adds."""
+    build_weight: float
+    """Time of building ``W + s·ΔW`` through ternary bases' non-zeros (:func:`randlora.sparse.sparse_delta`) per
+    multiply-add it does (``M·n·r·m·density``), against a dense GEMM's per multiply-add."""
     measured_by: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -84,7 +89,7 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
         token_block=64, token_block_threaded=512, scratch=True, layout_weight=130.0, layout_weight_threaded=250.0,
-        gemm_tokens=40, group_overhead=8e6,
+        gemm_tokens=40, group_overhead=8e6, build_weight=12.0,
         measured_by={
             "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
             "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
@@ -105,11 +110,13 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
                            "30-41 at the Llama's and MiniLM's widths, two threads; docs/serving.md)",
             "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 50-63 µs per group and layer "
                               "call, 7.9-9.0 M multiply-adds of a GEMM at 130-168 G/s)",
+            "build_weight": "python benchmarks/sparse_op.py --builds --reps 15 (9.1-13.9 for very_sparse bases at "
+                            "widths 384-2816, 4.2-10.9 for sparse ones; two threads; docs/sparse.md)",
         }),
     "cuda": DeviceCosts(
         spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
         token_block=None, token_block_threaded=None, scratch=False, layout_weight=400.0,
-        layout_weight_threaded=400.0, gemm_tokens=200, group_overhead=2e10,
+        layout_weight_threaded=400.0, gemm_tokens=200, group_overhead=2e10, build_weight=80.0,
         measured_by={
             "spmm_weight": "arithmetic (H100/H200 bf16): dense GEMM ~4.9e14 MAC/s; a gather reads one element "
                            "per multiply-add, ~6e12/s from L2 (~1.2e13 B/s, 2 B) -> ~80. To measure: "
@@ -130,6 +137,8 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
                            "To measure: python benchmarks/serving.py --gemm-tokens --device cuda",
             "group_overhead": "arithmetic: about 40 µs of Python and kernel starts per group at ~4.9e14 MAC/s. "
                               "Not measured on a GPU yet (the --gemm-tokens overhead line runs on the CPU)",
+            "build_weight": "arithmetic: the build's sparse product is an embedding_bag gather, as spmm_weight (80): "
+                            "dense builds on a GPU. To measure: python benchmarks/sparse_op.py --builds (CPU only)",
         }),
 }
 
@@ -150,8 +159,9 @@ class Route:
         kind: ``"dense"`` (``ops.RandLoraFunction``) or ``"sparse"`` (``sparse.SparseRandLoraFunction``).
         forward: ``"weight"`` (build ``W + s·ΔW``, one matmul), ``"activation"`` (``x → S → B``), ``"kept"``
             (one matmul with a ``W + s·ΔW`` built before the op) or ``"sparse"``.
-        build: where that prebuilt ``W + s·ΔW`` comes from: None, ``"fresh"`` or ``"cached"`` (``s·ΔW`` from
-            the layer's ``randlora.cached`` entry).
+        build: where that prebuilt ``W + s·ΔW`` comes from: None, ``"fresh"`` (built through the bases' dense
+            views), ``"sparse"`` (through ternary bases' non-zeros, :func:`sparse_build_pays`) or ``"cached"``
+            (``s·ΔW`` from the layer's ``randlora.cached`` entry).
         grad_x: ``∂x`` route: None (not needed), ``"kept"``, ``"fused"``, ``"act"`` or ``"sparse"``.
         grad_S: ``∂λ/∂γ`` route: None, ``"G"`` (``B_flatᵀ(gyᵀx)``), ``"act"`` (``(gy B_flat)ᵀx``) or
             ``"sampled"`` (sparse: at ``S``'s pattern).
@@ -247,7 +257,7 @@ def plan(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "au
 
 
 def _keep(T: int, O: int, I: int, nr: int, path: str, policy: str, need_x: bool, need_S: bool, need_W: bool,
-          reuse: bool, dc: DeviceCosts) -> bool:
+          reuse: bool, dc: DeviceCosts, build: float) -> bool:
     if policy not in KEEP_POLICIES:
         raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {policy!r}")
     if policy == "never" or path == "activation":
@@ -258,21 +268,38 @@ def _keep(T: int, O: int, I: int, nr: int, path: str, policy: str, need_x: bool,
         return False
     a = plan(T, O, I, nr, path=path, need_x=need_x, need_S=need_S, need_W=need_W)
     b = plan(T, O, I, nr, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
-    build = 0 if reuse else max(O, I) * nr * min(O, I)  # shared by the micro-batches when reused
+    build = 0 if reuse else build  # shared by the micro-batches when reused
     return b["forward_cost"] + b["backward_cost"] + build < a["forward_cost"] + a["backward_cost"]
 
 
 def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str = "auto",
-              need_x: bool = True, reuse: bool = False, device: str = "cpu") -> bool:
+              need_x: bool = True, reuse: bool = False, device: str = "cpu", density: float | None = None) -> bool:
     """Whether to build ``W + s·ΔW`` once and keep it for backward (and for further micro-batches).
 
     ``"auto"``: when that lowers the step's multiply-adds AND the kept ``O × I`` matrix is no larger than
     ``keep_memory_ratio`` times the ``T × I`` input that backward saves anyway (``O <= ratio · T``).
     ``reuse``: the layer caches ``s·ΔW`` (an explicit setting, see :func:`randlora.cached`), so the build
     is shared by several calls: it is not counted, and the memory bound is ``keep_reuse_ratio``
-    (:data:`DEVICE_COSTS`). A pure function of its arguments: the same call always takes the same route.
+    (:data:`DEVICE_COSTS`). ``density``: ternary bases' density (the build then costs :func:`build_cost`).
+    A pure function of its arguments: the same call always takes the same route.
     """
-    return _keep(T, O, I, nr, path, policy, need_x, True, False, reuse, device_costs(device))
+    return _keep(T, O, I, nr, path, policy, need_x, True, False, reuse, device_costs(device),
+                 build_cost(O, I, nr, density, device))
+
+
+def build_cost(O: int, I: int, nr: int, density: float | None = None, device: str = "cpu") -> float:
+    """What building ``s·ΔW`` (or ``W + s·ΔW``) once costs, in GEMM multiply-adds: ``M·n·r·m`` through the bases'
+    dense views, or ``build_weight · M·n·r·m · density`` through ternary bases' non-zeros where that is less
+    (:func:`sparse_build_pays`)."""
+    full = float(max(O, I) * nr * min(O, I))
+    return full * device_costs(device).build_weight * density if sparse_build_pays(density, device) else full
+
+
+def sparse_build_pays(density: float | None, device: str = "cpu") -> bool:
+    """Whether ``s·ΔW`` of ternary bases of ``density`` is built through their non-zeros
+    (:func:`randlora.sparse.sparse_delta`) rather than their dense views on ``device``: when ``build_weight ·
+    density < 1`` (both builds do ``M·n·r·m`` multiply-adds at full density). False for dense bases (None)."""
+    return density is not None and device_costs(device).build_weight * density < 1.0
 
 
 def padded_width(m: int, density: float, r: int = 32) -> float:
@@ -332,13 +359,14 @@ def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: f
 
 
 def _dense_floor(T: int, O: int, I: int, nr: int, fused: bool, need_x: bool, need_S: bool,
-                 need_W: bool) -> float:
-    """The cheapest dense plan's cost (path auto; with and, when fused, without a kept ``W + s·ΔW``)."""
+                 need_W: bool, build: float, dc: DeviceCosts) -> float:
+    """The cheapest dense plan's cost (path auto; without and, when fused, with a ``W + s·ΔW`` prebuilt at
+    ``build``, which a call that needs gradients keeps only within ``keep_memory_ratio``)."""
     p = plan(T, O, I, nr, fused=fused, need_x=need_x, need_S=need_S, need_W=need_W)
     dense = p["forward_cost"] + p["backward_cost"]
-    if fused:
+    if fused and (not (need_x or need_S or need_W) or O <= dc.keep_memory_ratio * T):
         k = plan(T, O, I, nr, fused=True, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
-        dense = min(dense, k["forward_cost"] + k["backward_cost"] + max(O, I) * nr * min(O, I))
+        dense = min(dense, k["forward_cost"] + k["backward_cost"] + build)
     return dense
 
 
@@ -346,7 +374,9 @@ def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: fl
                 need_x: bool = True, need_S: bool = True, need_W: bool = False, r: int = 32,
                 device: str = "cpu", threads: int = 1) -> bool:
     """Whether the sparse route's weighted cost is below the cheapest dense plan's (:func:`plan`, path auto,
-    with and, when ``W`` is given, without a kept ``W + s·ΔW``, whose build is then counted).
+    without and, when ``W`` is given, with a prebuilt ``W + s·ΔW``, whose build is then counted at
+    :func:`build_cost` of ``density_B``, and which a call needing gradients keeps only within
+    ``keep_memory_ratio``).
 
     Args:
         T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r, device, threads: as :func:`sparse_costs`.
@@ -357,7 +387,8 @@ def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: fl
     """
     sc = sparse_costs(T, O, I, nr, density_A, density_B, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
                       device=device, threads=threads)
-    return sc["total"] < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W)
+    return sc["total"] < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W,
+                                      build_cost(O, I, nr, density_B, device), device_costs(device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,7 +398,7 @@ def op_route(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str =
              need_S: bool = True, need_W: bool = False, kept: bool = False) -> Route:
     """The dense op's :class:`Route` for a direct call of the op (``kept``: a prebuilt ``W + s·ΔW`` is handed
     to it). Layers plan with :func:`plan_call`."""
-    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, None)
+    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, None, 0.0)
 
 
 def sparse_op_route(T: int, device: str = "cpu", threads: int = 1, *, need_x: bool = True, need_S: bool = True,
@@ -377,11 +408,11 @@ def sparse_op_route(T: int, device: str = "cpu", threads: int = 1, *, need_x: bo
 
 
 def _dense(T: int, O: int, I: int, nr: int, fused: bool, path: str, need_x: bool, need_S: bool, need_W: bool,
-           kept: bool, build: str | None) -> Route:
+           kept: bool, build: str | None, build_mac: float) -> Route:
     p = plan(T, O, I, nr, fused=fused, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=kept)
     xr, sr = p["backward"]
     kept = kept and fused
-    cost = p["forward_cost"] + p["backward_cost"] + (max(O, I) * nr * min(O, I) if build == "fresh" else 0)
+    cost = p["forward_cost"] + p["backward_cost"] + (build_mac if build in ("fresh", "sparse") else 0)
     return Route("dense", "kept" if kept else p["forward"], build if kept else None, xr, sr, need_W and fused,
                  None, float(cost))
 
@@ -419,17 +450,20 @@ def plan_call(*, T: int, O: int, I: int, nr: int, r: int, device: str = "cpu", g
         compiling: under ``torch.compile`` (no prebuilt ``W + s·ΔW``).
     """
     need_x, need_S, need_W = grad and need_x, grad and need_S, grad and need_W and fused
+    density = None if compiling else density  # (under torch.compile nothing is prebuilt)
+    build = build_cost(O, I, nr, density, device)
     if density is not None and path not in ("weight", "activation") and not cached:
         sc = sparse_costs(T, O, I, nr, density, density, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
                           device=device, threads=threads)["total"]
-        if path == "sparse" or sc < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W):
+        if path == "sparse" or sc < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W, build,
+                                                 device_costs(device)):
             return _sparse(T, device, threads, need_x, need_S, need_W, sc)
     path = "auto" if path == "sparse" else path
     kept = False
     if fused and not compiling:
         if grad:  # (compared on a training call's backward: ∂λ/∂γ needed, W frozen; as keep_pays)
-            kept = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, device_costs(device))
-        else:
-            kept = cached and path != "activation"
-    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept,
-                  ("cached" if cached else "fresh") if kept else None)
+            kept = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, device_costs(device), build)
+        elif path != "activation":  # a prebuilt W + s·ΔW: the cached one, or one built cheaper than the op's route
+            kept = cached or build < plan(T, O, I, nr, path=path, need_x=False, need_S=False)["forward_cost"]
+    how = "cached" if cached else ("sparse" if sparse_build_pays(density, device) else "fresh")
+    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, how if kept else None, build)

@@ -32,7 +32,7 @@ from torch import nn
 from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
 from .paths import canonical, on_root
-from .planner import device_costs, forward_costs, sparse_costs, token_block
+from .planner import build_cost, device_costs, forward_costs, sparse_costs, token_block
 from .recipes import sparsity
 from .sparse import grouped_terms
 from .walker import registry_of
@@ -51,17 +51,20 @@ def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None,
                device: str = "cpu", threads: int = 1) -> dict[str, float]:
     """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
 
-    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW`` (``M·nr·m``), whose
-    one matmul replaces the frozen one (a quantized base layer has no float ``W`` to build on: the build and one
-    more matmul ``T·O·I``); ``"kept"``: ``W + s·ΔW`` built earlier and kept (``keep_bytes``), whose matmul
-    replaces the group's frozen one: nothing on top (a quantized base layer keeps ``s·ΔW``, whose matmul comes on
-    top: ``O·I·(T + gemm_tokens)``, :data:`randlora.planner.DEVICE_COSTS`);
+    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW``
+    (:func:`randlora.planner.build_cost`: ``M·nr·m``, less through ternary bases' non-zeros), whose one matmul
+    replaces the frozen one (a quantized base layer has no float ``W`` to build on: the op builds ``s·ΔW``
+    through the dense views, ``M·nr·m``, and one more matmul ``T·O·I``); ``"kept"``: ``W + s·ΔW`` built earlier
+    and kept (``keep_bytes``), whose matmul replaces the group's frozen one: nothing on top (a quantized base
+    layer keeps ``s·ΔW``, whose matmul comes on top: ``O·I·(T + gemm_tokens)``,
+    :data:`randlora.planner.DEVICE_COSTS`);
     ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost with ``threads`` torch
     threads. The frozen layer's own ``T·O·I`` is not counted.
     """
-    c = forward_costs(T, O, I, nr, fused=not quantized, kept=False)
+    c = forward_costs(T, O, I, nr, fused=not quantized, kept=True)
     tau = device_costs(device).gemm_tokens
-    out = {"activation": float(c["activation"]), "weight": float(c["weight"]),
+    build = build_cost(O, I, nr, None if quantized else density, device)
+    out = {"activation": float(c["activation"]), "weight": c["weight"] + build,
            "kept": float(O * I * (T + tau)) if quantized else 0.0}
     if density is not None:
         out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False, need_W=False,

@@ -30,6 +30,7 @@ without its padding; all of them exist on CUDA.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "build_index",
     "sparse_randlora_linear",
     "grouped_terms",
+    "sparse_delta",
     "SparseRandLoraFunction",
     "sparse_costs",
     "sparse_pays",
@@ -143,6 +145,17 @@ class SparseIndex:
         self.density_A = self.nnz_A / max(A.numel(), 1)
         self.density_B = self.nnz_B / max(B.numel(), 1)
         self._cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+
+    @functools.cached_property
+    def s_flat(self) -> torch.Tensor:
+        """The flat positions of ``S``'s entries (CSR order) in a dense ``(n·r, m)`` matrix (:func:`sparse_delta`)."""
+        return self.s_row * self.m + self.s_cols
+
+    @functools.cached_property
+    def bt_flat(self) -> torch.Tensor:
+        """The flat positions of ``B_flatᵀ``'s entries (CSR order) in a dense ``(n·r, M)`` matrix."""
+        rows = torch.repeat_interleave(torch.arange(self.r * self.n, device=self.device), self.bt_offs.diff())
+        return rows * self.M + self.bt_idx
 
     def out_features(self, I: int) -> int:
         """``O`` of an adapter-only call (``W`` None) with input width ``I``, as in ``ops``."""
@@ -447,6 +460,49 @@ def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block
             ya = _spmm(idx.b_offs, idx.b_idx, b_val, ya)
         y.index_copy_(0, every[w0:w1], ya.t().to(cd))
     return y
+
+
+def sparse_delta(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, s: float, transposed: bool,
+                 dtype: torch.dtype, W: torch.Tensor | None = None) -> torch.Tensor:
+    """``s·ΔW`` (``W + s·ΔW`` when ``W`` is given) through the bases' non-zeros, as ``(O, I)`` in ``dtype``.
+
+    ``I <= O``: ``ΔW = B_flat S``, ``B_flat``'s sparse rows over ``S`` written out dense; ``O < I``
+    (``transposed``): ``ΔW = Sᵀ B_flatᵀ``, ``Sᵀ``'s sparse rows over ``B_flatᵀ`` written out dense. Either way
+    ``M·n·r·m·density_B`` multiply-adds where the dense views' build (:func:`randlora.ops.delta_weight`) does
+    ``M·n·r·m``; the sums run in float32 (float64 for float64) and ``s`` is folded into ``S``'s values.
+    Differentiable in ``λ``, ``γ`` and ``W``.
+
+    Args:
+        idx: ``bank.sparse_index(O, I)``.
+        lam, gam: ``λ`` ``(r, n)`` and ``γ`` ``(n, m)``.
+        s: the scale ``alpha / r``.
+        transposed: ``O < I``.
+        dtype: the result's dtype.
+        W: the frozen weight ``(O, I)``, or None.
+
+    Returns:
+        ``(O, I)`` in ``dtype``.
+    """
+    wd = torch.float64 if dtype == torch.float64 else torch.float32
+    _, s_a, b_val, bt_val, _, _ = idx.operands(wd)
+    nr, m, M = idx.r * idx.n, idx.m, idx.M
+    w = _s_weights(lam, gam, idx, s_a, wd) * s
+    if transposed:
+        table = _dense_table("Bt", nr, M, idx.bt_flat, bt_val)
+        D = _spmm(*_ST(idx, w), table)
+    else:
+        D = _spmm(idx.b_offs, idx.b_idx, b_val, _dense_table("S", nr, m, idx.s_flat, w))
+    if W is not None:
+        D = D.add_(W) if W.dtype == wd else D.add_(W.to(wd))  # (D is not saved for backward: in place is safe)
+    return D.to(dtype)
+
+
+def _dense_table(role: str, rows: int, cols: int, flat: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """A ``(rows, cols)`` matrix that is ``vals`` at the flat positions ``flat`` and 0 elsewhere (in the thread's
+    scratch buffer when not recording gradients, see :func:`randlora.ops.scratch`)."""
+    buf = scratch(f"dense {role}", (rows * cols,), vals.dtype, vals.device)
+    buf = buf.zero_() if buf is not None else vals.new_zeros(rows * cols)
+    return buf.index_put_((flat,), vals).view(rows, cols)
 
 
 def _check(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, O: int, I: int) -> None:

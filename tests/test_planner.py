@@ -16,7 +16,7 @@ from torch import nn
 import randlora
 from randlora import ops, planner, sparse
 from randlora.walker import adapted_layers
-from randlora.planner import DEVICE_COSTS, Route, keep_pays, plan, plan_call, sparse_pays
+from randlora.planner import DEVICE_COSTS, Route, build_cost, keep_pays, plan, plan_call, sparse_pays
 
 
 # ------------------------------------------------------------------------------------------------
@@ -33,8 +33,10 @@ def old_route(T, O, I, nr, r, *, grad=True, need_x=True, need_S=True, need_W=Fal
             bwd = ("sparse" if grad and need_x else None, "sampled" if grad and need_S else None)
             return "sparse", "sparse", False, bwd, (c if T > c else None)
     kept = False
-    if fused:  # layer._prebuilt
-        kept = keep_pays(T, O, I, nr, path, keep, need_x, reuse=cached) if grad else (cached and path != "activation")
+    if fused and grad:  # layer._prebuilt; the build through ternary bases' non-zeros where it is the cheaper one
+        kept = keep_pays(T, O, I, nr, path, keep, need_x, reuse=cached, density=density)
+    elif fused and path != "activation":  # no-grad: the cached s·ΔW, or a build cheaper than the op's own route
+        kept = cached or build_cost(O, I, nr, density) < plan(T, O, I, nr, path=path)["forward_cost"]
     fwd = "kept" if kept else plan(T, O, I, nr, fused=fused, path=path)["forward"]  # the op's forward plan
     if not grad:
         return "dense", fwd, kept, (None, None), None
@@ -127,7 +129,8 @@ def test_no_cpu_constant_decides_a_cuda_route(monkeypatch):
     cuda, cpu = routes("cuda"), routes("cpu")
     absurd = planner.DeviceCosts(spmm_weight=1e-9, sampled_weight=1e-9, keep_memory_ratio=1e9, keep_reuse_ratio=1e9,
                                  token_block=1, token_block_threaded=1, scratch=True, layout_weight=1e-9,
-                                 layout_weight_threaded=1e-9, gemm_tokens=1, group_overhead=1e-9)
+                                 layout_weight_threaded=1e-9, gemm_tokens=1, group_overhead=1e-9,
+                                 build_weight=1e-9)
     monkeypatch.setitem(DEVICE_COSTS, "cpu", absurd)
     assert routes("cuda") == cuda
     assert routes("cpu") != cpu  # (the patch does reach the CPU's routes)

@@ -9,7 +9,8 @@ no-grad evaluation) and the final adapters must agree to 1e-5 relative (fp32).
 Matrix: {plain loop, transformers ``Trainer``} × {SGD, AdamW for-loop, foreach, fused} × {gradient
 accumulation 1, 4} × {no checkpointing, non-reentrant, reentrant} × {tokens per call below, between and
 above the layer widths} × {with and without eval()/no-grad evaluation between steps} × {default
-settings, inside ``randlora.cached``}; with ternary bases also the sparse route. The Trainer part runs one
+settings, inside ``randlora.cached``}; with ternary bases also the sparse route, and ``W + s·ΔW`` built
+through their non-zeros. The Trainer part runs one
 token count.
 """
 
@@ -17,12 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import dataclasses
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 
 import randlora
+from randlora import layer as layer_mod
+from randlora import planner
 
 transformers = pytest.importorskip("transformers")
 
@@ -137,6 +142,23 @@ def test_sparse_route_in_the_loop_matches_the_dense_route(opt_kind, accum, ckpt,
     want = _reference(opt_kind, accum, ckpt, tokens, True, "very_sparse")
     for mode in ("sparse", "default"):
         _agree(_loop(opt_kind, accum, ckpt, tokens, True, mode, "very_sparse"), want)
+
+
+@pytest.mark.parametrize("tokens", list(TOKENS))
+@pytest.mark.parametrize("ckpt", CHECKPOINTING)
+@pytest.mark.parametrize("accum", [1, 4])
+@pytest.mark.parametrize("opt_kind", ["sgd", "adamw-foreach"])
+def test_builds_through_the_non_zeros_in_the_loop_match_the_dense_route(opt_kind, accum, ckpt, tokens, monkeypatch):
+    """Ternary bases whose ``W + s·ΔW`` is built through their non-zeros (made cheap here, so that these narrow
+    layers take that build, keep it in the training steps that may and prebuild it in the eval calls), against
+    the dense route with nothing kept."""
+    want = _reference(opt_kind, accum, ckpt, tokens, True, "very_sparse")
+    cpu = planner.DEVICE_COSTS["cpu"]
+    monkeypatch.setitem(planner.DEVICE_COSTS, "cpu", dataclasses.replace(cpu, build_weight=1e-3))
+    spy = mock.Mock(wraps=layer_mod.sparse_delta)
+    monkeypatch.setattr(layer_mod, "sparse_delta", spy)
+    _agree(_loop(opt_kind, accum, ckpt, tokens, True, "default", "very_sparse"), want)
+    assert spy.call_count > 0
 
 
 # ------------------------------------------------------------------------------------------------
