@@ -17,6 +17,7 @@ from randlora.errors import CheckpointError, ConfigError, StateError
 from randlora.export import LORA_CONFIG, LORA_WEIGHTS, LoraExport, export_file, factor, save_lora, to_lora
 from randlora.walker import adapted_layers
 
+from bench_loader import load_benchmark
 from models import Net, randomize
 from reference import layer_delta
 
@@ -572,13 +573,7 @@ def test_ambiguous_paths_get_exact_patterns(tmp_path):
 
 def test_benchmark_quick(tmp_path, capsys):
     """The benchmark runs end to end on a small model and its figures are consistent."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "export.py"
-    spec = importlib.util.spec_from_file_location("bench_export", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("export")
     threads = torch.get_num_threads()
     try:
         mod.main(["--quick", "--reps", "1", "--out", str(tmp_path / "e.json")])

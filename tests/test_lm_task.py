@@ -3,14 +3,12 @@ and ``study --quick`` trains every method and writes a table of finite perplexit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from bench_loader import load_benchmark
 
 pytest.importorskip("transformers", reason="the benchmark's model is a transformers Llama")
 pytest.importorskip("peft", reason="the study's LoRA is peft's")
@@ -18,10 +16,7 @@ torch = pytest.importorskip("torch")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_lm_task", BENCH / "lm_task.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("lm_task")
 
 
 @pytest.fixture()

@@ -4,9 +4,7 @@ adapter active; training, ``generate()`` with a KV cache, the refusals, and the 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -22,6 +20,7 @@ from randlora.serving import Mixed
 from randlora.walker import adapted_layers
 from models import TARGETS, Net
 from models import randomize
+from bench_loader import load_benchmark
 
 NAMES = ["default", "b", "c", None]
 SUBSET = ["layers.0.q_proj", "layers.1.up_proj"]  # adapter "c" lives on these two layers only
@@ -30,7 +29,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 # through other BLAS kernels, and on this net (outputs up to about 7) that rounding alone exceeds 1e-5 in about
 # one random case in 300, mixed block or not; in float64 the mixed and the alone rows agree to about 1e-14.
 TOL64 = dict(rtol=1e-10, atol=1e-10)
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def served(bases: str = "dense", dropout: float = 0.0) -> nn.Module:
@@ -505,9 +503,7 @@ def test_keep_bytes_budget_is_respected():
 # the benchmark's smoke run
 # ------------------------------------------------------------------------------------------------
 def test_serving_benchmark_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_serving", BENCH / "serving.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("serving")
     out = tmp_path / "serving.json"
     mod.main(["--quick", "--out", str(out)])
     data = json.loads(out.read_text())
@@ -517,9 +513,7 @@ def test_serving_benchmark_quick(tmp_path):
 
 
 def test_serving_benchmark_profile_quick(capsys):
-    spec = importlib.util.spec_from_file_location("bench_serving_profile", BENCH / "serving.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("serving")
     mod.main(["--quick", "--profile"])
     out = capsys.readouterr().out
     assert out.count("self CPU ms per forward") == 2  # B = 8, K = 1 and 4

@@ -33,6 +33,7 @@ from randlora.sparse import (
     sparse_pays,
     sparse_randlora_linear,
 )
+from bench_loader import load_benchmark
 from reference import reference_delta
 
 S = 0.7
@@ -499,14 +500,9 @@ def test_cuda_matches_cpu_and_dense_route(dtype):
 # the one-layer benchmark runs (smoke)
 # ------------------------------------------------------------------------------------------------
 def test_sparse_op_benchmark_quick(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sparse_op.py"
-    spec = importlib.util.spec_from_file_location("bench_sparse_op", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("sparse_op")
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "sparse_op.json"

@@ -18,6 +18,7 @@ from randlora import layer as layer_mod
 from randlora import planner
 from randlora.planner import build_cost, plan_call, sparse_build_pays
 from randlora.sparse import build_index, sparse_delta
+from bench_loader import load_benchmark
 from reference import layer_delta, reference_delta, reference_linear
 from test_sparse import S, leaves, ternary_views
 
@@ -135,13 +136,7 @@ def test_a_training_step_that_keeps_the_sparse_build_matches_the_reference():
 
 
 def test_the_builds_benchmark_runs_and_its_builds_agree(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sparse_op.py"
-    spec = importlib.util.spec_from_file_location("bench_sparse_op_builds", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("sparse_op")
     threads = torch.get_num_threads()
     try:
         mod.main(["--builds", "--shapes", "96x64", "64x96", "--modes", "very_sparse", "sparse", "--reps", "1",
