@@ -92,6 +92,13 @@ def test_a_no_grad_call_and_a_merge_build_through_the_non_zeros():
         y = model(x)
         deltas = [model[i].delta_weight() for i in (0, 2)]
     assert spy.call_count == 4  # two prebuilt weights, two deltas
+    with torch.no_grad(), mock.patch.object(layer_mod, "sparse_delta", spy), \
+            mock.patch.object(layer_mod, "delta_weight", side_effect=AssertionError("dense build")):
+        with randlora.cached(model) as names:  # the cached s·ΔW, built through the non-zeros once per layer
+            assert names == ["0", "2"]
+            y_cached = [model(x) for _ in range(2)]
+    assert spy.call_count == 6
+    assert all(torch.allclose(t, y, rtol=1e-5, atol=1e-3) for t in y_cached)  # outputs ~1e3: float32 rounding
     h = torch.relu(reference_linear(x, model[0].weight, model[0].bias, layer_delta(model[0])))
     want = reference_linear(h, model[2].weight, model[2].bias, layer_delta(model[2]))
     assert _rel_err(y, want) < 2e-6  # float32 rounding (the dense views' build: 4e-7 here)
