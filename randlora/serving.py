@@ -33,7 +33,6 @@ from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
 from .paths import canonical, on_root
 from .planner import build_cost, device_costs, forward_costs, sparse_costs, token_block
-from .recipes import sparsity
 from .sparse import grouped_terms
 from .walker import registry_of
 
@@ -482,7 +481,7 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
     if bank is not None and bank in _ACTIVE:
         raise StateError("the model is already inside randlora.mixed(...); leave that block first (one block per "
                          "model at a time)")
-    density = None if bank is None or bank.mode == "dense" else 1.0 / sparsity(bank.mode, bank.shape)
+    density = layers[0][1]._density() if layers else None
     state = Mixed(names, {id(l): p for p, l in layers}, keep_bytes, density)
     try:
         if bank is not None:

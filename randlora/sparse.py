@@ -493,7 +493,7 @@ def sparse_delta(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, s: floa
     else:
         D = _spmm(idx.b_offs, idx.b_idx, b_val, _dense_table("S", nr, m, idx.s_flat, w))
     if W is not None:
-        D = D.add_(W) if W.dtype == wd else D.add_(W.to(wd))  # (D is not saved for backward: in place is safe)
+        D = D.add_(W.to(wd))  # (D is not saved for backward: in place is safe)
     return D.to(dtype)
 
 
