@@ -49,7 +49,7 @@ from .walker import (
     use,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one source of the version: pyproject.toml reads it (tool.setuptools.dynamic)
 
 __all__ = [
     "Adapter",
