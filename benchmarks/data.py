@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
 import os
 import random
+import sys
 import sysconfig
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,15 +89,16 @@ def _stratified_split(classes: list[list[str]], seed: int, fractions: tuple[floa
 def _parsed_modules(root: Path, skip: set[str]):
     """The parsed syntax tree of every ``.py`` file under ``root`` (sorted walk, ``skip`` folders left out;
     files that do not parse are skipped). Nothing is imported or executed."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip)
-        for fn in sorted(filenames):
-            if not fn.endswith(".py"):
-                continue
-            try:
-                yield ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
+    return _parsed(_py_files(root, skip))
+
+
+def _parsed(files: list[Path]):
+    """The parsed syntax tree of each of ``files`` (those that do not parse are skipped)."""
+    for f in files:
+        try:
+            yield ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
 
 
 def _package_docstrings(pkg_dir: Path, min_chars: int) -> set[str]:
@@ -145,9 +150,39 @@ CODE_SKIP_DIRS = SKIP_DIRS | {"idlelib", "tkinter", "turtledemo", "lib2to3", "di
 
 
 def _function_bodies(stdlib: Path, skip: set[str]) -> list[tuple[str, str]]:
-    """``(body source, verb)`` for every function of the standard library (its docstring removed)."""
+    """``(body source, verb)`` for every function of the standard library (its docstring removed).
+
+    Parsing the whole standard library takes 10-25 s, so the result is kept in a JSON file in the temporary
+    folder, named by a hash of everything it depends on (this file's source, the interpreter's version, the
+    standard library's path, ``skip``, and the size and mtime of every file read); a file that fails to read
+    is recomputed."""
+    files = _py_files(stdlib, skip)
+    key = hashlib.sha256(repr((Path(__file__).read_bytes(), sys.version, str(stdlib), sorted(skip),
+                               [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])).encode())
+    path = Path(tempfile.gettempdir()) / f"randlora-bench-bodies-{key.hexdigest()[:20]}.json"
+    try:
+        return [tuple(pair) for pair in json.loads(path.read_text())]
+    except (OSError, ValueError):
+        pass
+    out = _parse_bodies(files)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
+    return out
+
+
+def _py_files(root: Path, skip: set[str]) -> list[Path]:
+    """Every ``.py`` file under ``root`` in a sorted walk, ``skip`` folders left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        found += [Path(dirpath, fn) for fn in sorted(filenames) if fn.endswith(".py")]
+    return found
+
+
+def _parse_bodies(files: list[Path]) -> list[tuple[str, str]]:
     out = []
-    for tree in _parsed_modules(stdlib, skip):
+    for tree in _parsed(files):
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue

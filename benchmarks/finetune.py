@@ -283,7 +283,7 @@ class Run:
     test_acc: float = 0.0
     test_correct: list[int] = field(default_factory=list)  # 1 where the test prediction is right
     losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # from the interleaved timing pass (step_timings)
     peak_mb: float | None = None
     file_bytes: int = 0
     seconds: float = 0.0
@@ -345,16 +345,13 @@ def schedule(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data: dict, batches: list[list[int]],
-              args, cached: dict | None, desc: str) -> tuple[Run, Classifier]:
-    from tqdm.auto import tqdm
-
-    model, note = build(method, pristine, len(data["classes"]), args.seed, args.r, args.alpha_scale, init=args.init)
-    run = Run(method=method, lr=lr, note=note)
-    head_params = list(model.head.parameters())
+def setup(method: str, lr: float, head_lr: float, pristine: nn.Module, n_classes: int,
+          args) -> tuple[Classifier, torch.optim.Optimizer, str]:
+    """``method``'s model (see :func:`build`) in training mode with dropout off, and its AdamW: the head at
+    ``head_lr`` (``lr`` when only the head trains), the encoder's trainable parameters at ``lr``."""
+    model, note = build(method, pristine, n_classes, args.seed, args.r, args.alpha_scale, init=args.init)
     body = [p for p in model.encoder.parameters() if p.requires_grad]
-    run.trainable = sum(p.numel() for p in body + head_params)
-    groups = [{"params": head_params, "lr": lr if method == "head" else head_lr}]
+    groups = [{"params": list(model.head.parameters()), "lr": lr if method == "head" else head_lr}]
     if body:
         groups.append({"params": body, "lr": lr})
     for g in groups:
@@ -362,16 +359,47 @@ def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data:
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     model.train() if method != "head" else model.eval()
     model.encoder.eval()  # dropout off in every run: the same deterministic network for every method
+    return model, opt, note
+
+
+def step_timings(best: dict[str, Run], head_lr: float, pristine: nn.Module, data: dict, idx: list[int], args,
+                 cached: dict | None, reps: int) -> dict[str, list[float]]:
+    """Seconds per training step of each method in ``best`` (its best learning rate), all on the batch ``idx``,
+    measured side by side: two warm-up steps each, then ``reps`` rounds in which every method takes one step, in
+    an order rotated each round, so that load on the machine falls on every method alike. The head-only
+    method's step reads the frozen encoder's cached features, as its training does."""
+    methods = list(best)
+    runs = {m: setup(m, best[m].lr, head_lr, pristine, len(data["classes"]), args)[:2] for m in methods}
+    features = {m: (cached["train"] if m == "head" and cached is not None else None) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for rnd in range(-2, reps):
+        for k in range(len(methods)):
+            m = methods[(k + rnd) % len(methods)]
+            model, opt = runs[m]
+            t0 = time.perf_counter()
+            train_step(model, opt, data["train"], idx, features[m])
+            if rnd >= 0:
+                times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data: dict, batches: list[list[int]],
+              args, cached: dict | None, desc: str) -> tuple[Run, Classifier]:
+    from tqdm.auto import tqdm
+
+    model, opt, note = setup(method, lr, head_lr, pristine, len(data["classes"]), args)
+    run = Run(method=method, lr=lr, note=note)
+    groups = opt.param_groups
+    run.trainable = sum(p.numel() for g in groups for p in g["params"])
     base = reset_peak()
     t_start = time.perf_counter()
     warmup = max(1, len(batches) // 10)
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+    # a bar on a terminal only: in a log file its carriage-return lines pile up (one summary line per run instead)
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, disable=not sys.stderr.isatty())
     for step, idx in enumerate(bar):
-        t0 = time.perf_counter()
         for g in groups:
             g["lr"] = g["base_lr"] * schedule(step, len(batches), warmup)
         loss = train_step(model, opt, data["train"], idx, cached["train"] if cached is not None else None)
-        run.step_times.append(time.perf_counter() - t0)
         run.losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
@@ -461,9 +489,20 @@ def fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def timing_line(best: dict[str, Run], reps: int, batch: int, tokens: int) -> str:
+    """What the table's step times are, and each method's median against LoRA's."""
+    line = (f"Step times: median of {reps} training steps per method on one batch of {batch} x {tokens} tokens, "
+            f"the methods interleaved (one step each per round), {torch.get_num_threads()} threads")
+    if "lora" in best:
+        ref = statistics.median(best["lora"].step_times)
+        line += "; against LoRA: " + ", ".join(
+            f"{LABELS[m]} {statistics.median(r.step_times) / ref:.2f}x" for m, r in best.items() if m != "lora")
+    return line + "."
+
+
 def table(best: dict[str, Run]) -> str:
-    lines = ["| method | trainable params | best lr | val acc | test acc | median step | peak memory (above model) "
-             "| adapter file |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | trainable params | best lr | val acc | test acc | median step (interleaved) "
+             "| peak memory (above model) | adapter file |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in METHODS:
         if m not in best:
             continue
@@ -525,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"learning rates tried per method, from LR_GRID (default {len(LR_GRID['head'])}; quick 1)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-steps", type=int, default=None,
+                    help="rounds of the interleaved step timing, every method one step per round on the same batch "
+                         "(default 10; quick 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
@@ -534,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in METHODS if m in args.methods.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -595,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                    cached if method == "head" else None,
                                    f"{LABELS[method]:<16} lr {lr:g} ({i + 1}/{len(lrs)})")
             runs.append(run)
-            print(f"  {LABELS[method]:<16} lr {lr:<7g} val acc {100 * run.val_acc:5.1f}%  "
-                  f"median step {1e3 * statistics.median(run.step_times):7.1f} ms  ({run.seconds:.1f} s)")
+            print(f"  {LABELS[method]:<16} lr {lr:<7g} val acc {100 * run.val_acc:5.1f}%  ({run.seconds:.1f} s)",
+                  flush=True)
             if method not in best or run.val_acc > best[method].val_acc:
                 best[method], best_models[method] = run, model
             else:
@@ -617,10 +659,17 @@ def main(argv: list[str] | None = None) -> int:
             best_models.pop(method)
         release_memory()
 
+    reps = args.time_steps if args.time_steps is not None else (3 if args.quick else 10)
+    timed = step_timings(best, head_lr, pristine, data, batches[0], args, cached, reps)
+    for m, t in timed.items():
+        best[m].step_times = t
+    timing = timing_line(best, reps, args.batch, max(map(len, (data["train"].ids[i] for i in batches[0]))))
     res = table(best)
     compared = comparisons(best)
     print()
     print(res)
+    print()
+    print(timing)
     print()
     for line in compared:
         print(line)
@@ -636,18 +685,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check: {name}: {'PASS' if passed else 'FAIL'} ({detail})")
     png = out / "finetune_loss.png"
     plotted = plot(runs, best, png, f"all-MiniLM-L6-v2, stdlib {what}, {steps} steps")
-    total = time.perf_counter() - t_all
-    print(f"\nloss curves: {png if plotted else 'not written (matplotlib missing)'}; total {total:.0f} s")
+    total, cpu = time.perf_counter() - t_all, time.process_time() - cpu_all
+    print(f"\nloss curves: {png if plotted else 'not written (matplotlib missing)'}; total {total:.0f} s wall, "
+          f"{cpu:.0f} CPU-seconds")
 
     md = [f"all-MiniLM-L6-v2 on {len(ds.classes)}-way classification of stdlib {what} ({args.task} task); "
           f"{steps} steps x {args.batch}, max {max_len} tokens, {n_lrs} lr(s) per method; test split "
           f"{len(data['test'])} {what}.", "",
-          res, "", *[f"- {line}" for line in compared], "", "```", ds.counts_table(), "```", ""]
+          res, "", timing, "", *[f"- {line}" for line in compared], "", "```", ds.counts_table(), "```", ""]
     md += [f"- check: {n}: {'PASS' if p else 'FAIL'} ({d})" for n, p, d in checks]
-    md += [f"- total run time {total:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    md += [f"- total run time {total:.0f} s wall, {cpu:.0f} CPU-seconds, torch {torch.__version__}, "
+           f"{torch.get_num_threads()} threads"]
     (out / "finetune_results.md").write_text("\n".join(md) + "\n")
     (out / "finetune_results.json").write_text(json.dumps({
         "task": args.task, "steps": steps, "batch": args.batch, "max_len": max_len, "seconds": total,
+        "cpu_seconds": cpu, "timing": timing,
         "counts": ds.counts(), "comparisons": compared,
         "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
         "runs": [{k: v for k, v in r.__dict__.items()} for r in runs],

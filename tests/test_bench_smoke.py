@@ -63,3 +63,19 @@ def test_quality_study_retrieval_quick(tmp_path, capsys) -> None:
         assert " seed " not in capsys.readouterr().out.split("| setting |")[0]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_encoder_step_benchmark_times_every_method_side_by_side(capsys) -> None:
+    """benchmarks/encoder_step.py's measurement on a tiny BERT: one time per round for every method, and the
+    routes RandLora's layers take printed."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    tiny = transformers.BertModel(transformers.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, vocab_size=1200))
+    times = _load("encoder_step").measure(["randlora", "randlora-vs", "peft-lora", "full"], tiny, 2, 8, 3, 4)
+    assert set(times) == {"randlora", "randlora-vs", "peft-lora", "full"}
+    assert all(len(t) == 3 and min(t) > 0 for t in times.values())
+    out = capsys.readouterr().out
+    assert "randlora routes at 16 tokens:" in out and "randlora-vs routes at 16 tokens:" in out
