@@ -16,6 +16,7 @@ constant decides a CUDA route. Nothing here imports ``torch``: the planner is ar
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,6 +169,8 @@ class Route:
         grad_W: whether backward computes the frozen weight's gradient.
         block: the sparse route's token block (None: all tokens at once).
         cost: predicted extra multiply-adds over the frozen layer, forward + backward (sparse: weighted).
+        why: the decisions that led here, one line each, with the candidates and their predicted costs (not
+            part of the route's identity: two routes that run the same way compare equal). :meth:`explain`.
     """
 
     kind: str
@@ -178,6 +181,19 @@ class Route:
     grad_W: bool = False
     block: int | None = None
     cost: float = 0.0
+    why: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def explain(self) -> str:
+        """Readable text: the route taken, then each decision the planner made for the call, with every candidate
+        it weighed and its predicted cost (extra multiply-adds over the frozen layer, forward + backward; the
+        sparse route's weighted by the device's constants), and which bound (memory or cost) decided whether
+        ``W + s·ΔW`` is built before the op. ``layer.route(tokens).explain()`` answers "why is this layer slow"."""
+        taken = (f"route: {self.kind}, forward {self.forward}"
+                 + (f" (W + s·ΔW built {self.build} before the op)" if self.build else "")
+                 + f", ∂x {self.grad_x or 'not needed'}, ∂λ/∂γ {self.grad_S or 'not needed'}"
+                 + (", ∂W" if self.grad_W else "") + (f", token block {self.block}" if self.block else "")
+                 + f"; predicted extra cost {self.cost:.3g} multiply-adds")
+        return "\n".join([taken, *(f"- {line}" for line in self.why)])
 
     @property
     def keeps(self) -> tuple[str, ...]:
@@ -253,23 +269,30 @@ def plan(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "au
         bc = {k: v for k, v in bc.items() if k[0] in ("act", None) and k[1] in ("act", None)}
     bwd = min(bc, key=bc.__getitem__)
     return {"forward": fwd, "forward_cost": fc[fwd], "backward": bwd, "backward_cost": bc[bwd],
-            "base_cost": 2 * T * O * I}
+            "base_cost": 2 * T * O * I, "forward_costs": {"weight": fc["weight"]} if kept else fc,
+            "backward_costs": bc}
 
 
 def _keep(T: int, O: int, I: int, nr: int, path: str, policy: str, need_x: bool, need_S: bool, need_W: bool,
-          reuse: bool, dc: DeviceCosts, build: float) -> bool:
+          reuse: bool, dc: DeviceCosts, build: float) -> tuple[bool, str]:
+    """Whether a training call keeps ``W + s·ΔW`` for backward, and what decided it (setting, memory, cost)."""
     if policy not in KEEP_POLICIES:
         raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {policy!r}")
     if policy == "never" or path == "activation":
-        return False
+        return False, f"keep W + s·ΔW: no (setting: keep={policy!r}, path={path!r})"
     if policy == "always":
-        return True
-    if O > (dc.keep_reuse_ratio if reuse else dc.keep_memory_ratio) * T:
-        return False
+        return True, "keep W + s·ΔW: yes (setting: keep='always')"
+    ratio = dc.keep_reuse_ratio if reuse else dc.keep_memory_ratio
+    if O > ratio * T:
+        return False, (f"keep W + s·ΔW: no, by the memory bound (the kept {O}×{I} may be at most {ratio:g}× the "
+                       f"saved {T}×{I} input: O <= {ratio:g}·T)")
     a = plan(T, O, I, nr, path=path, need_x=need_x, need_S=need_S, need_W=need_W)
     b = plan(T, O, I, nr, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
     build = 0 if reuse else build  # shared by the micro-batches when reused
-    return b["forward_cost"] + b["backward_cost"] + build < a["forward_cost"] + a["backward_cost"]
+    kept, plain = b["forward_cost"] + b["backward_cost"] + build, a["forward_cost"] + a["backward_cost"]
+    return kept < plain, (f"keep W + s·ΔW: {'yes' if kept < plain else 'no'}, by cost (kept {kept:.3g}"
+                          f"{' with the build shared by the cached calls' if reuse else ''} against {plain:.3g}; "
+                          f"within the memory bound O <= {ratio:g}·T)")
 
 
 def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str = "auto",
@@ -284,7 +307,7 @@ def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str =
     A pure function of its arguments: the same call always takes the same route.
     """
     return _keep(T, O, I, nr, path, policy, need_x, True, False, reuse, device_costs(device),
-                 build_cost(O, I, nr, density, device))
+                 build_cost(O, I, nr, density, device))[0]
 
 
 def build_cost(O: int, I: int, nr: int, density: float | None = None, device: str = "cpu") -> float:
@@ -408,13 +431,27 @@ def sparse_op_route(T: int, device: str = "cpu", threads: int = 1, *, need_x: bo
 
 
 def _dense(T: int, O: int, I: int, nr: int, fused: bool, path: str, need_x: bool, need_S: bool, need_W: bool,
-           kept: bool, build: str | None, build_mac: float) -> Route:
+           kept: bool, build: str | None, build_mac: float, why: tuple[str, ...] = ()) -> Route:
     p = plan(T, O, I, nr, fused=fused, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=kept)
     xr, sr = p["backward"]
     kept = kept and fused
     cost = p["forward_cost"] + p["backward_cost"] + (build_mac if build in ("fresh", "sparse") else 0)
-    return Route("dense", "kept" if kept else p["forward"], build if kept else None, xr, sr, need_W and fused,
-                 None, float(cost))
+    fwd = "kept" if kept else p["forward"]
+    lines = [f"forward: {_candidates(p['forward_costs'], p['forward'])}" + (" (one matmul with the prebuilt "
+                                                                            "W + s·ΔW)" if kept else "")]
+    if need_x or need_S or need_W:
+        names = {k: f"∂x {k[0] or '-'} / ∂λ∂γ {k[1] or '-'}" for k in p["backward_costs"]}
+        lines.append("backward: " + _candidates({names[k]: v for k, v in p["backward_costs"].items()},
+                                                names[p["backward"]]))
+    if kept and build in ("fresh", "sparse"):
+        lines.append(f"building W + s·ΔW ({build}) costs {build_mac:.3g}")
+    return Route("dense", fwd, build if kept else None, xr, sr, need_W and fused, None, float(cost),
+                 (*why, *lines))
+
+
+def _candidates(costs: dict, chosen) -> str:
+    """``a 1.2e+06 (chosen), b 3.4e+06``: each candidate with its cost, the chosen one marked."""
+    return ", ".join(f"{k} {v:.3g}{' (chosen)' if k == chosen else ''}" for k, v in costs.items())
 
 
 def token_block(device: str, threads: int) -> int | None:
@@ -423,20 +460,23 @@ def token_block(device: str, threads: int) -> int | None:
     return dc.token_block if threads == 1 else dc.token_block_threaded
 
 
-def _sparse(T: int, device: str, threads: int, need_x: bool, need_S: bool, need_W: bool, cost: float) -> Route:
+def _sparse(T: int, device: str, threads: int, need_x: bool, need_S: bool, need_W: bool, cost: float,
+            why: tuple[str, ...] = ()) -> Route:
     """The sparse route; its token block is the device's (one block of all tokens when ``T`` fits in one, or on
     devices without blocking)."""
     c = token_block(device, threads)
     block = c if (c is not None and T > c) else None
     return Route("sparse", "sparse", None, "sparse" if need_x else None, "sampled" if need_S else None, need_W,
-                 block, float(cost))
+                 block, float(cost), why)
 
 
 def plan_call(*, T: int, O: int, I: int, nr: int, r: int, device: str = "cpu", grad: bool = True,
               need_x: bool = True, need_S: bool = True, need_W: bool = False, fused: bool = True,
               path: str = "auto", keep: str = "auto", cached: bool = False, density: float | None = None,
               threads: int = 1, compiling: bool = False) -> Route:
-    """Every route of one call of an adapted layer: a pure function of its arguments.
+    """Every route of one call of an adapted layer: a pure function of its arguments and of the device's
+    :data:`DEVICE_COSTS` row, memoised on both (a layer called again with the same shape and settings gets the
+    same frozen :class:`Route` back; a changed cost row is a new key).
 
     Args:
         T, O, I: tokens, output and input width. nr, r: ``n·r`` and the rank.
@@ -449,21 +489,46 @@ def plan_call(*, T: int, O: int, I: int, nr: int, r: int, device: str = "cpu", g
         threads: torch's thread count (the CPU's token block and copy weight depend on it).
         compiling: under ``torch.compile`` (no prebuilt ``W + s·ΔW``).
     """
+    return _plan_call(device_costs(device), T, O, I, nr, r, device, grad, need_x, need_S, need_W, fused, path, keep,
+                      cached, density, threads, compiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, device: str, grad: bool, need_x: bool,
+               need_S: bool, need_W: bool, fused: bool, path: str, keep: str, cached: bool, density: float | None,
+               threads: int, compiling: bool) -> Route:
+    """:func:`plan_call`, memoised (``costs``, the device's row it reads, is part of the key)."""
     need_x, need_S, need_W = grad and need_x, grad and need_S, grad and need_W and fused
     density = None if compiling else density  # (under torch.compile nothing is prebuilt)
     build = build_cost(O, I, nr, density, device)
+    why = [f"call: {T} tokens, {O}×{I}, n·r = {nr}, {device}, {'grad' if grad else 'no grad'} (needs: "
+           f"{', '.join(k for k, v in (('∂x', need_x), ('∂λ/∂γ', need_S), ('∂W', need_W)) if v) or 'none'}), "
+           f"path={path!r}, keep={keep!r}{', inside randlora.cached' if cached else ''}"
+           f"{f', ternary bases of density {density:.3g}' if density is not None else ''}"]
     if density is not None and path not in ("weight", "activation") and not cached:
         sc = sparse_costs(T, O, I, nr, density, density, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
                           device=device, threads=threads)["total"]
-        if path == "sparse" or sc < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W, build,
-                                                 device_costs(device)):
-            return _sparse(T, device, threads, need_x, need_S, need_W, sc)
+        floor = _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W, build, device_costs(device))
+        why.append(f"sparse route (through the non-zeros, weighted, {threads} thread(s)) {sc:.3g} against the "
+                   f"cheapest dense plan's {floor:.3g}: " + ("forced by path='sparse'" if path == "sparse" else
+                                                            "sparse" if sc < floor else "dense"))
+        if path == "sparse" or sc < floor:
+            return _sparse(T, device, threads, need_x, need_S, need_W, sc, tuple(why))
     path = "auto" if path == "sparse" else path
     kept = False
     if fused and not compiling:
         if grad:  # (compared on a training call's backward: ∂λ/∂γ needed, W frozen; as keep_pays)
-            kept = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, device_costs(device), build)
+            kept, reason = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, device_costs(device), build)
+            why.append(reason)
         elif path != "activation":  # a prebuilt W + s·ΔW: the cached one, or one built cheaper than the op's route
-            kept = cached or build < plan(T, O, I, nr, path=path, need_x=False, need_S=False)["forward_cost"]
+            fc = plan(T, O, I, nr, path=path, need_x=False, need_S=False)["forward_cost"]
+            kept = cached or build < fc
+            why.append("prebuild W + s·ΔW: " + ("yes, from the randlora.cached s·ΔW" if cached else
+                                                f"{'yes' if kept else 'no'}, by cost (building {build:.3g} against "
+                                                f"the forward route's {fc:.3g})"))
+    elif not fused:
+        why.append("W is not handed to the op (dropout in training, or a quantised base): the adapter term alone")
+    else:
+        why.append("under torch.compile nothing is prebuilt")
     how = "cached" if cached else ("sparse" if sparse_build_pays(density, device) else "fresh")
-    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, how if kept else None, build)
+    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, how if kept else None, build, tuple(why))

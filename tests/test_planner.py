@@ -259,3 +259,68 @@ def test_release_workspace_frees_the_dense_and_the_sparse_scratch():
     assert sparse.release_workspace is ops.release_workspace
     ops.release_workspace()
     assert ops._WS.d == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# plans that explain themselves
+# ------------------------------------------------------------------------------------------------
+def _listed(line: str) -> dict[str, float]:
+    """``{candidate: cost}`` from an explain() line ``what: a 1e+06 (chosen), b 2e+06``."""
+    out = {}
+    for part in line.split(": ", 1)[1].split(", "):
+        words = part.replace(" (chosen)", "").split(" (one matmul")[0].rsplit(" ", 1)
+        out[words[0] + (" (chosen)" if "(chosen)" in part else "")] = float(words[1])
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 64, 1024, 8192])
+@pytest.mark.parametrize("shape", [(1024, 2816), (2816, 1024), (384, 384)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_explain_lists_every_candidate_and_the_chosen_one_is_the_cheapest(T, shape, grad):
+    O, I = shape
+    route = plan_call(T=T, O=O, I=I, nr=_nr(O, I, 32), r=32, grad=grad)
+    text = route.explain()
+    assert text.splitlines()[0].startswith(f"route: dense, forward {route.forward}")
+    lines = {ln[2:].split(":", 1)[0]: ln[2:] for ln in text.splitlines()[1:]}
+    assert lines["call"].startswith(f"call: {T} tokens, {O}×{I}")
+    fwd = _listed(lines["forward"])
+    chosen = [k for k in fwd if k.endswith("(chosen)")]
+    assert len(chosen) == 1 and fwd[chosen[0]] == min(fwd.values())
+    if route.build is None:  # not prebuilt: both forward routes were weighed, and the cheaper taken
+        assert {k.split(" ")[0] for k in fwd} == {"weight", "activation"}
+        assert chosen[0].split(" ")[0] == route.forward
+    if grad:
+        bwd = _listed(lines["backward"])
+        chosen = [k for k in bwd if k.endswith("(chosen)")]
+        assert len(chosen) == 1 and bwd[chosen[0]] == min(bwd.values()) and len(bwd) >= 2
+        assert f"∂x {route.grad_x} / ∂λ∂γ {route.grad_S}" in chosen[0]
+        keep = lines["keep W + s·ΔW"]
+        # the kept matrix may be at most the saved input (O <= T on the CPU): otherwise memory decides, not cost
+        assert ("by the memory bound" in keep) == (O > T)
+        assert keep.startswith("keep W + s·ΔW: yes") == (route.build is not None)
+    else:
+        assert "backward" not in lines and "prebuild W + s·ΔW" in lines
+
+
+def test_explain_says_why_ternary_bases_go_dense_or_sparse():
+    few = plan_call(T=64, O=1024, I=2816, nr=1024, r=32, density=1 / 32)
+    many = plan_call(T=8192, O=1024, I=1024, nr=1024, r=32, density=1 / 32)
+    forced = plan_call(T=8192, O=1024, I=1024, nr=1024, r=32, density=1 / 32, path="sparse")
+    for route, verdict in ((few, "sparse"), (many, "dense"), (forced, "forced by path='sparse'")):
+        line = next(ln for ln in route.explain().splitlines() if ln.startswith("- sparse route"))
+        sparse, dense = (float(w) for w in line.split(" against the cheapest dense plan's ")[0].rsplit(" ", 1)[1:]
+                         + [line.split("plan's ")[1].split(":")[0]])
+        assert line.endswith(": " + verdict)
+        assert route.kind == ("sparse" if verdict != "dense" else "dense")
+        if verdict != "forced by path='sparse'":
+            assert (sparse < dense) == (verdict == "sparse")
+
+
+def test_plan_call_is_memoised_on_its_arguments_and_the_cost_row(monkeypatch):
+    args = dict(T=8192, O=1024, I=1024, nr=1024, r=32, density=1 / 32, threads=2)
+    first = plan_call(**args)
+    assert plan_call(**args) is first  # the same frozen Route, not planned again
+    cheap = dataclasses.replace(DEVICE_COSTS["cpu"], spmm_weight=1e-6, sampled_weight=1e-6, layout_weight=1e-6,
+                                layout_weight_threaded=1e-6)
+    monkeypatch.setitem(DEVICE_COSTS, "cpu", cheap)  # a changed cost row is a new key: planned afresh
+    assert plan_call(**args).kind == "sparse" and first.kind == "dense"
