@@ -3,8 +3,10 @@
 ``merge`` folds an adapter (this library's ``.safetensors`` file, a Trainer checkpoint folder or a peft
 adapter folder) into a safetensors weight file with no model code: ``W' = W + s·ΔW`` per adapted weight
 (float32 accumulation, cast back to the weight's dtype, exactly as :func:`randlora.merge`), trained biases
-replaced. It streams: the output keeps the input's header and byte layout, untouched tensors are copied as
-raw bytes, and only one adapted tensor at a time is decoded. ``inspect`` prints an adapter's settings,
+replaced; from a Trainer checkpoint folder, the parameters trained beside the adapter (its
+``randlora_trainable.safetensors``, e.g. a task head) replace the file's too, and a file without a place for
+them is refused. It streams: the output keeps the input's header and byte layout, untouched tensors are copied
+as raw bytes, and only one adapted tensor at a time is decoded. ``inspect`` prints an adapter's settings,
 layers, parameter counts and fingerprint. ``export-lora`` writes a plain LoRA folder
 (:func:`randlora.export.export_file`).
 
@@ -27,7 +29,7 @@ import torch
 from .bank import FINGERPRINT_KEYS
 from .checkpoint import FP, atomic_write
 from .errors import CheckpointError, RandLoraError
-from .files import layer_paths, read_adapter, read_for_weights
+from .files import layer_paths, read_adapter, read_for_weights, trained_for_weights
 from .ops import acc_dtype
 from .paths import PathMap
 from .walker import is_bias_name
@@ -42,8 +44,9 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     """Write ``out``: the safetensors weight file ``base`` with ``adapter`` folded in, streaming.
 
     ``W' = W + s·ΔW`` per adapted weight (float32 accumulation, cast back to the weight's dtype, exactly as
-    :func:`randlora.merge`); trained biases are replaced. ``out`` keeps ``base``'s header and byte layout;
-    untouched tensors are copied as raw bytes and one adapted tensor at a time is decoded. ``out`` is
+    :func:`randlora.merge`); trained biases are replaced, and so are the parameters a Trainer checkpoint folder
+    holds beside its adapter (:func:`randlora.files.trained_for_weights`). ``out`` keeps ``base``'s header and
+    byte layout; untouched tensors are copied as raw bytes and one adapted tensor at a time is decoded. ``out`` is
     written atomically (with ``force``, an existing file is replaced only once the new one is complete).
 
     Args:
@@ -57,27 +60,33 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         force: replace an existing ``out`` (without it an existing ``out`` is refused before any work).
 
     Returns:
-        A summary: ``{"layers": layers merged, "biases": biases replaced, "format": "randlora" or "peft",
-        "file": the adapter file read, "paths": the :class:`randlora.paths.PathMap` used}``.
+        A summary: ``{"layers": layers merged, "biases": biases replaced, "trained": tensors trained beside the
+        adapter replaced, "format": "randlora" or "peft", "file": the adapter file read, "paths": the
+        :class:`randlora.paths.PathMap` used}``.
 
     Raises:
         CheckpointError: ``out`` exists (without ``force``) or is a folder, an unreadable adapter or weight
             file, layer paths that do not map onto ``base``'s weights (or map in several ways), trained biases
             missing from ``base``, weights that are not 2-D floating point or do not fit the adapter's
-            shapes, or stored bases of the wrong shape or failing their checksum.
+            shapes, stored bases of the wrong shape or failing their checksum, or a checkpoint folder whose
+            parameters trained beside the adapter have no tensor of their shape in ``base``.
         FingerprintMismatch: regenerated bases that are not the ones the adapter was made with.
     """
     base, out = Path(base), Path(out)
     check_new_file(out, force)
     fa = read_for_weights(adapter, base, prefix)
+    trained = trained_for_weights(adapter, fa)
     bias_keys = fa.bias_keys()
     A, B = fa.bases()
     by_key = {k: p for p, k in fa.keys.items()}
-    touched = set(by_key) | set(bias_keys)
+    touched = set(by_key) | set(bias_keys) | set(trained)
 
     def merged(key: str, t: torch.Tensor) -> torch.Tensor:
+        t = trained.get(key, t)
         if key in bias_keys:
             return fa.tensors[bias_keys[key]].to(t.dtype)
+        if key not in by_key:
+            return t.contiguous()
         p = by_key[key]
         W = t.t() if p in fa.ffo else t
         acc = acc_dtype(W.dtype)
@@ -86,8 +95,8 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: _stream(base, tmp, 8 + fa.header_size, fa.entries, touched, merged))
-    return {"layers": len(fa.layers), "biases": len(bias_keys), "format": fa.info["format"],
-            "file": str(fa.info["file"]), "paths": fa.pathmap}
+    return {"layers": len(fa.layers), "biases": len(bias_keys), "trained": len(trained),
+            "format": fa.info["format"], "file": str(fa.info["file"]), "paths": fa.pathmap}
 
 
 def check_new_file(out: Path, force: bool) -> None:
@@ -266,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "merge":
             r = merge_file(args.base, args.adapter, args.out, prefix=args.prefix, force=args.force)
             print(f"merged {r['layers']} layers ({r['format']} adapter)"
-                  + (f" and {r['biases']} biases" if r["biases"] else "") + f" into {args.out} "
+                  + (f" and {r['biases']} biases" if r["biases"] else "")
+                  + (f" and {r['trained']} tensors trained beside it" if r["trained"] else "") + f" into {args.out} "
                   f"({_source(r['file'], r['paths'])})")
         else:
             d = describe(args.adapter)

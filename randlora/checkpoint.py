@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from .bank import BASES, FP, bases_checksum, stored_bases
-from .recipes import generate
+from .recipes import generate, n_bases
+from .selection import is_conv1d
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
-from .paths import PathMap, canonical, compiled_inner, examples, linear_paths, locate, match_paths, on_root
+from .paths import (PathMap, canonical, compiled_inner, depth_difference, examples, linear_paths, locate,
+                    match_paths, on_root)
 from .named import drop
 from .walker import (AdapterConfig, adapt, adapted_layers, bank_of, biases, config_of, eject, is_linear, registry_of,
                      require_bank)
@@ -209,9 +211,12 @@ def _dtype_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Ten
 def _key_problems(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor], strict: bool) -> list[str]:
     if not strict:
         return []
-    problems = []
     missing = sorted(set(dest) - set(state))
     unexpected = sorted(set(state) - set(dest) - set(BASES) - {FP})
+    theirs, ours = _layer_paths(state), _layer_paths(dest)
+    depth = ((depth_difference(theirs, ours) if unexpected else None)
+             or (depth_difference(ours, theirs, words=("this model's adapter", "the file")) if missing else None))
+    problems = [depth] if depth else []
     if missing:
         problems.append(f"{len(missing)} missing keys (the model's adapter tensors not in the checkpoint: "
                         f"{examples(missing)})")
@@ -247,18 +252,11 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
                    model: nn.Module) -> tuple[str | None, str | None]:
     """The cause behind λ/γ of other shapes, and its fix: layers of other widths (γ is ``(n, min(O, I))``), or
     another ``r``; ``(None, None)`` when λ/γ fit."""
-    gam = [k for k in bad if k.endswith(".randlora_gamma") and state[k].dim() == 2]
-    wide = [k for k in gam if state[k].shape[1] != dest[k].shape[1]]
-    if wide:
-        here, there = [dest[k].shape[1] for k in wide], [state[k].shape[1] for k in wide]
-        how = ("narrower" if all(a < b for a, b in zip(here, there)) else
-               "wider" if all(a > b for a, b in zip(here, there)) else "of other widths")
-        path = wide[0][: -len(".randlora_gamma")]
-        layer = model.get_submodule(path)
-        return (f"the model's layers are {how} than the adapter's: {path} is ({layer.out_features}, "
-                f"{layer.in_features}) here, min(out, in) = {there[0]} in the file (γ shape "
-                f"{tuple(state[wide[0]].shape)}, here {tuple(dest[wide[0]].shape)}; {len(wide)} of {len(gam)} "
-                "layers differ)", _FIX_WIDTH)
+    gam = [k for k in sorted(set(dest) & set(state)) if k.endswith(".randlora_gamma") and state[k].dim() == 2]
+    rows = [(k[: -len(".randlora_gamma")], tuple(state[k].shape), tuple(dest[k].shape)) for k in gam]
+    cause = width_cause([(p, _dims(model.get_submodule(p)), a, b) for p, a, b in rows if a[1:] != b[1:]], len(rows))
+    if cause:
+        return cause, _FIX_WIDTH
     lam = [k for k in bad if k.endswith(".randlora_lambda") and state[k].dim() == 2]
     if lam:
         k = lam[0]
@@ -266,6 +264,35 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
                 f"(λ shape {tuple(state[k].shape)} in the file, {tuple(dest[k].shape)} here; {len(lam)} layers "
                 f"differ, e.g. {k[: -len('.randlora_lambda')]})", _FIX_R)
     return None, None
+
+
+def width_cause(wide: list[tuple[str, tuple[int, int], tuple, tuple]], total: int) -> str | None:
+    """How the model's layers are narrower or wider than the adapter's, said first in a wrong model's error.
+
+    Args:
+        wide: the layers whose widths differ: ``(path, the model's (O, I), γ shape in the adapter, γ shape the
+            model's layer has)`` (``γ`` is ``(n, min(O, I))``).
+        total: how many layers were compared.
+
+    Returns:
+        The sentence, or None when ``wide`` is empty.
+    """
+    if not wide:
+        return None
+    here, there = [b[1] for _, _, _, b in wide], [a[1] for _, _, a, _ in wide]
+    how = ("narrower" if all(h < t for h, t in zip(here, there)) else
+           "wider" if all(h > t for h, t in zip(here, there)) else "of other widths")
+    path, (O, I), a, b = wide[0]
+    return (f"the model's layers are {how} than the adapter's: {path} is ({O}, {I}) here, min(out, in) = {a[1]} "
+            f"in the file (γ shape {a}, here {b}; {len(wide)} of {total} layers differ)")
+
+
+def _dims(layer: nn.Module) -> tuple[int, int]:
+    """A linear layer's ``(out, in)``: an adapted, ``nn.Linear`` or quantised layer says it, a ``Conv1D`` stores
+    its weight ``(in, out)``."""
+    if is_conv1d(layer):
+        return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+    return int(layer.out_features), int(layer.in_features)
 
 
 def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
@@ -535,12 +562,17 @@ def _file_config(path: Path, meta: dict[str, str]) -> AdapterConfig:
 
 
 def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, prefix: object = None) -> nn.Module:
-    """Load an adapter file, all or nothing.
+    """Load an adapter file or a Trainer checkpoint folder, all or nothing.
 
     On a plain model this first injects with the file's settings, on the module the adapter was trained on
     (the file's layer paths are matched to the model's by :func:`randlora.paths.match_paths`: an adapter
     saved from a wrapper loads into the bare model and the other way round); on an injected model without
-    adapter ``name`` it adds that adapter (sharing the bank). On any error the model is left as it was.
+    adapter ``name`` it adds that adapter (sharing the bank). A checkpoint folder of
+    ``randlora.hf.RandLoraTrainer`` also restores the parameters trained beside the adapter
+    (``randlora_trainable.safetensors``, e.g. a task head) where ``model`` has them; those trained outside
+    ``model`` (the head, when ``model`` is the bare encoder) are skipped. A folder with that file logs, at
+    WARNING on the ``randlora`` logger, the files it loaded and any tensors it skipped. On any error the
+    model is left as it was.
 
     Args:
         model: a plain model, or one holding an adapter made by :func:`randlora.inject` (anywhere inside it).
@@ -552,24 +584,61 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         ``model``.
 
     Raises:
-        CheckpointError: an unreadable or corrupt file, or one whose layers do not fit the model.
+        CheckpointError: an unreadable or corrupt file, one whose layers do not fit the model (the message
+            names what differs first: the layers' widths, the model's depth), or a folder whose
+            ``randlora_trainable.safetensors`` belongs in the model but does not fit its parameters.
         FingerprintMismatch: the file has no bases and was made with other bases than the model's.
         StateError: the model is merged.
     """
+    from .hf import read_trainable
+
     tensors, cfg = read_file(path)
+    trained = read_trainable(path)
     found = locate(model)
     root = compiled_inner(model) if found is None else found[1]
     bank = bank_of(root)
     if bank is not None and (name is None or name in bank.registry.adapters):
+        plan = _trained_plan(model, root, trained)
         load_state_dict(root, tensors, name=name, prefix=prefix)
-        return model
+    else:
+        root, tensors, targets = _placed(root, bank, tensors, cfg, prefix)
+        plan = _trained_plan(model, root, trained)
+        _adapt_and_load(root, bank, tensors, cfg, targets, name, path)
+    _restore_trained(plan, trained)
+    return model
+
+
+def _placed(root: nn.Module, bank, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, prefix: object
+            ) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
+    """Where a file's adapter goes in a module that does not hold it yet: the root (the submodule the file's
+    paths name, on a plain model), the tensors keyed by paths under it, and the targets as one regex."""
     linear = linear_paths(root, is_linear)
-    pm = match_paths(cfg.targets, linear, prefix=prefix)
+    pm = match_paths(cfg.targets, linear, prefix=prefix, widths=_widths(root, linear, tensors, cfg))
     if bank is None and pm.add and not pm.strip:  # the adapter belongs to a submodule: inject there
         root = compiled_inner(next(m for n, m in root.named_modules() if canonical(n) == pm.add[:-1]))
         pm, linear = PathMap(), linear_paths(root, is_linear)
-    tensors = dict(_renamed(tensors, pm))
-    targets = "|".join(re.escape(linear[pm(t)]) for t in cfg.targets)
+    return root, dict(_renamed(tensors, pm)), "|".join(re.escape(linear[pm(t)]) for t in cfg.targets)
+
+
+def _widths(root: nn.Module, linear: dict[str, str], tensors: Mapping[str, torch.Tensor], cfg: AdapterConfig):
+    """For the error of :func:`match_paths`: the sentence naming the layers a map reaches whose widths differ
+    from the file's (``γ`` is ``(n, min(O, I))``), or None."""
+
+    def widths(pm: PathMap) -> str | None:
+        rows = []
+        for t in cfg.targets:
+            g = tensors.get(f"{t}.randlora_gamma")
+            if g is not None and g.dim() == 2 and pm.applies(t) and pm(t) in linear:
+                O, I = _dims(root.get_submodule(linear[pm(t)]))
+                rows.append((pm(t), (O, I), tuple(g.shape), (n_bases(min(O, I), cfg.r), min(O, I))))
+        return width_cause([r for r in rows if r[2][1:] != r[3][1:]], len(rows))
+
+    return widths
+
+
+def _adapt_and_load(root: nn.Module, bank, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, targets: str,
+                    name: str | None, path) -> None:
+    """Inject the file's adapter (or add it as ``name``) and load it; a failed load takes the injection back."""
     try:
         adapt(root, targets, cfg, name=name)
     except (TargetError, ConfigError) as e:
@@ -582,4 +651,43 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         else:
             drop(root, name)  # type: ignore[arg-type]
         raise
-    return model
+
+
+def _trained_plan(model: nn.Module, root: nn.Module, trained) -> tuple[list, list[str]]:
+    """The parameters of ``model`` a checkpoint folder's trained-beside-the-adapter file restores, each with
+    its tensor, and the file's keys trained outside ``model`` (skipped); checked before anything is loaded.
+
+    Raises:
+        CheckpointError: keys that belong in ``model`` but name none of its parameters, or other shapes.
+    """
+    if trained is None:
+        return [], []
+    params = {canonical(n): p for n, p in model.named_parameters()}
+    at = next(canonical(n) for n, m in model.named_modules() if m is root)
+    inside, outside = trained.place(PathMap(add=f"{at}." if at else ""), params)
+    problems = trained.misfit(inside, {k: tuple(p.shape) for k, p in params.items()}, "this model's parameters")
+    if problems:
+        raise CheckpointError(f"{problems}; nothing was loaded. Load the folder into the model the Trainer trained "
+                              f"(the same class, with its head), or load the adapter alone: randlora.load(model, "
+                              f"'{trained.file.parent / ADAPTER_FILE}')")
+    return [(params[t], trained.tensors[k]) for k, t in inside.items()], outside
+
+
+def _restore_trained(plan: tuple[list, list[str]], trained) -> None:
+    """Copy the checked tensors of :func:`_trained_plan` in, and say at WARNING what was loaded and skipped."""
+    if trained is None:
+        return
+    pairs, skipped = plan
+    with torch.no_grad():
+        for p, t in pairs:
+            copy_into(p, t)
+    loaded, n = [k for k in trained.tensors if k not in skipped], len(trained.tensors)
+    parts = [ADAPTER_FILE] + ([f"{len(loaded)} of the {n} tensors of {trained.file.name} ({examples(loaded)})"]
+                              if loaded else [])
+    msg = f"randlora: loaded from the checkpoint folder {trained.file.parent}: {' and '.join(parts)}"
+    if skipped:
+        msg += (f"; NOT loaded: {len(skipped)} of the {n} tensors of {trained.file.name} ({examples(skipped)}), "
+                "trained outside the part of the Trainer's model this model holds, so it differs from the trained "
+                "model there. Load the folder into the whole model the Trainer trained (e.g. the wrapper with its "
+                "head) to restore them")
+    log.warning(msg)

@@ -24,13 +24,14 @@ from .bank import Fingerprint, bases_checksum, layer_views, stored_bases
 from .checkpoint import ADAPTER_FILE, FP, adapter_path, read_file
 from .errors import CheckpointError, FingerprintMismatch
 from .ops import delta_weight
-from .paths import PathMap, examples, match_paths
+from .paths import PathMap, closest, examples, match_paths
 from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, read_peft
 from .recipes import bank_shape, generate, n_bases
 from .walker import AdapterConfig, is_bias_name
 
 __all__ = ["DTYPES", "FileAdapter", "read_for_weights", "read_adapter", "read_header", "tensor_entries",
-           "layer_paths", "fan_in_fan_out_layers", "map_layers", "weight_shapes", "bank_dtype", "adapter_bases"]
+           "layer_paths", "fan_in_fan_out_layers", "map_layers", "weight_shapes", "bank_dtype", "adapter_bases",
+           "trained_for_weights"]
 
 # safetensors dtype names of the weights an adapter can be folded into
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -114,7 +115,8 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
     if not layers:
         raise CheckpointError(f"{info['file']} holds no adapted layer (no randlora_lambda tensors); is it an "
                               "adapter written by randlora.save or randlora.save_peft?")
-    pathmap = map_layers(layers, entries, base, prefix)
+    gammas = {p: tuple(tensors[f"{p}.randlora_gamma"].shape) for p in layers if f"{p}.randlora_gamma" in tensors}
+    pathmap = map_layers(layers, entries, base, prefix, gammas)
     keys = {p: f"{pathmap(p)}.weight" for p in layers}
     ffo = fan_in_fan_out_layers(cfg, info, layers)
     shapes, dtypes = weight_shapes(base, entries, tensors, cfg, layers, ffo, keys)
@@ -125,25 +127,71 @@ _CLI_PREFIX = ("On the command line, --prefix FROM=TO replaces the leading FROM 
                "(--prefix FROM= strips it, --prefix TO adds TO)")
 
 
-def map_layers(layers: list[str], entries: dict[str, dict], base: Path, prefix: object = None) -> PathMap:
+def map_layers(layers: list[str], entries: dict[str, dict], base: Path, prefix: object = None,
+               gammas: dict[str, tuple] | None = None) -> PathMap:
     """How the adapter's layer paths map onto the module paths of the weight file's ``*.weight`` keys.
 
     :func:`randlora.paths.match_paths` with the file's keys ending in ``.weight`` (that suffix removed) as
-    the model's paths; ``prefix`` is its override (None or ``""``: automatic).
+    the model's paths; ``prefix`` is its override (None or ``""``: automatic); ``gammas`` (each layer's
+    ``randlora_gamma`` shape) lets the error name layers whose widths differ from the file's weights.
 
     Raises:
         CheckpointError: no prefix maps every layer, several do, or the one given leaves some unmapped; the
-            message names the cause, a few paths of both sides and how to pass ``--prefix``.
+            message names the cause (the layers' widths or the model's depth where they differ, an output layer
+            tied to the embedding), a few paths of both sides, and how to pass ``--prefix`` where one helps.
     """
     have = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+    explicit = prefix if prefix != "" else None
     try:
-        return match_paths(layers, have, prefix=prefix if prefix != "" else None,
-                           model_desc=f"the weights of {base}")
+        return match_paths(layers, have, prefix=explicit, model_desc=f"the weights of {base}",
+                           widths=_file_widths(gammas or {}, entries))
     except CheckpointError as e:
+        tied = None if explicit is not None else _tied_output(layers, set(have), entries, base)
         # the rule's words are the loaders'; from files, nothing is written either
-        msg = str(e).replace("nothing was loaded", "nothing was written").replace("Nothing was loaded",
-                                                                                   "Nothing was written")
-        raise CheckpointError(f"{msg}. {_CLI_PREFIX}") from None
+        msg = tied or str(e).replace("nothing was loaded", "nothing was written").replace("Nothing was loaded",
+                                                                                          "Nothing was written")
+        helps = explicit is not None or "prefix=(" in msg or "--prefix" in msg
+        raise CheckpointError(f"{msg}. {_CLI_PREFIX}" if helps else msg) from None
+
+
+def _file_widths(gammas: dict[str, tuple], entries: dict[str, dict]):
+    """For :func:`match_paths`' error: the layers a map reaches whose weight in the file is narrower or wider
+    than the adapter's ``randlora_gamma`` (``(n, min(O, I))``) says; a weight's two sides give ``min(O, I)``
+    however it is stored."""
+    from .checkpoint import width_cause
+
+    def widths(pm: PathMap) -> str | None:
+        rows = []
+        for p, g in gammas.items():
+            e = entries.get(f"{pm(p)}.weight") if pm.applies(p) else None
+            if e is not None and len(e["shape"]) == 2 and len(g) == 2:
+                O, I = e["shape"]
+                rows.append((pm(p), (O, I), g, (g[0], min(O, I))))
+        return width_cause([r for r in rows if r[2][1] != r[3][1]], len(rows))
+
+    return widths
+
+
+def _tied_output(layers: list[str], have: set[str], entries: dict[str, dict], base: Path) -> str | None:
+    """The cause when the only layers without a weight in the file are output heads (``lm_head``): a model with
+    ``tie_word_embeddings=True`` stores that weight once, as the input embedding."""
+    from .selection import HEAD_NAMES
+
+    pm, _ = closest(layers, have)
+    pm = pm or PathMap()
+    absent = [p for p in layers if not (pm.applies(p) and pm(p) in have)]
+    if not absent or any(p.rsplit(".", 1)[-1] not in HEAD_NAMES for p in absent):
+        return None
+    embeds = [k for k in entries if "embed" in k and k.endswith(".weight") and len(entries[k]["shape"]) == 2]
+    emb = f" (here {examples(embeds, 1)})" if embeds else ""
+    rest = len(layers) - len(absent)
+    others = f", while its other {rest} layers are there ({pm.describe()})" if rest else ""
+    return (f"{base} has no weight for the adapter's output layer {examples(absent, 2)} (looked for "
+            f"{examples([f'{pm(p)}.weight' for p in absent], 2)}){others}: a model whose output layer is tied to "
+            f"its input embedding (tie_word_embeddings=True) stores that weight once, as the embedding{emb}, and "
+            "folding the update into it would change the input embedding too. Nothing was written. Untie it first "
+            "(save the model with tie_word_embeddings=False, which writes its own lm_head.weight), then run the "
+            "command again; or train the adapter without that layer")
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
@@ -262,6 +310,40 @@ def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch
         shapes[p] = (O, I)
         dtypes[p] = DTYPES[e["dtype"]]
     return shapes, dtypes
+
+
+def trained_for_weights(adapter: str | os.PathLike, fa: FileAdapter) -> dict[str, torch.Tensor]:
+    """What a Trainer checkpoint folder holds beside its adapter (``randlora_trainable.safetensors``: a task
+    head, modules unfrozen after ``inject``), by the weight file's keys: ``merge`` writes it into its output.
+
+    Args:
+        adapter: what :func:`read_for_weights` read (only a checkpoint folder holds such a file).
+        fa: the adapter read against the weight file; its path map places the tensors (see
+            :meth:`randlora.hf.Trainable.place`).
+
+    Returns:
+        Weight file key -> tensor in that key's dtype; empty when there is no such file.
+
+    Raises:
+        CheckpointError: the weight file has no tensor for some of them (the bare encoder's file, when the head
+            was trained beside it) or one of another shape or not floating point: the output would not be the
+            trained model, so nothing is written.
+    """
+    from .hf import read_trainable
+
+    trained = read_trainable(adapter) if Path(adapter).is_dir() else None
+    if trained is None:
+        return {}
+    inside, outside = trained.place(fa.pathmap, fa.entries)
+    floats = {k: tuple(e["shape"]) for k, e in fa.entries.items() if e["dtype"] in DTYPES}
+    problem = trained.misfit(inside, floats, f"the floating-point tensors of {fa.base}", outside)
+    if problem:
+        raise CheckpointError(
+            f"{problem}; nothing was written: the merged file would not be the trained model. Merge into the "
+            f"weight file of the whole model the Trainer trained (with its head), or merge the adapter alone "
+            f"(--adapter {trained.file.parent / ADAPTER_FILE}) and load those parameters into the model from "
+            f"{trained.file} (model.load_state_dict(safetensors.torch.load_file(path), strict=False))")
+    return {inside[k]: t.to(DTYPES[fa.entries[inside[k]]["dtype"]]) for k, t in trained.tensors.items()}
 
 
 def bank_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:

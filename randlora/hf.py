@@ -9,7 +9,9 @@ class made here changes only how the MODEL part of a checkpoint is written and r
   trained biases, the fingerprint) and the training arguments, never the model's weights. Optimiser,
   scheduler, RNG and trainer state are written by ``Trainer`` as usual. Parameters trained outside the
   adapter (a task head outside the injected submodule) go to ``randlora_trainable.safetensors`` beside it
-  and are restored with it; under FSDP2 the optimiser goes
+  (its metadata records where the adapter's root sits in the model) and are restored with it, by resume and
+  by ``randlora.load(model, folder)`` and ``python -m randlora merge`` (:func:`read_trainable`,
+  :meth:`Trainable.place`); under FSDP2 the optimiser goes
   through accelerate's optimiser writer without the model writer, under DeepSpeed through the engine's
   ``save_checkpoint(exclude_frozen_parameters=True)``, so no engine file holds the frozen weights either.
 - ``_load_from_checkpoint`` (``trainer.train(resume_from_checkpoint=...)``) and ``_load_best_model``
@@ -34,15 +36,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import ADAPTER_FILE
 from .errors import CheckpointError, StateError
 
-__all__ = ["ADAPTER_FILE", "EXTRA_FILE", "RandLoraTrainer", "trainer_class", "adapter_file"]
+__all__ = ["ADAPTER_FILE", "EXTRA_FILE", "RandLoraTrainer", "Trainable", "trainer_class", "adapter_file",
+           "read_trainable"]
 
 EXTRA_FILE = "randlora_trainable.safetensors"  # parameters trained outside the adapter (e.g. a task head)
+ROOT_KEY = "randlora_root"  # EXTRA_FILE's metadata: where the adapter's root sits in the Trainer's model
 TRAINING_ARGS = "training_args.bin"  # the names transformers uses for the pickled TrainingArguments
 SCHEDULER = "scheduler.pt"           # ... and for the scheduler's state
 FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -94,15 +99,121 @@ def _extra(model, root) -> dict:
     return {canonical(n): p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
 
 
-def _save_extra(extra: dict, path: Path, write: bool) -> None:
-    """Gather the extra parameters (FSDP2 DTensors; every rank) and, on the main process, write them."""
+def _save_extra(extra: dict, path: Path, write: bool, root: str) -> None:
+    """Gather the extra parameters (FSDP2 DTensors; every rank) and, on the main process, write them with the
+    adapter root's path in the Trainer's model (``root``, dotted; ``""`` for the model itself)."""
     from safetensors.torch import save_file
 
     from .checkpoint import full_tensor, atomic_write
 
     tensors = {k: full_tensor(p.detach()).to("cpu").contiguous().clone() for k, p in extra.items()}
     if write:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", ROOT_KEY: root}))
+
+
+def _root_path(model) -> str:
+    """The adapter root's path in ``model`` without wrapper components, dotted (``"encoder."``; ``""``: itself)."""
+    from .paths import canonical, locate
+
+    path = canonical(locate(model)[0])
+    return f"{path}." if path else ""
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A checkpoint folder's ``EXTRA_FILE``: the parameters the Trainer trained beside the adapter."""
+
+    file: Path
+    tensors: dict  # name -> tensor, by path in the Trainer's model
+    root: str | None  # the adapter root's path in that model, dotted; None in folders written before it was kept
+
+    def place(self, to_target, have) -> tuple[dict[str, str], list[str]]:
+        """Each key's name in a target (a model, a weight file) and the keys with no place there.
+
+        Args:
+            to_target: a :class:`randlora.paths.PathMap` from the adapter's layer paths to the target's.
+            have: the target's parameter names (used only for a folder that did not record the root).
+
+        Returns:
+            ``(inside, outside)``: key -> the target's name for the keys whose place the paths give (under the
+            adapter's root by ``to_target``; beside it when the target holds the root's surroundings too), and
+            the other keys (a head beside the encoder, when the target is the bare encoder).
+        """
+        if self.root is None:  # the names as they are, where the target has any of them
+            hits = any(k in have for k in self.tensors)
+            return ({k: k for k in self.tensors} if hits else {}), ([] if hits else list(self.tensors))
+        around = self._around(to_target)
+        inside, outside = {}, []
+        for k in self.tensors:
+            rel = k[len(self.root):] if k.startswith(self.root) else None
+            if rel is not None and to_target.applies(rel):
+                inside[k] = to_target(rel)
+            elif rel is None and around is not None and around.applies(k):
+                inside[k] = around(k)
+            else:
+                outside.append(k)
+        return inside, outside
+
+    def _around(self, to_target):
+        """How names outside the root map when the target holds the root whole (``to_target`` only adds a
+        prefix): the Trainer's side before the longest common suffix of the two roots' paths -> the target's."""
+        from .paths import PathMap
+
+        if to_target.strip:
+            return None
+        r, a = self.root.split(".")[:-1], to_target.add.split(".")[:-1]
+        k = 0
+        while k < min(len(r), len(a)) and r[-1 - k] == a[-1 - k]:
+            k += 1
+        return PathMap("".join(f"{c}." for c in r[: len(r) - k]), "".join(f"{c}." for c in a[: len(a) - k]))
+
+    def misfit(self, inside: dict[str, str], shapes: dict[str, tuple], where: str, outside: list[str] = ()
+               ) -> str | None:
+        """Why the tensors do not fit a target, cause first, for an error.
+
+        Args:
+            inside: key -> the target's name, from :meth:`place`.
+            shapes: the target's names -> shapes.
+            where: how the target's tensors are named in the message.
+            outside: keys with no place in the target that it must hold all the same (a merged weight file).
+
+        Returns:
+            The sentence (placed keys the target lacks, keys of other shapes, ``outside``), or None when they fit.
+        """
+        from .paths import examples
+
+        missing = [inside[k] for k in inside if inside[k] not in shapes] + list(outside)
+        other = [k for k in inside if inside[k] in shapes and shapes[inside[k]] != tuple(self.tensors[k].shape)]
+        if not missing and not other:
+            return None
+        parts = [f"{len(missing)} have no place among {where} (looked for {examples(missing)})"] if missing else []
+        if other:
+            k = other[0]
+            parts.append(f"{len(other)} have other shapes ({inside[k]} is {tuple(self.tensors[k].shape)} in the "
+                         f"file, {shapes[inside[k]]} here)")
+        return (f"{self.file} holds {len(self.tensors)} parameters trained beside the adapter (e.g. a task head) "
+                f"that do not fit: {'; '.join(parts)}")
+
+
+def read_trainable(path: str | os.PathLike) -> Trainable | None:
+    """The ``EXTRA_FILE`` of a checkpoint folder (read with safetensors, never unpickled).
+
+    Args:
+        path: a checkpoint folder, or an adapter file (which has none).
+
+    Returns:
+        A :class:`Trainable`, or None when ``path`` is not a folder holding ``EXTRA_FILE``.
+
+    Raises:
+        CheckpointError: the file is unreadable.
+    """
+    from .checkpoint import read_safetensors
+
+    file = Path(path) / EXTRA_FILE
+    if not file.is_file():
+        return None
+    tensors, meta = read_safetensors(file)
+    return Trainable(file, tensors, meta.get(ROOT_KEY))
 
 
 def _read_extra(folder: str | os.PathLike, extra: dict, what: str) -> dict:
@@ -224,7 +335,8 @@ class _Mixin:
             if write:
                 os.makedirs(output_dir, exist_ok=True)
             if extra:
-                _save_extra(extra, Path(output_dir) / EXTRA_FILE, write)
+                where = _root_path(self.model)  # type: ignore[attr-defined]
+                _save_extra(extra, Path(output_dir) / EXTRA_FILE, write, where)
             if not write:
                 adapter_state(root, save_projection=False)  # the same gathers as save() on the main process
                 return

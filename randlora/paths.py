@@ -11,7 +11,7 @@ the unique leading prefix that, added or stripped, maps every one of the file's 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -20,8 +20,9 @@ from .bank import BasisBank
 from .errors import CheckpointError, StateError
 from .layer import RandLoraLinear
 
-__all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "compiled_inner", "examples",
-           "linear_paths", "locate", "match_paths", "on_root", "parse_prefix", "roots", "walk"]
+__all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "closest", "compiled_inner",
+           "depth_difference", "examples", "linear_paths", "locate", "match_paths", "on_root", "parse_prefix",
+           "roots", "walk"]
 
 BANK_ATTR = "randlora_bank"  # the attribute of the adapter's root that holds its bank
 
@@ -168,7 +169,8 @@ def _dotted(p: str) -> str:
 
 
 def match_paths(file_paths: Iterable[str], model_paths: Iterable[str], *, prefix: object = None,
-                model_desc: str = "the model's linear layers", partial: bool = False) -> PathMap:
+                model_desc: str = "the model's linear layers", partial: bool = False,
+                widths: Callable[[PathMap], str | None] | None = None) -> PathMap:
     """The one rule mapping an adapter's layer paths onto a model's.
 
     Args:
@@ -178,13 +180,17 @@ def match_paths(file_paths: Iterable[str], model_paths: Iterable[str], *, prefix
         model_desc: how the model's paths are named in an error.
         partial: when no prefix maps every path but some paths are the model's as they are, return the
             identity (the caller then reports the missing and unexpected ones itself).
+        widths: for the error when no prefix maps every path: given the closest map, a sentence naming the
+            layers it reaches whose widths differ from the adapter's (None when they agree). The error then
+            says that first, with any depth difference (:func:`depth_difference`), and suggests no prefix.
 
     Returns:
         The :class:`PathMap`: identity when every path is in the model; else the unique prefix added or
         stripped that maps every path onto the model's, preferring the longest common suffix.
 
     Raises:
-        CheckpointError: no prefix maps every path, several do equally well, or ``prefix`` leaves some unmapped.
+        CheckpointError: no prefix maps every path (the message names what differs first: widths, depth, or
+            how far the closest prefix got), several do equally well, or ``prefix`` leaves some unmapped.
     """
     files = sorted(set(file_paths))
     have = set(model_paths)
@@ -204,7 +210,7 @@ def match_paths(file_paths: Iterable[str], model_paths: Iterable[str], *, prefix
         raise CheckpointError(f"the adapter's layer paths fit the model in {len(best)} ways ({ways}); nothing was "
                               f"loaded. Choose one: {best[0].as_arg()} (--prefix {best[0].strip}={best[0].add} "
                               "on the command line), or pass the submodule the adapter was trained on")
-    raise CheckpointError(_no_match(files, have, model_desc))
+    raise CheckpointError(_no_match(files, have, model_desc, widths))
 
 
 def _candidates(f0: str, have: set[str]) -> list[PathMap]:
@@ -233,22 +239,124 @@ def _require_all(m: PathMap, files: list[str], have: set[str], desc: str, how: s
                               f"are named like {examples(sorted(have))}")
 
 
-def _no_match(files: list[str], have: set[str], desc: str) -> str:
-    """Cause first: how far the closest prefix got, then examples of both sides, then the fix."""
-    tail = files[0].rsplit(".", 1)[-1]
-    near = sorted(h for h in have if h.rsplit(".", 1)[-1] == tail) or sorted(have)
+def closest(files: Sequence[str], have: set[str]) -> tuple[PathMap | None, int]:
+    """The map reaching most of an adapter's paths in a model's, for errors when none reaches them all.
+
+    Args:
+        files: the adapter's layer paths.
+        have: the model's.
+
+    Returns:
+        ``(map, hits)``: the paths as they are, or the prefix added or stripped, that maps most of ``files``
+        into ``have``, and how many it maps; ``(None, 0)`` when none maps one.
+    """
     best, hits = None, 0
     for m in [PathMap(), *dict.fromkeys(c for f in files[:50] for c in _candidates(f, have))]:
         n = sum(m.applies(f) and m(f) in have for f in files)
         if n > hits:
             best, hits = m, n
-    partial = (f"with {best.describe()} only {hits} of {len(files)} match (not {examples([f for f in files if not (best.applies(f) and best(f) in have)], 2)}); "
+    return best, hits
+
+
+def _replacement(files: list[str], have: set[str]) -> PathMap | None:
+    """The one prefix replaced by another (``FROM`` stripped, ``TO`` added) that maps every path, if exactly one
+    does (fewest components stripped): the only case where suggesting ``prefix=(FROM, TO)`` helps."""
+    parts = files[0].split(".")
+    cands = [PathMap(".".join(parts[:k]) + ".", h[: -len(rest)]) for k in range(1, len(parts))
+             for rest in [".".join(parts[k:])] for h in sorted(have) if h.endswith("." + rest)]
+    best = _best(cands, files, have)
+    return best[0] if len(best) == 1 else None
+
+
+def _blocks(paths: Iterable[str]) -> dict[str, set[int]]:
+    """Each numbered container of ``paths`` (``encoder.layer`` of ``encoder.layer.3.query``) -> its indices."""
+    out: dict[str, set[int]] = {}
+    for p in paths:
+        parts = p.split(".")
+        for i, c in enumerate(parts):
+            if c.isdigit():
+                out.setdefault(".".join(parts[:i]), set()).add(int(c))
+    return out
+
+
+def _lacking_block(path: str, blocks: dict[str, set[int]]) -> str | None:
+    """The container of ``blocks`` where ``path`` has an index the container lacks (``encoder.layer`` for
+    ``encoder.layer.3.query`` when the blocks are 0-1), or None."""
+    parts = path.split(".")
+    for i, c in enumerate(parts):
+        container = ".".join(parts[:i])
+        if c.isdigit() and container in blocks and int(c) not in blocks[container]:
+            return container
+    return None
+
+
+def _ranges(ints: Iterable[int]) -> str:
+    """``0-3, 6``: sorted integers as ranges."""
+    out: list[str] = []
+    for n in sorted(set(ints)):
+        if out and n == last + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+        last = n
+    return ", ".join(out)
+
+
+def depth_difference(files: Iterable[str], have: Iterable[str], pm: PathMap | None = None,
+                     words: tuple[str, str] = ("the adapter", "the model")) -> str | None:
+    """The depth difference behind paths that do not match: an adapter for a 4-layer model on a 2-layer one.
+
+    Args:
+        files: one side's layer paths (the adapter's).
+        have: the other side's (the model's).
+        pm: how ``files`` map onto ``have`` (default: as they are).
+        words: how the two sides are named.
+
+    Returns:
+        ``the adapter has layers 0-3 of 'encoder.layer', the model 0-1 (12 of its 24 layers are in blocks the
+        model lacks)`` when every one of ``files`` that ``pm`` leaves outside ``have`` sits in a numbered block
+        ``have`` lacks; None otherwise (some differ in another way, or none is missing).
+    """
+    pm, have = pm or PathMap(), set(have)
+    ours, lacking, total = _blocks(have), {}, 0
+    for f in files:
+        total += 1
+        if pm.applies(f) and pm(f) in have:
+            continue
+        container = _lacking_block(pm(f), ours) if pm.applies(f) else None
+        if container is None:
+            return None
+        lacking[container] = lacking.get(container, 0) + 1
+    if not lacking:
+        return None
+    theirs = _blocks(pm(f) for f in files if pm.applies(f))
+    sides = "; ".join(f"layers {_ranges(theirs[c])} of {c!r}, {words[1]} {_ranges(ours[c])}"
+                      for c in list(lacking)[:2])
+    return (f"{words[0]} has {sides} ({sum(lacking.values())} of its {total} layers are in blocks "
+            f"{words[1]} lacks)")
+
+
+def _no_match(files: list[str], have: set[str], desc: str, widths=None) -> str:
+    """What differs first (widths, depth), else how far the closest prefix got; examples of both sides; the fix,
+    with a prefix only where one maps every path."""
+    best, hits = closest(files, have)
+    causes = [c for c in ((widths(best) if widths and best is not None else None),
+                          depth_difference(files, have, best)) if c]
+    if causes:
+        return (f"{'; and '.join(causes)}. Nothing was loaded. Load it into the base model it was trained on "
+                "(or a submodule of it)")
+    partial = (f"with {best.describe()} only {hits} of {len(files)} match (not "
+               f"{examples([f for f in files if not (best.applies(f) and best(f) in have)], 2)}); "
                if best is not None else "no leading prefix maps even one of them; ")
+    tail = files[0].rsplit(".", 1)[-1]
+    near = sorted(h for h in have if h.rsplit(".", 1)[-1] == tail) or sorted(have)
     kind = desc.removeprefix("the model's ")
     theirs = f"{desc} are named like {examples(near, 2)}" if near else f"the model has no {kind}"
+    swap = _replacement(files, have)
+    fix = f", or map the paths with {swap.as_arg()}, which maps all {len(files)}" if swap else ""
     return (f"the adapter's layers are not this model's: {partial}the adapter has {len(files)} layers such as "
-            f"{examples(files, 2)}, {theirs}. Nothing was loaded. Load it into "
-            "the model it was trained on (or a submodule of it), or map the paths with prefix=(FROM, TO)")
+            f"{examples(files, 2)}, {theirs}. Nothing was loaded. Load it into the model it was trained on (or a "
+            f"submodule of it){fix}")
 
 
 def on_root(fn):

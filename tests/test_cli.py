@@ -247,7 +247,8 @@ def test_path_errors_name_the_cause_first_and_the_fix(tmp_path, capsys):
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "big.safetensors"), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("randlora: error: the adapter's layers are not this model's")
-    assert "the adapter has 39 layers such as '0', '1' and 37 more" in err and "--prefix FROM=TO" in err
+    assert "the adapter has 39 layers such as '0', '1' and 37 more" in err
+    assert "--prefix" not in err and "prefix=(" not in err  # no prefix maps these paths: suggesting one misleads
     assert len(err) < 1500
 
     # two prefixes map them equally well: both named, nothing chosen
@@ -493,3 +494,103 @@ def test_merge_decodes_only_adapted_tensors(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(decoded) == sorted(f"layers.{i}.up_proj.{w}" for i in (0, 1) for w in ("weight", "bias"))
     assert_same_file_as(tmp_path / "m.safetensors", model.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# a Trainer folder with parameters trained beside the adapter; the causes of a wrong weight file
+# ------------------------------------------------------------------------------------------------
+def trainer_folder(tmp_path, model):
+    """A checkpoint folder as randlora.hf.RandLoraTrainer writes it for ``model`` adapted on itself, with its
+    head trained beside the adapter (EXTRA_FILE, the adapter's root recorded as the model itself)."""
+    from randlora.hf import ADAPTER_FILE, EXTRA_FILE, ROOT_KEY
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    randlora.save(model, ckpt / ADAPTER_FILE, save_projection=False)
+    with torch.no_grad():
+        model.head.weight.mul_(-2.0)
+        model.head.bias.add_(1.0)
+    head = {k: v.detach().clone().contiguous() for k, v in model.head.state_dict().items()}
+    save_file({f"head.{k}": v for k, v in head.items()}, str(ckpt / EXTRA_FILE),
+              metadata={"format": "pt", ROOT_KEY: ""})
+    return ckpt
+
+
+def test_merge_from_a_trainer_folder_writes_the_head_trained_beside_the_adapter(tmp_path, capsys):
+    from randlora.hf import ADAPTER_FILE
+
+    model = make()
+    write_base(model, tmp_path / "base.safetensors")
+    write_base(model.layers, tmp_path / "blocks.safetensors")  # the body alone: no place for the head
+    randlora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
+    perturb(model)
+    ckpt = trainer_folder(tmp_path, model)
+    randlora.merge(model)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(ckpt), "--out", str(out)]) == 0
+    assert "merged 4 layers (randlora adapter) and 2 tensors trained beside it" in capsys.readouterr().out
+    assert_same_file_as(out, model.state_dict())  # the trained head included, bit for bit
+
+    # a weight file without the head: refused, saying what the output would lack and how to get it
+    out2 = tmp_path / "m2.safetensors"
+    cmd = ["merge", "--base", str(tmp_path / "blocks.safetensors"), "--out", str(out2)]
+    assert main([*cmd, "--adapter", str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"randlora: error: {ckpt / 'randlora_trainable.safetensors'} holds 2 parameters trained "
+                          "beside the adapter"), err
+    for piece in ("'head.bias', 'head.weight'", "nothing was written", f"--adapter {ckpt / ADAPTER_FILE}",
+                  "load_state_dict"):
+        assert piece in err, piece
+    assert not out2.exists() and len(err) < 1500
+    assert main([*cmd, "--adapter", str(ckpt / ADAPTER_FILE)]) == 0  # the adapter alone, as the message says
+    capsys.readouterr()
+
+    # a head of another shape in the weight file: refused
+    other = make()
+    other.head = nn.Linear(24, 7)
+    write_base(other, tmp_path / "other.safetensors")
+    assert main(["merge", "--base", str(tmp_path / "other.safetensors"), "--adapter", str(ckpt),
+                 "--out", str(tmp_path / "m3.safetensors")]) == 1
+    assert "2 have other shapes (head.bias is (10,) in the file, (7,) here)" in capsys.readouterr().err
+
+
+class Tied(nn.Module):
+    """A decoder whose output layer a tied model would store only as the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(10, 24)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(24, 10, bias=False)
+
+
+def test_merge_names_a_tied_output_layer_the_weight_file_lacks(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Tied()
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "tied.safetensors"))  # as a tie_word_embeddings=True model is saved
+    randlora.inject(model, ["q_proj", "lm_head"], r=4)
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=False)
+    assert main(["merge", "--base", str(tmp_path / "tied.safetensors"), "--adapter", str(tmp_path / "ad.safetensors"),
+                 "--out", str(tmp_path / "m.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"randlora: error: {tmp_path / 'tied.safetensors'} has no weight for the adapter's output "
+                          "layer 'lm_head' (looked for 'lm_head.weight'), while its other 2 layers are there "
+                          "(the paths as they are)"), err
+    assert "tie_word_embeddings=True" in err and "'embed_tokens.weight'" in err and "Untie it first" in err
+    assert "prefix" not in err and len(err) < 1500
+
+
+def test_merge_into_a_shallower_model_names_the_missing_blocks(tmp_path, capsys):
+    model = make()
+    write_base(model, tmp_path / "base.safetensors")
+    deeper = make()
+    deeper.layers.extend([Block(), Block()])
+    randlora.inject(deeper, ["q_proj", "up_proj"], r=4)
+    randlora.save(deeper, tmp_path / "ad.safetensors", save_projection=False)
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "ad.safetensors"),
+                 "--out", str(tmp_path / "m.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("randlora: error: the adapter has layers 0-3 of 'layers', the model 0-1 (4 of its 8 layers "
+                          "are in blocks the model lacks). Nothing was written."), err
+    assert "prefix" not in err

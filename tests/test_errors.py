@@ -299,6 +299,15 @@ def _other_names(tmp: Path) -> Path:
     return saved(tmp, m)
 
 
+def _other_container(tmp: Path) -> Path:
+    """The toy's blocks under another name (``body.0.q_proj``): only a prefix replaced by another maps them."""
+    m = toy()
+    m.body = m.layers
+    del m.layers
+    randlora.inject(m, TARGETS, r=4)
+    return saved(tmp, m)
+
+
 CASES: list[Case] = [
     # -- selection -------------------------------------------------------------------------------
     Case("targets that match nothing", _inject(targets=["q_prj"]), TargetError, ("'q_prj'", "q_proj")),
@@ -447,7 +456,10 @@ CASES: list[Case] = [
     Case("a file for a model with other shapes", lambda m, tmp: randlora.load(m, saved(tmp, injected(toy(d=6)))),
          CheckpointError, ("shape", "nothing was loaded")),
     Case("a file for a model with other layer names", lambda m, tmp: randlora.load(m, _other_names(tmp)),
-         CheckpointError, ("not this model's", "encoder", "prefix=")),
+         CheckpointError, ("not this model's", "encoder", "the model it was trained on")),
+    Case("a file whose paths need one prefix replaced by another",
+         lambda m, tmp: randlora.load(m, _other_container(tmp)), CheckpointError,
+         ("not this model's", "prefix=('body.', 'layers.')", "maps all 4")),
     Case("a peft folder without adapter_config.json", lambda m, tmp: randlora.load_peft(m, _empty_dir(tmp)),
          CheckpointError, ("adapter_config.json", "peft adapter folder")),
     Case("saving to a directory", lambda m, tmp: randlora.save(m, tmp), CheckpointError,
@@ -694,7 +706,7 @@ LOAD_ERRORS = {
     "no layer matches": (lambda tmp: nn.Sequential(*(nn.Linear(8, 8) for _ in range(40))),
                          lambda tmp: _saved_encoder(tmp), "the adapter's layers are not this model's"),
     "half the layers match": (lambda tmp: _Encoder(blocks=6), lambda tmp: _saved_encoder(tmp),
-                              "the adapter's layers are not this model's: with the paths as they are only 36 of 72"),
+                              "the adapter has layers 0-11 of 'layer', the model 0-5 (36 of its 72 layers"),
 }
 
 
@@ -731,3 +743,89 @@ def _injected_encoder(r: int) -> nn.Module:
     model = _Encoder()
     randlora.inject(model, ["query", "key", "value", "dense", "up", "down"], r=r)
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# an adapter for another model: what differs (widths, depth) first; a prefix only where one maps every path
+# ------------------------------------------------------------------------------------------------
+BERT_TARGETS = ["query", "key", "value", "dense"]
+
+
+def _bert(width: int, depth: int) -> nn.Module:
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=width, num_hidden_layers=depth, num_attention_heads=2,
+                                  intermediate_size=2 * width, max_position_embeddings=8)
+    return transformers.BertModel(cfg)
+
+
+def _bert_adapter(tmp: Path, width: int, depth: int) -> Path:
+    model = _bert(width, depth)
+    randlora.inject(model, BERT_TARGETS, r=4)
+    return randlora.save(model, tmp / f"bert{width}x{depth}.safetensors", save_projection=False)
+
+
+_DEPTH = "the adapter has layers 0-3 of 'encoder.layer', the model 0-1"
+WRONG_MODEL = {  # the adapter's (width, depth), the model's, inject first?, how the message starts, what else it says
+    "narrower and shallower": ((48, 4), (32, 2), False, "the model's layers are narrower than the adapter's: ",
+                               ("is (32, 32) here, min(out, in) = 48", _DEPTH)),
+    "wider and shallower": ((32, 4), (48, 2), False, "the model's layers are wider than the adapter's: ",
+                            ("is (48, 48) here, min(out, in) = 32", _DEPTH)),
+    "narrower and deeper": ((48, 2), (32, 4), False, "the model's layers are narrower than the adapter's: ",
+                            ("is (32, 32) here, min(out, in) = 48",)),
+    "wider and deeper": ((32, 2), (48, 4), False, "the model's layers are wider than the adapter's: ",
+                         ("is (48, 48) here, min(out, in) = 32",)),
+    "shallower, same width": ((48, 4), (48, 2), False, _DEPTH, ("12 of its 25 layers",)),
+    "shallower, into an injected model": ((48, 4), (48, 2), True, _DEPTH, ("unexpected keys",)),
+    "narrower and shallower, into an injected model": ((48, 4), (32, 2), True,
+                                                       "the model's layers are narrower than the adapter's: ",
+                                                       (_DEPTH,)),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_MODEL))
+def test_an_adapter_for_another_model_says_what_differs_first(case: str, tmp_path: Path) -> None:
+    theirs, ours, inject, start, says = WRONG_MODEL[case]
+    path = _bert_adapter(tmp_path, *theirs)
+    model = _bert(*ours)
+    if inject:
+        randlora.inject(model, BERT_TARGETS, r=4)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        randlora.load(model, path)
+    msg = str(info.value)
+    assert msg.startswith(start), msg
+    for piece in says:
+        assert piece in msg, f"message lacks {piece!r}: {msg}"
+    assert "prefix" not in msg, msg  # no prefix maps these paths: suggesting one would mislead
+    assert len(msg) <= MAX_MESSAGE, f"{len(msg)} characters: {msg[:300]}..."
+    assert_unchanged(before, snapshot(model))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.add_module(name, _bert(32, 2))
+
+
+def test_a_prefix_is_suggested_where_it_maps_every_path(tmp_path: Path) -> None:
+    """An adapter of ``backbone.encoder.layer.*`` onto a model whose BERT sits at ``bert.``: neither adding nor
+    stripping maps the paths, replacing ``backbone.`` by ``bert.`` does; the error says so, and following it
+    loads the adapter."""
+    donor = _Backbone("backbone")
+    randlora.inject(donor, BERT_TARGETS, r=4)
+    randomize(donor, 1)
+    path = randlora.save(donor, tmp_path / "a.safetensors", save_projection=False)
+    model = _Backbone("bert")
+    before = snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        randlora.load(model, path)
+    msg = str(info.value)
+    assert msg.startswith("the adapter's layers are not this model's"), msg
+    assert "prefix=('backbone.', 'bert.'), which maps all 13" in msg and len(msg) <= MAX_MESSAGE, msg
+    assert_unchanged(before, snapshot(model))
+    randlora.load(model, path, prefix=("backbone.", "bert."))
+    want = randlora.state_dict(donor, save_projection=False)
+    got = randlora.state_dict(model, save_projection=False)
+    assert {k.replace("backbone.", "bert.", 1) for k in want} == set(got)
+    assert all(torch.equal(v, got[k.replace("backbone.", "bert.", 1)]) for k, v in want.items())
