@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import planner
 from .errors import ConfigError
-from .ops import grad_epilogue, grad_prologue, on_rows, out_features, reduce_grads, release_workspace, scratch
+from .ops import grad_epilogue, grad_prologue, on_rows, out_features, reduce_grads, release_workspace, scratch, untracked
 from .planner import Route, padded_width, sparse_costs, sparse_pays
 
 __all__ = [
@@ -561,6 +561,7 @@ def sparse_randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.
         ConfigError: the shapes or device do not match ``idx``.
     """
     def run(x2: torch.Tensor) -> torch.Tensor:
-        return _SparseOp.apply(x2, W, bias, lam, gam, idx, s, route if route is not None else _route_of(x2, W, lam, gam))
+        op = _SparseOp.forward if untracked(x2, W, bias, lam, gam) else _SparseOp.apply
+        return op(x2, W, bias, lam, gam, idx, s, route if route is not None else _route_of(x2, W, lam, gam))
 
     return on_rows(run, x)
