@@ -674,7 +674,8 @@ def _trained_plan(model: nn.Module, root: nn.Module, trained) -> tuple[list, lis
 
 
 def _restore_trained(plan: tuple[list, list[str]], trained) -> None:
-    """Copy the checked tensors of :func:`_trained_plan` in, and say at WARNING what was loaded and skipped."""
+    """Copy the checked tensors of :func:`_trained_plan` in, and say what was loaded (INFO) and what was skipped
+    (WARNING)."""
     if trained is None:
         return
     pairs, skipped = plan
@@ -690,4 +691,4 @@ def _restore_trained(plan: tuple[list, list[str]], trained) -> None:
                 "trained outside the part of the Trainer's model this model holds, so it differs from the trained "
                 "model there. Load the folder into the whole model the Trainer trained (e.g. the wrapper with its "
                 "head) to restore them")
-    log.warning(msg)
+    (log.warning if skipped else log.info)(msg)  # a complete load is the expected case: visible at INFO

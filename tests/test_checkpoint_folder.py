@@ -2,8 +2,8 @@
 
 ``randlora.hf.RandLoraTrainer`` writes, beside ``randlora_adapter.safetensors``, the parameters the model
 trains outside the adapter (``randlora_trainable.safetensors``: here a classification head outside the
-injected encoder). ``randlora.load(model, folder)`` restores both where the model has them, says so at
-WARNING, skips (and says so) what lies outside the model it is given, and refuses, changing nothing, what
+injected encoder). ``randlora.load(model, folder)`` restores both where the model has them, names them at
+INFO, skips (and says so at WARNING) what lies outside the model it is given, and refuses, changing nothing, what
 belongs in it but does not fit; ``python -m randlora merge`` writes the head into its output or refuses.
 One Trainer run of 2 steps on a tiny BERT serves every test.
 """
@@ -77,8 +77,8 @@ def trained(tmp_path_factory):
     return model.eval(), out / "checkpoint-2", ids[:4]
 
 
-def folder_records(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "randlora" and r.levelno == logging.WARNING]
+def folder_records(caplog, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "randlora" and r.levelno == level]
 
 
 def test_the_folder_records_where_the_adapter_sits(trained):
@@ -93,10 +93,11 @@ def test_a_folder_loads_as_the_trained_model_and_says_which_files(trained, caplo
     adapter_only = logits(randlora.load(Classifier(), ckpt / ADAPTER_FILE), x)
     assert (adapter_only - want).abs().max().item() > 1e-2  # the trained head matters: without it, another model
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="randlora"):
+    with caplog.at_level(logging.INFO, logger="randlora"):
         fresh = randlora.load(Classifier(), ckpt)
     assert (logits(fresh, x) - want).abs().max().item() <= TOL
-    (msg,) = folder_records(caplog)
+    assert not folder_records(caplog)  # everything restored: nothing to warn about, the files named at INFO
+    (msg,) = [m for m in folder_records(caplog, logging.INFO) if "checkpoint folder" in m]
     assert ADAPTER_FILE in msg and f"2 of the 2 tensors of {EXTRA_FILE} ('head.bias', 'head.weight')" in msg, msg
     assert "NOT loaded" not in msg
     # into a model already adapted the same way (the load_state_dict branch) the head comes too
