@@ -470,11 +470,26 @@ class RandLoraLinear(Adapter):
                 idx = self._bank.sparse_index(self.out_features, self.in_features)
                 return sparse_delta(idx, lam, gam, s, tr, cd, self._w())
         acc = acc_dtype(self.weight.dtype)
-        bank = self._bank
-        D = self._delta_cache.delta(lam, gam, s, (bank.A, bank.B, bank.generation),
-                                    torch.no_grad()(lambda: self._delta(ad, acc)))
+        D = self._cached_delta(ad, acc)
         with torch.no_grad():
             return (self._w().to(acc) + D).to(cd)
+
+    def _cached_delta(self, ad: Adapter, acc: torch.dtype) -> torch.Tensor:
+        """``s·ΔW`` of ``ad`` in ``acc`` from the layer's :class:`~randlora.cache.DeltaCache` (no gradient)."""
+        bank = self._bank
+        return self._delta_cache.delta(ad.randlora_lambda, ad.randlora_gamma, ad.scaling,
+                                       (bank.A, bank.B, bank.generation), torch.no_grad()(lambda: self._delta(ad, acc)))
+
+    def adapted_weight(self, ad: Adapter) -> torch.Tensor:
+        """``W + s·ΔW`` of adapter ``ad`` as ``(O, I)`` in the weight's dtype, accumulated as :meth:`merge_` does
+        (so it equals the merged weight) and differentiable in ``λ``, ``γ`` (and ``W``); under ``no_grad``
+        inside :func:`randlora.cached`, from the kept ``s·ΔW``. For parents that read the weight instead of
+        calling the layer (:mod:`randlora.attention`)."""
+        W = self._w()
+        acc = acc_dtype(W.dtype)
+        D = self._cached_delta(ad, acc) if (self._delta_cache is not None and not torch.is_grad_enabled()) \
+            else self._delta(ad, acc)
+        return (W.to(acc) + D).to(W.dtype)
 
     def _prebuilt(self, ad: Adapter, cd: torch.dtype, T: int, need_x: bool) -> torch.Tensor | None:
         """The ``W + s·ΔW`` of ``ad`` a call of ``T`` tokens (with ``W``) would hand the op, or None."""

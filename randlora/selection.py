@@ -1,7 +1,8 @@
 """Selecting the layers an adapter goes on: ``targets`` / ``layers`` / ``exclude`` to module paths, validated.
 
 What counts as a linear layer (``nn.Linear``, GPT-2 style ``Conv1D`` by duck typing), which layers
-``"all-linear"`` leaves out (the output head), and which parameter names are biases.
+``"all-linear"`` leaves out (the output head, never a layer of the numbered blocks), which targets are refused (tied
+weights, aliased modules), and which parameter names are biases.
 """
 
 from __future__ import annotations
@@ -55,10 +56,22 @@ def _layer_index(name: str) -> int | None:
 HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score", "qa_outputs", "text_projection",
                         "visual_projection", "output_projection"})
 
+_IN_BLOCK = re.compile(r"(?:^|\.)\d+\.")  # a numbered component with more of the path after it
+
+
+def _in_blocks(name: str) -> bool:
+    """Whether the layer at ``name`` sits inside one of the model's numbered blocks (``layers.3.mlp.down_proj``:
+    an element of a ``ModuleList``/``Sequential`` holding it): a body layer, never an output head."""
+    return _IN_BLOCK.search(name) is not None
+
 
 def _output_heads(model: nn.Module) -> list[nn.Module]:
-    """The output head(s) ``"all-linear"`` leaves out: ``get_output_embeddings()`` when the model has one,
-    else the linear layers named like a head (``HEAD_NAMES``), else the last linear layer."""
+    """The output head(s) ``"all-linear"`` leaves out: ``get_output_embeddings()`` when the model has one; else
+    the linear layers outside the numbered blocks named like a head (``HEAD_NAMES``); else none on a
+    transformers base model (``model.base_model is model``: ``AutoModel``'s headless models); else the last
+    linear layer when it comes after the numbered blocks, or is the last element of a model that is itself a
+    stack of layers (an ``nn.Sequential`` MLP). A layer inside the blocks is never left out, and a single block
+    (a bare ``nn.TransformerEncoderLayer``) has no head to tell apart."""
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         try:
@@ -68,8 +81,13 @@ def _output_heads(model: nn.Module) -> list[nn.Module]:
         if isinstance(head, nn.Module):
             return [head]
     linear = [(n, m) for n, m in walk(model) if n and is_linear(m)]
-    named = [m for n, m in linear if n.rsplit(".", 1)[-1] in HEAD_NAMES]
-    return named or [m for _, m in linear[-1:]]
+    outside = [(n, m) for n, m in linear if not _in_blocks(n)]
+    named = [m for n, m in outside if n.rsplit(".", 1)[-1] in HEAD_NAMES]
+    if named or not linear or getattr(model, "base_model", None) is model:
+        return named
+    last = linear[-1][0]
+    after_blocks = len(outside) < len(linear) and not _in_blocks(last)
+    return [linear[-1][1]] if after_blocks or last.isdigit() else []
 
 
 def _close_names(model: nn.Module, wanted: Sequence[str]) -> str:
@@ -105,6 +123,7 @@ def select(model: nn.Module, targets, *, layers: Sequence[int] | None = None, ex
     if not chosen:
         _refuse_empty(model, targets, exclude, before_exclude)
     _refuse_aliases(model, dict(named), chosen)
+    _refuse_tied(model, dict(named), chosen)
     return chosen
 
 
@@ -179,3 +198,22 @@ def _refuse_aliases(model: nn.Module, by_name: dict[str, nn.Module], chosen: lis
         raise TargetError(f"target module {shared[0][0]!r} is registered under several names {shared[0]}; "
                           "an adapter would only replace one of them. Give each place its own module "
                           "(copy.deepcopy) or exclude it")
+
+
+def _refuse_tied(model: nn.Module, by_name: dict[str, nn.Module], chosen: list[str]) -> None:
+    """A target whose weight Parameter another module also holds (an output head tied to the input embedding)
+    is refused: merging would fold ``s·ΔW`` into the one tensor both read."""
+    holders: dict[int, list[str]] = {}
+    for path, mod in walk(model, remove_duplicate=False):
+        for k, p in mod._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append(f"{path}.{k}" if path else k)
+    for n in chosen:
+        others = [h for h in holders.get(id(by_name[n].weight), []) if h != f"{n}.weight"]
+        if others:
+            raise TargetError(
+                f"target {n!r} has a tied weight: the same Parameter is also {others[0]!r}"
+                f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, so merging would fold s·ΔW into "
+                f"the tensor both read and change {others[0].rsplit('.', 1)[0]!r} too. Untie it first (e.g. "
+                f"config.tie_word_embeddings=False, then layer = model.get_submodule({n!r}); layer.weight = "
+                f"nn.Parameter(layer.weight.detach().clone())), or target other layers (exclude=[{n!r}])")

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import attention
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
 from .layer import DEFAULT_INIT, RandLoraLinear, get_init, is_quantized
@@ -209,14 +210,10 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Pl
                          "rename them before injecting")
     names = select(model, targets, layers=layers, exclude=exclude)
     mods = {n: model.get_submodule(n) for n in names}
-    shapes, fan, dtypes, devices, owners = [], [], set(), set(), {}
+    shapes, fan, dtypes, devices = [], [], set(), set()
     for n, mod in mods.items():
         W = mod.weight
         if is_quantized(mod):  # bitsandbytes 4-/8-bit or torchao: packed storage, the module says the shape
-            if id(W) in owners:
-                raise TargetError(f"layers {owners[id(W)]} and {n} share one (tied) weight tensor. Target only one "
-                                  "of them (exclude=[...])")
-            owners[id(W)] = n
             shapes.append((int(mod.out_features), int(mod.in_features)))
             cdt = getattr(mod, "compute_dtype", None)  # bitsandbytes 4-bit; torchao weights report theirs
             if not (isinstance(cdt, torch.dtype) and cdt.is_floating_point):
@@ -230,10 +227,6 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Pl
         if W.dim() != 2 or 0 in W.shape:
             raise TargetError(f"layer {n} has a weight of shape {tuple(W.shape)}; RandLora needs a 2-D weight "
                               "with no zero-size dimension. Exclude it (exclude=[...])")
-        if id(W) in owners:
-            raise TargetError(f"layers {owners[id(W)]} and {n} share one (tied) weight tensor: merging would add "
-                              "both updates to it. Target only one of them (exclude=[...])")
-        owners[id(W)] = n
         if is_conv1d(mod):
             fan.append(n)
         shapes.append((W.shape[1], W.shape[0]) if is_conv1d(mod) else tuple(W.shape))
@@ -283,6 +276,7 @@ def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> dict
         for n, p in model.named_parameters():
             if is_bias_name(n):
                 p.requires_grad_(True)
+    attention.sync(model)  # parents that read an adapted layer's weight (nn.MultiheadAttention's out_proj)
     return new
 
 
@@ -452,6 +446,7 @@ def unwrap(model: nn.Module, path: str, layer: RandLoraLinear) -> None:
 def _restore(model: nn.Module) -> None:
     for name, layer in list(_adapted_modules(model)):
         unwrap(model, name, layer)
+    attention.sync(model)  # torch's attention fast paths back on
     bank = require_bank(model)
     bank.detach()
     delattr(model, BANK_ATTR)

@@ -151,6 +151,13 @@ def _with_tied() -> nn.Module:
     return m
 
 
+def _with_tied_head() -> nn.Module:
+    m = toy()
+    m.embed = nn.Embedding(5, 8)
+    m.embed.weight = m.head.weight
+    return m
+
+
 def _with_alias() -> nn.Module:
     m = toy()
     m.layers[1].q_proj = m.layers[0].q_proj
@@ -327,8 +334,15 @@ CASES: list[Case] = [
     Case("layers that are not ints", _inject(layers="0"), TargetError, ("'0'", "list of block indices")),
     Case("a target with a zero-size weight", _inject(), TargetError, ("layers.1.v_proj", "(0, 8)", "exclude"),
          model=_with_zero_layer),
-    Case("two targets sharing one tied weight", _inject(), TargetError, ("tied", "layers.1.q_proj", "only one"),
+    Case("two targets sharing one tied weight", _inject(), TargetError, ("tied", "layers.1.q_proj", "Untie it"),
          model=_with_tied),
+    Case("a target whose weight is tied to another module (a head tied to the embedding)",
+         _inject(targets=["q_proj", "head"]), TargetError, ("'head'", "'embed.weight'", "tie_word_embeddings=False",
+                                                            "exclude=['head']"), model=_with_tied_head),
+    Case("adapter dropout on out_proj of nn.MultiheadAttention, in training", lambda m, tmp: m(torch.ones(2, 3, 8)),
+         ConfigError, ("out_proj", "dropout=0", "exclude=['out_proj']"),
+         prep=lambda m, tmp: randlora.inject(m, ["out_proj"], r=4, dropout=0.1),
+         model=lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
     Case("a target registered under two names", _inject(), TargetError,
          ("layers.0.q_proj", "layers.1.q_proj", "own module"), model=_with_alias),
     # -- settings --------------------------------------------------------------------------------
