@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import attention
 from .errors import StateError
 from .layer import RandLoraLinear
 from .paths import examples, on_root
@@ -70,6 +71,7 @@ def drop(model: nn.Module, name: str, layers: list[tuple[str, RandLoraLinear]] |
                 layer.bias.requires_grad_(False)
         else:
             layer.remove_adapter(name)
+    attention.sync(model)  # a module that no longer holds an adapted layer takes torch's fast paths again
     names = list(reg.adapters)
     del reg.adapters[name]
     if reg.active == name:

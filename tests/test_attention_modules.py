@@ -361,3 +361,23 @@ def test_an_attention_call_that_fails_gives_out_proj_its_weight_back():
     with pytest.raises(AssertionError, match="embedding dimension"):
         model(x, x, x)
     assert layer.weight is W and isinstance(W, nn.Parameter) and not layer.disabled
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_deleting_the_only_adapter_of_an_encoder_layer_gives_it_the_fast_path_back(fused):
+    """``randlora.delete`` that unwraps every adapted layer of one encoder layer, while another adapter lives
+    elsewhere in the model, takes the hooks off that layer (and leaves them where an adapter remains)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True) for _ in range(2)))
+    model.eval()
+    randlora.inject(model, ["0.linear1", "1.linear1"], r=4)
+    randlora.inject(model, ["1.linear1"], r=4, name="b")  # (a further adapter goes on layers the first has)
+    assert guarded(model[0]) and guarded(model[1])
+    randlora.delete(model, "default")
+    assert not guarded(model[0]) and guarded(model[1])
+    x = torch.randn(2, 5, D)
+    for k in fused:
+        fused[k] = 0
+    with torch.no_grad():
+        model[0](x)
+    assert fused["_transformer_encoder_layer_fwd"] == 1
