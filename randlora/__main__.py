@@ -225,9 +225,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("adapter", help=_ADAPTER_HELP)
     e.add_argument("--base", required=True, help="the base model's .safetensors weight file (for the layer shapes)")
     e.add_argument("--out", required=True, help="the LoRA folder to write (must not exist or be empty, or --force)")
-    k = e.add_mutually_exclusive_group(required=True)
+    from .export import DEFAULT_ENERGY
+
+    k = e.add_mutually_exclusive_group()
     k.add_argument("--rank", help="LoRA rank of every layer (an int, or 'full' for exact)")
-    k.add_argument("--energy", type=float, help="keep this fraction in (0, 1] of each layer's squared norm")
+    k.add_argument("--energy", type=float, help="keep this fraction in (0, 1] of each layer's squared norm "
+                   f"(default when neither is given: {DEFAULT_ENERGY}, a relative error of at most "
+                   f"{(1 - DEFAULT_ENERGY) ** 0.5:.2g} per layer)")
     e.add_argument("--prefix", default=None, metavar="FROM=TO", help=_PREFIX_HELP)
     e.add_argument("--method", default="auto", choices=["auto", "svd", "lowrank"], help="SVD algorithm")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="factor dtype (default: the weights')")

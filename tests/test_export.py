@@ -14,7 +14,8 @@ from torch import nn
 
 import randlora
 from randlora.errors import CheckpointError, ConfigError, StateError
-from randlora.export import LORA_CONFIG, LORA_WEIGHTS, LoraExport, export_file, factor, save_lora, to_lora
+from randlora.export import (DEFAULT_ENERGY, LORA_CONFIG, LORA_WEIGHTS, LoraExport, export_file, factor, save_lora,
+                             to_lora)
 from randlora.walker import adapted_layers
 
 from bench_loader import load_benchmark
@@ -161,6 +162,69 @@ def test_output_error_is_bounded_by_the_reported_error(tmp_path):
             assert l.error > 1e-3
 
 
+# ------------------------------------------------------------------------------------------------
+# the default (neither rank nor energy): energy=DEFAULT_ENERGY
+# ------------------------------------------------------------------------------------------------
+def test_default_export_loads_in_peft_within_the_energy_bound(tmp_path):
+    """``save_lora(model, folder)``: each layer keeps ``DEFAULT_ENERGY`` of ``‖s·ΔW‖_F²`` (the float64
+    reference's smallest such rank), so its error is at most ``√(1 − DEFAULT_ENERGY)``, and peft's outputs
+    differ from the RandLora model's by at most ``error · ‖s·ΔW‖_F · ‖x‖_F`` (one layer, Cauchy-Schwarz)."""
+    def base():
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.add_module("proj", nn.Linear(40, 64))
+        return model
+
+    model = base()
+    randlora.inject(model, ["proj"], r=4, alpha=8)
+    randomize(model, 2)
+    x = torch.randn(50, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x).double()
+    exp = save_lora(model, tmp_path / "lora")
+    D, S = _reference_svd(model.proj)
+    cs = torch.cumsum(S**2, 0) / (S**2).sum()
+    k = int((cs < DEFAULT_ENERGY - 1e-12).sum()) + 1  # the smallest rank keeping DEFAULT_ENERGY
+    assert k < 40  # this spectrum is spread: the default truncates
+    l = exp.layers["proj"]
+    assert l.rank == k and l.energy >= DEFAULT_ENERGY - 1e-6
+    bound = math.sqrt(1 - DEFAULT_ENERGY)
+    assert 1e-3 < l.error <= bound + 1e-6
+    cfg = json.loads((tmp_path / "lora" / LORA_CONFIG).read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == k
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(base(), str(tmp_path / "lora")).eval()(x).double()
+    diff = float((got - want).norm())
+    assert 0 < diff <= bound * float(D.norm()) * float(x.double().norm())
+    assert diff <= l.error * float(D.norm()) * float(x.double().norm()) * (1 + 1e-4) + 1e-5
+
+
+def test_default_on_a_full_rank_small_update():
+    """A flat spectrum (every singular value the same share, ``1/n``): the default keeps the smallest
+    ``k`` with ``k/n >= DEFAULT_ENERGY``, which is every direction when ``(n − 1)/n < DEFAULT_ENERGY``:
+    the export is then exact. A small RandLora layer's update (full rank) gets the reference's rank."""
+    g = torch.Generator().manual_seed(0)
+    for n in (4, 8, 16):
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].float()
+        A, B, k, err, kept = factor(3.0 * Q)
+        assert k == math.ceil(DEFAULT_ENERGY * n - 1e-9)
+        if k == n:
+            assert err < 1e-6 and kept == pytest.approx(1.0, abs=1e-6)
+            assert torch.allclose(B @ A, 3.0 * Q, atol=1e-5)
+        else:
+            assert err == pytest.approx(math.sqrt(1 - k / n), rel=1e-4)
+    model = nn.Sequential()
+    model.add_module("small", nn.Linear(8, 6))
+    randlora.inject(model, ["small"], r=2, alpha=4)
+    randomize(model, 4)
+    D, S = _reference_svd(model.small)
+    assert int((S > 1e-6 * S[0]).sum()) == 6  # full rank
+    cs = torch.cumsum(S**2, 0) / (S**2).sum()
+    l = to_lora(model).layers["small"]
+    assert l.rank == int((cs < DEFAULT_ENERGY - 1e-12).sum()) + 1
+    assert l.error <= math.sqrt(1 - DEFAULT_ENERGY) + 1e-6
+
+
 def test_conv1d_gpt2_loads_in_peft(tmp_path):
     cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=32)
 
@@ -204,12 +268,14 @@ def _reference_svd(layer):
     return D, torch.linalg.svdvals(D)
 
 
-@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99, 1.0, None])
 def test_energy_picks_the_smallest_rank_keeping_it(energy):
+    """``None``: neither rank nor energy given, the default ``energy=DEFAULT_ENERGY``."""
     model = Net(d=24, h=40)
     randlora.inject(model, ["q_proj", "up_proj", "down_proj"], r=4, alpha=8)
     randomize(model, 3)
     exp = to_lora(model, energy=energy, svd_dtype=torch.float64)
+    energy = DEFAULT_ENERGY if energy is None else energy
     for p, layer in adapted_layers(model):
         D, S = _reference_svd(layer)
         e = S**2 / (S**2).sum()
@@ -376,7 +442,7 @@ def test_factor_signs_are_fixed_and_the_thread_count_restored_on_error():
 # CLI
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,args", [({"rank": 6}, ["--rank", "6"]), ({"energy": 0.7}, ["--energy", "0.7"]),
-                                     ({"rank": "full"}, ["--rank", "full"])])
+                                     ({"rank": "full"}, ["--rank", "full"]), ({}, [])])
 @pytest.mark.parametrize("save_projection", [False, True])
 def test_cli_equals_the_python_api(tmp_path, kw, args, save_projection, capsys):
     from randlora.__main__ import main
@@ -459,8 +525,8 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "--rank must be" in capsys.readouterr().err
     assert main(["export-lora", *common, "--out", str(tmp_path / "o"), "--energy", "1.5"]) == 1
     assert "energy must be a number in (0, 1]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # neither --rank nor --energy
-        main(["export-lora", *common, "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):  # both --rank and --energy
+        main(["export-lora", *common, "--out", str(tmp_path / "o"), "--rank", "2", "--energy", "0.9"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert main(["export-lora", *common, "--out", str(tmp_path / "full"), "--rank", "2"]) == 1
@@ -482,10 +548,11 @@ def test_cli_bad_input(tmp_path, capsys):
     ({"energy": 0.0}, r"energy must be a number in \(0, 1\]"),
     ({"energy": 1.01}, r"energy must be a number in \(0, 1\]"),
     ({"energy": float("nan")}, r"energy must be a number in \(0, 1\]"),
-    ({}, "exactly one of rank"),
-    ({"rank": 4, "energy": 0.9}, "exactly one of rank"),
+    ({"rank": 4, "energy": 0.9}, "pass at most one of rank .* not both"),
+    ({"rank": "full", "energy": 1.0}, "pass at most one of rank .* not both"),
     ({"rank": 4, "method": "qr"}, "method must be one of"),
     ({"energy": 0.9, "method": "lowrank"}, "needs a fixed rank"),
+    ({"method": "lowrank"}, "needs a fixed rank"),  # the default is an energy
     ({"rank": 4, "dtype": torch.int8}, "dtype must be a floating-point"),
 ])
 def test_bad_settings_are_refused(tmp_path, kw, match):
