@@ -9,6 +9,12 @@ forms ``W + D`` from the weight as it is now, so swapped or rewritten base weigh
 
 Every forward inside :func:`cached` uses ``W + D`` the same way whether ``D`` was just built or reused,
 so a hit and a miss give bit-identical results.
+
+``cached(model, frozen_base=True)`` is for evaluation and serving, where the base weights do not change: a layer
+then keeps ``W + D`` itself (in the compute dtype) and a no-grad call is one matmul with it, the base layer's
+cost. The kept matrix is still rebuilt when ``λ``/``γ`` values, the adapter, the bank or the compute dtype
+change, and when the weight Parameter is replaced or written in place through autograd (its identity, storage
+and version counter); a write through ``.data`` is not seen there, which is what the user opts in to.
 """
 
 from __future__ import annotations
@@ -30,50 +36,82 @@ __all__ = ["DeltaCache", "cached"]
 
 @dataclass
 class _Entry:
-    lam: torch.Tensor  # the values D was built from (copies)
+    lam: torch.Tensor  # the values the kept tensor was built from (copies)
     gam: torch.Tensor
     scaling: float
     bases: tuple[torch.Tensor, torch.Tensor, int]  # the bank's tensors (identity) and generation
-    delta: torch.Tensor  # s·ΔW, (O, I), in the accumulation dtype
+    kept: torch.Tensor  # s·ΔW (O, I) in the accumulation dtype; with frozen_base, W + s·ΔW in the compute dtype
+    weight_key: tuple | None = None  # frozen_base: (weight Parameter, its storage, version, compute dtype)
+
+    def holds(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple) -> bool:
+        """Whether it was built from these values of ``λ``, ``γ``, ``s`` and this bank."""
+        return (self.scaling == scaling and self.bases[2] == bases[2] and self.bases[0] is bases[0]
+                and self.bases[1] is bases[1] and self.lam.device == lam.device and self.lam.dtype == lam.dtype
+                and self.gam.dtype == gam.dtype and torch.equal(self.lam, lam) and torch.equal(self.gam, gam))
 
 
 class DeltaCache:
-    """One layer's cached ``s·ΔW`` with the ``λ``/``γ`` values it was built from.
+    """One layer's kept ``s·ΔW`` (or, with ``frozen_base``, ``W + s·ΔW``) with the ``λ``/``γ`` values it was
+    built from.
 
-    Costs ``O·I`` values of the accumulation dtype (4 bytes each for float32/bf16/fp16 weights) plus copies
-    of ``λ`` and ``γ``; each call compares ``n·r + n·m`` values (on CUDA: one host-device synchronisation).
+    Costs ``O·I`` values of the accumulation dtype (4 bytes each for float32/bf16/fp16 weights; with
+    ``frozen_base``, of the compute dtype) plus copies of ``λ`` and ``γ``; each call compares ``n·r + n·m``
+    values (on CUDA: one host-device synchronisation).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, frozen_base: bool = False) -> None:
         self.entry: _Entry | None = None
-        self.builds = 0  # how many times D was (re)built: for tests and diagnostics
+        self.frozen_base = frozen_base
+        self.builds = 0  # how many times the kept tensor was (re)built: for tests and diagnostics
 
     def clear(self) -> None:
         self.entry = None
 
     @torch.no_grad()
     def delta(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, build) -> torch.Tensor:
-        """``s·ΔW`` for these values: the cached one if ``λ``, ``γ``, ``s`` and the bank are unchanged,
-        else ``build()`` (which is then kept)."""
+        """``s·ΔW`` for these values: the kept one if ``λ``, ``γ``, ``s`` and the bank are unchanged, else
+        ``build()`` (which is then kept)."""
         e = self.entry
-        if (e is not None and e.scaling == scaling and e.bases[2] == bases[2] and e.bases[0] is bases[0]
-                and e.bases[1] is bases[1] and e.lam.device == lam.device and e.lam.dtype == lam.dtype
-                and e.gam.dtype == gam.dtype and torch.equal(e.lam, lam) and torch.equal(e.gam, gam)):
-            return e.delta
+        if e is not None and e.weight_key is None and e.holds(lam, gam, scaling, bases):
+            return e.kept
         self.entry = None  # free the stale one before building
         D = build()
         self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, D)
         self.builds += 1
         return D
 
+    @torch.no_grad()
+    def weight(self, param: torch.Tensor, W: torch.Tensor, cd: torch.dtype, lam: torch.Tensor, gam: torch.Tensor,
+               scaling: float, bases: tuple, build) -> torch.Tensor:
+        """``W + s·ΔW`` in ``cd`` (``W``: the ``(O, I)`` view of the weight Parameter ``param``): formed from ``W`` as
+        it is now and the kept ``s·ΔW``; with ``frozen_base``, the kept ``W + s·ΔW`` itself while ``param``'s
+        identity, storage and version, ``cd`` and the values of :meth:`delta` are unchanged. Both give the
+        same bits (one formula, ``(W + D)`` accumulated in ``D``'s dtype, then cast)."""
+        if not self.frozen_base:
+            D = self.delta(lam, gam, scaling, bases, build)
+            return (W.to(D.dtype) + D).to(cd)
+        key = (param, param.data_ptr(), param._version, cd)
+        e = self.entry
+        if (e is not None and e.weight_key is not None and e.weight_key[0] is param
+                and e.weight_key[1:] == key[1:] and e.holds(lam, gam, scaling, bases)):
+            return e.kept
+        self.entry = None
+        D = build()
+        kept = (W.to(D.dtype) + D).to(cd)
+        del D
+        self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, kept, key)
+        self.builds += 1
+        return kept
 
-def _layer_bytes(layer) -> int:
-    return layer.out_features * layer.in_features * acc_dtype(layer.weight.dtype).itemsize
+
+def _layer_bytes(layer, frozen_base: bool) -> int:
+    dtype = layer.weight.dtype if frozen_base else acc_dtype(layer.weight.dtype)
+    return layer.out_features * layer.in_features * dtype.itemsize
 
 
 @contextlib.contextmanager
 @on_root
-def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[str]]:
+def cached(model: nn.Module, *, max_bytes: int | None = None, frozen_base: bool = False) -> Iterator[list[str]]:
     """Keep each adapted layer's ``s·ΔW`` between calls while inside the block; free it on exit.
 
     Use it around an evaluation loop of an unmerged model, or around the micro-batches of one
@@ -82,18 +120,28 @@ def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[s
     correct whatever changes parameters inside the block (any optimiser, ``.data`` writes, weight swaps,
     ``load_state_dict``): the cache is checked against the current values on every call.
 
+    With ``frozen_base=True`` (evaluation and serving: the base weights do not change inside the block) a layer
+    keeps ``W + s·ΔW`` itself and a no-grad call is one matmul with it, at the base layer's cost (a decode
+    step, one token, included). ``λ``/``γ`` values, the active adapter and the bank are still checked on every
+    call, and so are the weight Parameter's identity, storage and version counter (a replaced weight,
+    ``load_state_dict``, an in-place write under ``no_grad``); a write to a base weight through ``.data`` is
+    not seen: leave the block first. Outputs equal those of the default mode bit for bit.
+
     Args:
         model: a model with a RandLora adapter.
-        max_bytes: memory budget for the cached updates (``O·I`` float32 values per layer, float64 for
-            float64 weights). Layers get a cache in model order, each one while it fits in what is left
-            of the budget; the others compute as outside the block. ``None``: every adapted layer.
+        max_bytes: memory budget for the kept tensors: ``O·I`` values per layer, float32 (float64 for float64
+            weights), or with ``frozen_base`` of the weight's dtype. Layers get a cache in model order, each
+            one while it fits in what is left of the budget; the others compute as outside the block.
+            ``None``: every adapted layer.
+        frozen_base: keep ``W + s·ΔW`` (one more copy of each adapted weight) instead of ``s·ΔW``, taking the
+            base weights as frozen inside the block (see above).
 
     Returns:
         A context manager yielding the names of the layers that cache.
 
     Raises:
         StateError: the model has no adapter.
-        ConfigError: ``max_bytes`` is not a non-negative int.
+        ConfigError: ``max_bytes`` is not a non-negative int, or ``frozen_base`` not a bool.
     """
     from .walker import require_bank, adapted_layers
 
@@ -101,13 +149,15 @@ def cached(model: nn.Module, *, max_bytes: int | None = None) -> Iterator[list[s
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral)
                                   or max_bytes < 0):
         raise ConfigError(f"max_bytes must be a non-negative int (bytes) or None, got {max_bytes!r}")
+    if not isinstance(frozen_base, bool):
+        raise ConfigError(f"frozen_base must be True or False, got {frozen_base!r}")
     layers = list(adapted_layers(model))
     chosen, used, before = [], 0, []
     for name, layer in layers:
-        size = _layer_bytes(layer)
+        size = _layer_bytes(layer, frozen_base)
         # a quantised base has no float W to add s·ΔW to: it computes its own part every call
         fits = not layer.quantized and (max_bytes is None or used + size <= max_bytes)
-        before.append(layer.set_cache(DeltaCache() if fits else None))
+        before.append(layer.set_cache(DeltaCache(frozen_base) if fits else None))
         if fits:
             chosen.append(name)
             used += size

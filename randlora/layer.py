@@ -469,16 +469,14 @@ class RandLoraLinear(Adapter):
             with torch.no_grad():
                 idx = self._bank.sparse_index(self.out_features, self.in_features)
                 return sparse_delta(idx, lam, gam, s, tr, cd, self._w())
-        acc = acc_dtype(self.weight.dtype)
-        D = self._cached_delta(ad, acc)
-        with torch.no_grad():
-            return (self._w().to(acc) + D).to(cd)
+        return self._cached_weight(ad, cd)
 
-    def _cached_delta(self, ad: Adapter, acc: torch.dtype) -> torch.Tensor:
-        """``s·ΔW`` of ``ad`` in ``acc`` from the layer's :class:`~randlora.cache.DeltaCache` (no gradient)."""
-        bank = self._bank
-        return self._delta_cache.delta(ad.randlora_lambda, ad.randlora_gamma, ad.scaling,
-                                       (bank.A, bank.B, bank.generation), torch.no_grad()(lambda: self._delta(ad, acc)))
+    def _cached_weight(self, ad: Adapter, cd: torch.dtype) -> torch.Tensor:
+        """``W + s·ΔW`` of ``ad`` in ``cd`` through the layer's :class:`~randlora.cache.DeltaCache` (no gradient)."""
+        bank, acc = self._bank, acc_dtype(self.weight.dtype)
+        return self._delta_cache.weight(self.weight, self._w(), cd, ad.randlora_lambda, ad.randlora_gamma,
+                                        ad.scaling, (bank.A, bank.B, bank.generation),
+                                        torch.no_grad()(lambda: self._delta(ad, acc)))
 
     def adapted_weight(self, ad: Adapter) -> torch.Tensor:
         """``W + s·ΔW`` of adapter ``ad`` as ``(O, I)`` in the weight's dtype, accumulated as :meth:`merge_` does
@@ -486,10 +484,10 @@ class RandLoraLinear(Adapter):
         inside :func:`randlora.cached`, from the kept ``s·ΔW``. For parents that read the weight instead of
         calling the layer (:mod:`randlora.attention`)."""
         W = self._w()
+        if self._delta_cache is not None and not torch.is_grad_enabled():
+            return self._cached_weight(ad, W.dtype)
         acc = acc_dtype(W.dtype)
-        D = self._cached_delta(ad, acc) if (self._delta_cache is not None and not torch.is_grad_enabled()) \
-            else self._delta(ad, acc)
-        return (W.to(acc) + D).to(W.dtype)
+        return (W.to(acc) + self._delta(ad, acc)).to(W.dtype)
 
     def _prebuilt(self, ad: Adapter, cd: torch.dtype, T: int, need_x: bool) -> torch.Tensor | None:
         """The ``W + s·ΔW`` of ``ad`` a call of ``T`` tokens (with ``W``) would hand the op, or None."""

@@ -79,3 +79,18 @@ def test_encoder_step_benchmark_times_every_method_side_by_side(capsys) -> None:
     assert all(len(t) == 3 and min(t) > 0 for t in times.values())
     out = capsys.readouterr().out
     assert "randlora routes at 16 tokens:" in out and "randlora-vs routes at 16 tokens:" in out
+
+
+def test_decode_benchmark_generates_the_unmerged_tokens_in_every_variant() -> None:
+    """benchmarks/decode.py's measurement on a tiny Llama: every variant of this library (unmerged, cached with
+    W + s·ΔW kept or s·ΔW kept, merged; dense and very_sparse bases) greedily generates the tokens of the
+    unmerged model with its bases, and each variant is timed once per round."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    decode = _load("decode")
+    variants = ["base", "randlora", "randlora-vs", "randlora-cached", "randlora-vs-cached", "randlora-delta-cached",
+                "merged"]
+    times, same = decode.measure(variants, decode.build_llama(decode.TINY), 4, 6, 1)
+    assert set(times) == set(variants) and all(len(t) == 1 and t[0] > 0 for t in times.values())
+    assert same == dict.fromkeys(variants[1:], True)

@@ -411,6 +411,66 @@ def test_cache_follows_values_not_versions():
         torch.testing.assert_close(model(x).double(), y6.double(), rtol=1e-5, atol=1e-5)
 
 
+def test_frozen_base_keeps_w_plus_delta_and_rebuilds_when_anything_it_read_changes():
+    """``cached(model, frozen_base=True)``: one kept ``W + s·ΔW`` per layer, bit-identical to the default mode;
+    rebuilt when λ/γ values (fused-optimiser-style ``.data`` writes included), the active adapter, the weight
+    Parameter, its storage or its version change; every parameter bitwise unchanged after the block."""
+    model = _model()
+    model.eval()
+    randlora.inject(model, targets=["0", "2"], r=4, name="b")
+    layer = _layers(model)[0][1]
+    x = torch.randn(16, 24)
+    with torch.no_grad():
+        with randlora.cached(model):
+            want = model(x)
+        with randlora.cached(model, frozen_base=True) as names:
+            cache = layer._delta_cache
+            assert names == ["0", "2"] and cache.frozen_base
+            assert torch.equal(model(x), want) and torch.equal(model(x), want) and cache.builds == 1
+            assert cache.entry.kept.shape == (40, 24) and cache.entry.kept.dtype == torch.float32
+            layer.randlora_gamma.data.mul_(1.5)  # no version bump: seen by value
+            y = model(x)
+            assert cache.builds == 2
+            torch.testing.assert_close(y.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            layer.weight.add_(0.25)  # in place through autograd: version counter
+            torch.testing.assert_close(model(x).double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            assert cache.builds == 3
+            layer.weight.data = layer.weight.data * 0.5  # new storage
+            torch.testing.assert_close(model(x).double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            assert cache.builds == 4
+            randlora.use(model, "b")  # another adapter: its (zero) update, not the kept one
+            torch.testing.assert_close(model(x).double(), _ref_model_out_plain(model, x), rtol=1e-5, atol=1e-5)
+            assert cache.builds == 5
+            randlora.use(model, "default")
+        assert layer._delta_cache is None
+    fresh = _model()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    params = list(fresh.parameters())
+    with torch.no_grad(), randlora.cached(fresh, frozen_base=True):
+        fresh(x), fresh(x)
+    assert list(fresh.parameters()) == params  # the same Parameters, never written
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(randlora.ConfigError, match="frozen_base must be True or False"):
+        with randlora.cached(model, frozen_base=1):
+            pass
+
+
+def test_frozen_base_budget_counts_the_weights_dtype():
+    model = _model().to(torch.bfloat16)  # two layers of 40 x 24: 1920 bytes each kept in bfloat16
+    with randlora.cached(model, max_bytes=4000) as names:
+        assert names == ["0"]  # s·ΔW in float32: 3840 bytes each
+    with randlora.cached(model, max_bytes=4000, frozen_base=True) as names:
+        assert names == ["0", "2"]
+
+
+def _ref_model_out_plain(model, x):
+    """The model's output with every adapter term zero (adapter "b" as injected: ΔW = 0)."""
+    h = x.double()
+    for mod in model:
+        h = torch.nn.functional.linear(h, mod.weight.double(), mod.bias.double()) if hasattr(mod, "weight") else mod(h)
+    return h
+
+
 def test_cached_budget_and_bad_budget():
     model = _model()  # two layers of 40 x 24 float32: 3840 bytes each
     with randlora.cached(model, max_bytes=4000) as names:
