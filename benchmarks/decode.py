@@ -3,7 +3,9 @@
 Model: the benchmark Llama of benchmarks/step.py (hidden 1024, MLP 2816, 4 layers; random weights), every linear
 layer adapted (r = 32; λ, γ random so the adapter changes the output), batch 1, greedy ``generate()`` with its KV
 cache. Variants, each its own copy of the model, timed interleaved (every variant one generation per round, the
-order rotated each round) and reported as the median milliseconds per new token:
+order rotated each round; a cached variant's block is entered once around all its generations, as a serving
+loop would, so its one build per layer falls in the warm-up round) and reported as the median milliseconds
+per new token:
 
 * ``base``: the frozen model;
 * ``randlora``, ``randlora-vs``: unmerged, dense or ``very_sparse`` bases (the planner's no-grad route);
@@ -101,13 +103,14 @@ def measure(variants: list[str], base: torch.nn.Module, r: int, new: int, rounds
             with ctx():
                 same[v] = torch.equal(generate(model, prompt, new), want)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for rnd in range(-1, rounds):  # one warm-up round
-        for i in range(len(variants)):
-            v = variants[(i + rnd) % len(variants)]
-            model, ctx = models[v]
-            with ctx():
+    with contextlib.ExitStack() as stack:  # each variant's context entered once, as a serving loop would
+        for model, ctx in models.values():
+            stack.enter_context(ctx())
+        for rnd in range(-1, rounds):  # one warm-up round (the cached variants build their kept tensors there)
+            for i in range(len(variants)):
+                v = variants[(i + rnd) % len(variants)]
                 t0 = time.perf_counter()
-                generate(model, prompt, new)
+                generate(models[v][0], prompt, new)
                 if rnd >= 0:
                     times[v].append(1e3 * (time.perf_counter() - t0) / new)
     return times, same

