@@ -20,11 +20,13 @@ Each pair of methods is compared on the same test examples with a 95 % paired bo
 printout says which differences this one seed can and cannot show (the multi-seed study is
 ``benchmarks/quality.py``). Then the best RandLora model is saved with ``save_projection=False``, merged
 (predictions must equal the unmerged model's) and the file is reloaded into a fresh model (predictions
-must be equal again). The process exits non-zero if a check fails. ``--quick`` is a smoke run of about a
-minute.
+must be equal again). The process exits non-zero if a check fails. Step times are not taken from training
+(whatever else ran on the machine then would land on one method): after training, every method takes one step
+per round on the same batch, the order rotated each round, and the table shows the medians and their ratios
+to LoRA. ``--quick`` is a smoke run.
 
-    python benchmarks/finetune.py            # about 4 minutes on a 2-core CPU
-    python benchmarks/finetune.py --quick    # smoke run
+    python benchmarks/finetune.py            # 273 s wall, 530 CPU-seconds on a quiet 2-core CPU (2 threads)
+    python benchmarks/finetune.py --quick    # smoke run, under a minute
 """
 
 from __future__ import annotations

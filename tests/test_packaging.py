@@ -14,7 +14,8 @@ import randlora
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
-# sha256 of https://www.apache.org/licenses/LICENSE-2.0.txt, the standard text byte for byte
+# sha256 of the shipped LICENSE: the Apache License 2.0 text as distributed in peft's wheel (with the leading
+# blank line of the apache.org file); a changed or truncated LICENSE fails the test
 APACHE_2_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
 
 
@@ -48,3 +49,14 @@ def test_license_file_is_the_declared_licence() -> None:
     assert hashlib.sha256(data).hexdigest() == APACHE_2_SHA256, "LICENSE is not the standard Apache 2.0 text"
     requires = pyproject()["build-system"]["requires"]
     assert requires == ["setuptools>=77"]  # the first setuptools that reads an SPDX license and license-files
+
+
+def test_the_changelogs_latest_release_is_this_version() -> None:
+    """The first dated release heading of CHANGELOG.md (below an Unreleased section) names ``__version__``."""
+    import re
+
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$", text, flags=re.M)
+    assert headings[0] == ("Unreleased", "")
+    version, date = headings[1]
+    assert version == randlora.__version__ and date, headings[:2]
