@@ -24,6 +24,7 @@ on the benchmark model's float32 factors, the products agreeing), and each singu
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import os
@@ -452,6 +453,22 @@ def save_lora(model_or_export: nn.Module | LoraExport, folder: str | os.PathLike
 # ------------------------------------------------------------------------------------------------
 # from files (no model code)
 # ------------------------------------------------------------------------------------------------
+def _warn_trained_beside(adapter: str | os.PathLike) -> None:
+    """Say at WARNING that a Trainer checkpoint folder's parameters trained beside the adapter (a task head) are
+    not in the LoRA export, and how to restore them (a LoRA folder holds the layers' factors only)."""
+    from .hf import read_trainable
+    from .paths import examples
+
+    trained = read_trainable(adapter) if Path(adapter).is_dir() else None
+    if trained is not None and trained.tensors:
+        logging.getLogger("randlora").warning(
+            "randlora: the LoRA export holds the adapter only; %d tensors trained beside it (%s) in %s are not in "
+            "it, so a model with the LoRA applied differs from the trained one there. Load them into that model "
+            "too: model.load_state_dict(safetensors.torch.load_file(%r), strict=False) (their names are relative "
+            "to the Trainer's model)", len(trained.tensors), examples(sorted(trained.tensors)), trained.file,
+            str(trained.file))
+
+
 def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike | None = None,
                 rank: int | str | None = None, energy: float | None = None, *, prefix: object = None,
                 method: str = "auto", dtype: torch.dtype | None = None, overwrite: bool = False) -> LoraExport:
@@ -494,6 +511,7 @@ def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | 
     if out is not None:
         _check_folder(Path(out), overwrite)
     fa = read_for_weights(adapter, base, prefix)
+    _warn_trained_beside(adapter)
     A, B = fa.bases()
     t0 = time.perf_counter()
     with torch.no_grad():

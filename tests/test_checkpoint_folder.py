@@ -167,3 +167,22 @@ def test_cli_merge_of_the_folder_is_the_trained_model(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "have no place among the floating-point tensors" in err and f"--adapter {ckpt / ADAPTER_FILE}" in err
     assert not (tmp_path / "m2.safetensors").exists()
+
+
+def test_lora_export_of_the_folder_says_the_head_is_not_in_it(trained, tmp_path, caplog):
+    """A LoRA folder holds the layers' factors only: exporting a checkpoint folder whose Trainer trained a head
+    beside the adapter says so at WARNING, naming the file to load the head from; an adapter file alone does not."""
+    from randlora.export import export_file
+
+    _, ckpt, _ = trained
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in Classifier().state_dict().items()}, str(base))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="randlora"):
+        export_file(ckpt, base, tmp_path / "lora")
+    (msg,) = folder_records(caplog)
+    assert "2 tensors trained beside it ('head.bias', 'head.weight')" in msg and str(ckpt / EXTRA_FILE) in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="randlora"):
+        export_file(ckpt / ADAPTER_FILE, base, tmp_path / "lora2")
+    assert not folder_records(caplog)
