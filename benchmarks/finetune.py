@@ -549,8 +549,8 @@ def plot(runs: list[Run], best: dict[str, Run], path: Path, title: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run (about a minute): few steps, one learning rate")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 8)")
+    ap.add_argument("--quick", action="store_true", help="smoke run (under a minute): few steps, one learning rate")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 4)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--task", choices=("code-tests", "code", "docstrings"), default="code-tests",
                     help="code-tests: a function's name verb from its body, standard library and its tests "
@@ -568,11 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-steps", type=int, default=None,
                     help="rounds of the interleaved step timing, every method one step per round on the same batch "
-                         "(default 10; quick 3)")
+                         "(default 10; quick 2)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
-    steps = args.steps or (8 if args.quick else 100)
+    steps = args.steps or (4 if args.quick else 100)
     max_len = args.max_len or 32
     n_lrs = args.lrs or (1 if args.quick else len(LR_GRID["head"]))
     methods = [m for m in METHODS if m in args.methods.split(",")]
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"classes": ds.classes, "train": tokenize(tok, ds.train, max_len), "val": tokenize(tok, ds.val, max_len),
             "test": tokenize(tok, ds.test, max_len)}
     if args.quick:  # a small slice keeps the smoke run short; same code path
-        for k, n in (("val", 64), ("test", 64)):
+        for k, n in (("val", 32), ("test", 32)):
             data[k] = Tokens(data[k].ids[:n], data[k].labels[:n])
     g = torch.Generator().manual_seed(args.seed)
     n_train = len(data["train"])
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             best_models.pop(method)
         release_memory()
 
-    reps = args.time_steps if args.time_steps is not None else (3 if args.quick else 10)
+    reps = args.time_steps if args.time_steps is not None else (2 if args.quick else 10)
     timed = step_timings(best, head_lr, pristine, data, batches[0], args, cached, reps)
     for m, t in timed.items():
         best[m].step_times = t

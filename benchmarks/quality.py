@@ -157,7 +157,7 @@ class Context:
         self.pristine, tok = load_encoder()
         self.data = {k: tokenize(tok, getattr(self.ds, k), max_len) for k in ("train", "val", "test")}
         if quick:
-            self.data = {k: Tokens(v.ids[:96], v.labels[:96]) for k, v in self.data.items()}
+            self.data = {k: Tokens(v.ids[:48], v.labels[:48]) for k, v in self.data.items()}
         self._features: dict[str, torch.Tensor] | None = None
         self._counts: dict[int, int] = {}
 
@@ -923,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     retr = (args.task or (RETRIEVAL if study else "")) == RETRIEVAL
     args.task = args.task or ("code-tests" if main_plan else RETRIEVAL if study else "code")
     args.steps = args.steps or (3 if args.quick else 200 if main_plan else 100)
-    args.max_len = args.max_len or (64 if main_plan else 32)
+    args.max_len = args.max_len or (64 if main_plan and not args.quick else 32)
     args.batch = args.batch or ((8 if args.quick else 32) if retr else 16)
     args.study = [x for x in args.study.split(",") if x]
     args.study_lrs = [float(x) for x in args.study_lrs.split(",") if x]
