@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from . import planner
 from .errors import ConfigError
-from .ops import grad_epilogue, grad_prologue, on_rows, out_features, reduce_grads, release_workspace, scratch, untracked
+from .ops import (grad_epilogue, grad_prologue, on_rows, out_features, presign, reduce_grads, release_workspace,
+                  scratch, untracked)
 from .planner import Route, padded_width, sparse_costs, sparse_pays
 
 __all__ = [
@@ -525,6 +526,9 @@ def _route_of(x: torch.Tensor, W: torch.Tensor | None, lam: torch.Tensor, gam: t
                                    need_x=grad and x.requires_grad,
                                    need_S=grad and (lam.requires_grad or gam.requires_grad),
                                    need_W=grad and W is not None and W.requires_grad)
+
+
+presign(_SparseOp)
 
 
 class SparseRandLoraFunction(_SparseOp):
