@@ -36,6 +36,21 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> floa
     return time.perf_counter() - t0
 
 
+def interleaved(names: Sequence[str], step: Callable[[str], Any], rounds: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of ``step(name)`` for each of ``names``, measured side by side: ``warmup`` untimed rounds, then
+    ``rounds`` rounds in which every name runs once, in an order rotated each round, so that load on the
+    machine falls on every one alike."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(-warmup, rounds):
+        for i in range(len(names)):
+            n = names[(i + rnd) % len(names)]
+            t = timed(lambda: step(n))
+            if rnd >= 0:
+                times[n].append(t)
+    return times
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     import torch

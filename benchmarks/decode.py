@@ -30,14 +30,13 @@ import contextlib
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import have, markdown_table, write_json  # noqa: E402
+from _common import have, interleaved, markdown_table, write_json  # noqa: E402
 from serving import LLAMA, TINY, build_llama  # noqa: E402
 
 import randlora  # noqa: E402
@@ -102,18 +101,12 @@ def measure(variants: list[str], base: torch.nn.Module, r: int, new: int, rounds
             want = generate(models[ref][0], prompt, new)
             with ctx():
                 same[v] = torch.equal(generate(model, prompt, new), want)
-    times: dict[str, list[float]] = {v: [] for v in variants}
     with contextlib.ExitStack() as stack:  # each variant's context entered once, as a serving loop would
         for model, ctx in models.values():
             stack.enter_context(ctx())
-        for rnd in range(-1, rounds):  # one warm-up round (the cached variants build their kept tensors there)
-            for i in range(len(variants)):
-                v = variants[(i + rnd) % len(variants)]
-                t0 = time.perf_counter()
-                generate(models[v][0], prompt, new)
-                if rnd >= 0:
-                    times[v].append(1e3 * (time.perf_counter() - t0) / new)
-    return times, same
+        # one warm-up round (the cached variants build their kept tensors there)
+        times = interleaved(variants, lambda v: generate(models[v][0], prompt, new), rounds, warmup=1)
+    return {v: [1e3 * t / new for t in ts] for v, ts in times.items()}, same
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,14 +19,13 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_json  # noqa: E402
+from _common import interleaved, markdown_table, write_json  # noqa: E402
 from finetune import load_encoder  # noqa: E402
 
 import randlora  # noqa: E402
@@ -68,18 +67,14 @@ def measure(kinds: list[str], pristine, batch: int, tokens: int, rounds: int, r:
         model, params = build(k, pristine, r)
         model.train()
         built[k] = (model, torch.optim.AdamW(params, lr=1e-5))
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for rnd in range(-2, rounds):  # two warm-up rounds
-        for i in range(len(kinds)):
-            k = kinds[(i + rnd) % len(kinds)]
-            model, opt = built[k]
-            t0 = time.perf_counter()
-            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            h.float().pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if rnd >= 0:
-                times[k].append(time.perf_counter() - t0)
+
+    def step(k: str) -> None:
+        model, opt = built[k]
+        model(input_ids=ids, attention_mask=mask).last_hidden_state.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = interleaved(kinds, step, rounds)
     for k in kinds:
         if k.startswith("randlora"):
             print(f"  {k} routes at {batch * tokens} tokens: {routes(built[k][0], batch * tokens)}", flush=True)

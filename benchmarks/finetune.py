@@ -55,6 +55,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved  # noqa: E402
 from data import CODE_TASKS, load_code_task, load_docstrings  # noqa: E402
 
 import randlora  # noqa: E402
@@ -373,16 +374,7 @@ def step_timings(best: dict[str, Run], head_lr: float, pristine: nn.Module, data
     methods = list(best)
     runs = {m: setup(m, best[m].lr, head_lr, pristine, len(data["classes"]), args)[:2] for m in methods}
     features = {m: (cached["train"] if m == "head" and cached is not None else None) for m in methods}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for rnd in range(-2, reps):
-        for k in range(len(methods)):
-            m = methods[(k + rnd) % len(methods)]
-            model, opt = runs[m]
-            t0 = time.perf_counter()
-            train_step(model, opt, data["train"], idx, features[m])
-            if rnd >= 0:
-                times[m].append(time.perf_counter() - t0)
-    return times
+    return interleaved(methods, lambda m: train_step(*runs[m], data["train"], idx, features[m]), reps)
 
 
 def train_one(method: str, lr: float, head_lr: float, pristine: nn.Module, data: dict, batches: list[list[int]],
