@@ -93,11 +93,7 @@ class DeltaCache:
         e = self.entry
         if e is not None and e.weight_key is None and e.holds(lam, gam, scaling, bases):
             return e.kept
-        self.entry = None  # free the stale one before building
-        D = build()
-        self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, D)
-        self.builds += 1
-        return D
+        return self._rebuild(lam, gam, scaling, bases, build)
 
     @torch.no_grad()
     def weight(self, param: torch.Tensor, W: torch.Tensor, cd: torch.dtype, lam: torch.Tensor, gam: torch.Tensor,
@@ -106,19 +102,24 @@ class DeltaCache:
         it is now and the kept ``s·ΔW``; with ``frozen_base``, the kept ``W + s·ΔW`` itself while ``param``'s
         identity, storage and version, ``cd`` and the values of :meth:`delta` are unchanged. Both give the
         same bits (one formula, ``(W + D)`` accumulated in ``D``'s dtype, then cast)."""
-        if not self.frozen_base:
-            D = self.delta(lam, gam, scaling, bases, build)
+        def plus(D: torch.Tensor) -> torch.Tensor:  # the one formula of both modes
             return (W.to(D.dtype) + D).to(cd)
+
+        if not self.frozen_base:
+            return plus(self.delta(lam, gam, scaling, bases, build))
         key = (param, param.data_ptr(), param._version, cd)
         e = self.entry
         if (e is not None and e.weight_key is not None and e.weight_key[0] is param
                 and e.weight_key[1:] == key[1:] and e.holds(lam, gam, scaling, bases)):
             return e.kept
-        self.entry = None
-        D = build()
-        kept = (W.to(D.dtype) + D).to(cd)
-        del D
-        self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, kept, key)
+        return self._rebuild(lam, gam, scaling, bases, lambda: plus(build()), key)
+
+    def _rebuild(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, make,
+                 weight_key: tuple | None = None) -> torch.Tensor:
+        """Free the stale entry, keep ``make()`` with snapshots of the values it was built from, return it."""
+        self.entry = None  # (before building: the stale tensor is not held beside the new one)
+        kept = make()
+        self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, kept, weight_key)
         self.builds += 1
         return kept
 

@@ -480,7 +480,7 @@ class RandLoraLinear(Adapter):
     def adapted_weight(self, ad: Adapter) -> torch.Tensor:
         """``W + s·ΔW`` of adapter ``ad`` as ``(O, I)`` in the weight's dtype, accumulated as :meth:`merge_` does
         (so it equals the merged weight) and differentiable in ``λ``, ``γ`` (and ``W``); under ``no_grad``
-        inside :func:`randlora.cached`, from the kept ``s·ΔW``. For parents that read the weight instead of
+        inside :func:`randlora.cached`, through the layer's cache (:meth:`_cached_weight`). For parents that read the weight instead of
         calling the layer (:mod:`randlora.attention`)."""
         W = self._w()
         if self._delta_cache is not None and not torch.is_grad_enabled():

@@ -508,7 +508,7 @@ def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, devi
     if density is not None and path not in ("weight", "activation") and not cached:
         sc = sparse_costs(T, O, I, nr, density, density, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
                           device=device, threads=threads)["total"]
-        floor = _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W, build, device_costs(device))
+        floor = _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W, build, costs)
         why.append(f"sparse route (through the non-zeros, weighted, {threads} thread(s)) {sc:.3g} against the "
                    f"cheapest dense plan's {floor:.3g}: " + ("forced by path='sparse'" if path == "sparse" else
                                                             "sparse" if sc < floor else "dense"))
@@ -518,7 +518,7 @@ def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, devi
     kept = False
     if fused and not compiling:
         if grad:  # (compared on a training call's backward: ∂λ/∂γ needed, W frozen; as keep_pays)
-            kept, reason = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, device_costs(device), build)
+            kept, reason = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, costs, build)
             why.append(reason)
         elif path != "activation":  # a prebuilt W + s·ΔW: the cached one, or one built cheaper than the op's route
             fc = plan(T, O, I, nr, path=path, need_x=False, need_S=False)["forward_cost"]
