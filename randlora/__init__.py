@@ -30,11 +30,15 @@ from .errors import (
     TargetError,
 )
 from .export import save_lora, to_lora
-from .layer import DEFAULT_INIT, INITS, Adapter, RandLoraLinear
+from .experts import RandLoraParameter
+from .adapter import Adapter
+from .layer import RandLoraLinear
+from .registry import DEFAULT_INIT, INITS
 from .merging import merge, unmerge
 from .named import delete
 from .peft_io import load_peft, read_peft, save_peft
 from .ops import RandLoraFunction, randlora_linear
+from .routes import force_route
 from .serving import mixed
 from .walker import (
     AdapterConfig,
@@ -65,6 +69,7 @@ __all__ = [
     "RandLoraError",
     "RandLoraFunction",
     "RandLoraLinear",
+    "RandLoraParameter",
     "StateError",
     "TargetError",
     "__version__",
@@ -74,6 +79,7 @@ __all__ = [
     "delete",
     "disabled",
     "eject",
+    "force_route",
     "inject",
     "load",
     "load_peft",

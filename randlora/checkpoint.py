@@ -24,11 +24,13 @@ from .bank import BASES, FP, bases_checksum, stored_bases
 from .recipes import generate, n_bases
 from .selection import is_conv1d
 from .errors import CheckpointError, ConfigError, FingerprintMismatch, StateError, TargetError
-from .paths import (PathMap, canonical, compiled_inner, depth_difference, examples, linear_paths, locate,
+from .paths import (PathMap, canonical, compiled_inner, depth_difference, examples, locate,
                     match_paths, on_root)
 from .named import drop
-from .walker import (AdapterConfig, adapt, adapted_layers, bank_of, biases, config_of, eject, is_linear, registry_of,
-                     require_bank)
+from .experts import adapted_parameters
+from .selection import adaptable_paths, held_parameters, matrix_shape, target_module
+from .walker import (AdapterConfig, adapt, adapted_layers, adapted_weights, bank_of, biases, config_of, eject,
+                     registry_of, require_bank)
 
 __all__ = ["state_dict", "load_state_dict", "save", "load", "read_file", "read_safetensors", "adapter_path",
            "adapter_tensors", "full_tensor", "copy_into", "FORMAT", "ADAPTER_FILE"]
@@ -79,7 +81,7 @@ def adapter_tensors(model: nn.Module, adapter: str | None = None) -> dict[str, t
     the trained biases, by the keys files use."""
     adapter = registry_of(model).resolve(adapter)
     out: dict[str, torch.Tensor] = {}
-    for name, layer in adapted_layers(model):
+    for name, layer in adapted_weights(model):  # (an adapted parameter by its own path: λ (E, r, n), γ (E, n, m))
         ad = layer.adapter(adapter)
         if ad is not None:
             out[f"{name}.randlora_lambda"], out[f"{name}.randlora_gamma"] = ad.randlora_lambda, ad.randlora_gamma
@@ -129,7 +131,7 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
     """
     bank = require_bank(model)
     _check_entries(state)
-    if any(l.merged for _, l in adapted_layers(model)):
+    if any(l.merged for _, l in adapted_weights(model)):
         raise StateError("the model is merged: loading would change the ΔW folded into its weights, and unmerge "
                          "would then corrupt them; nothing was loaded. Call randlora.unmerge(model) first")
     dest = adapter_tensors(model, name)
@@ -252,7 +254,9 @@ def _width_problem(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tens
                    model: nn.Module) -> tuple[str | None, str | None]:
     """The cause behind λ/γ of other shapes, and its fix: layers of other widths (γ is ``(n, min(O, I))``), or
     another ``r``; ``(None, None)`` when λ/γ fit."""
-    gam = [k for k in sorted(set(dest) & set(state)) if k.endswith(".randlora_gamma") and state[k].dim() == 2]
+    params = {p for p, _ in adapted_parameters(model)}  # (their shapes are compared key by key)
+    gam = [k for k in sorted(set(dest) & set(state)) if k.endswith(".randlora_gamma") and state[k].dim() == 2
+           and k[: -len(".randlora_gamma")] not in params]
     rows = [(k[: -len(".randlora_gamma")], tuple(state[k].shape), tuple(dest[k].shape)) for k in gam]
     cause = width_cause([(p, _dims(model.get_submodule(p)), a, b) for p, a, b in rows if a[1:] != b[1:]], len(rows))
     if cause:
@@ -292,6 +296,8 @@ def _dims(layer: nn.Module) -> tuple[int, int]:
     its weight ``(in, out)``."""
     if is_conv1d(layer):
         return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+    if not hasattr(layer, "out_features"):  # a convolution's kernel matrix, an attention module's in_proj
+        return matrix_shape(layer)
     return int(layer.out_features), int(layer.in_features)
 
 
@@ -609,15 +615,26 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
 
 
 def _placed(root: nn.Module, bank, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, prefix: object
-            ) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
+            ) -> tuple[nn.Module, dict[str, torch.Tensor], tuple[str | None, list[str] | None]]:
     """Where a file's adapter goes in a module that does not hold it yet: the root (the submodule the file's
-    paths name, on a plain model), the tensors keyed by paths under it, and the targets as one regex."""
-    linear = linear_paths(root, is_linear)
-    pm = match_paths(cfg.targets, linear, prefix=prefix, widths=_widths(root, linear, tensors, cfg))
+    paths name, on a plain model), the tensors keyed by paths under it, and ``(targets as one regex,
+    target_parameters as full names)`` (None where the file has none)."""
+    linear, have = _placeable(root)
+    pm = match_paths(cfg.targets + cfg.target_parameters, have, prefix=prefix,
+                     widths=_widths(root, linear, tensors, cfg))
     if bank is None and pm.add and not pm.strip:  # the adapter belongs to a submodule: inject there
         root = compiled_inner(next(m for n, m in root.named_modules() if canonical(n) == pm.add[:-1]))
-        pm, linear = PathMap(), linear_paths(root, is_linear)
-    return root, dict(_renamed(tensors, pm)), "|".join(re.escape(linear[pm(t)]) for t in cfg.targets)
+        pm, (linear, have) = PathMap(), _placeable(root)
+    targets = "|".join(re.escape(linear[pm(t)]) for t in cfg.targets) or None
+    params = [have[pm(t)] for t in cfg.target_parameters] or None
+    return root, dict(_renamed(tensors, pm)), (targets, params)
+
+
+def _placeable(root: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    """``{canonical: real path}`` of ``root``'s linear layers, and of those plus its 2-D/3-D parameters."""
+    linear = adaptable_paths(root)  # (convolutions and attention in_proj included)
+    params = {canonical(n): n for n, m, k in held_parameters(root) if m._parameters[k].dim() in (2, 3)}
+    return linear, {**params, **linear}
 
 
 def _widths(root: nn.Module, linear: dict[str, str], tensors: Mapping[str, torch.Tensor], cfg: AdapterConfig):
@@ -629,18 +646,18 @@ def _widths(root: nn.Module, linear: dict[str, str], tensors: Mapping[str, torch
         for t in cfg.targets:
             g = tensors.get(f"{t}.randlora_gamma")
             if g is not None and g.dim() == 2 and pm.applies(t) and pm(t) in linear:
-                O, I = _dims(root.get_submodule(linear[pm(t)]))
+                O, I = _dims(target_module(root, linear[pm(t)]))
                 rows.append((pm(t), (O, I), tuple(g.shape), (n_bases(min(O, I), cfg.r), min(O, I))))
         return width_cause([r for r in rows if r[2][1:] != r[3][1:]], len(rows))
 
     return widths
 
 
-def _adapt_and_load(root: nn.Module, bank, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, targets: str,
-                    name: str | None, path) -> None:
+def _adapt_and_load(root: nn.Module, bank, tensors: dict[str, torch.Tensor], cfg: AdapterConfig,
+                    targets: tuple[str | None, list[str] | None], name: str | None, path) -> None:
     """Inject the file's adapter (or add it as ``name``) and load it; a failed load takes the injection back."""
     try:
-        adapt(root, targets, cfg, name=name)
+        adapt(root, targets[0], cfg, name=name, target_parameters=targets[1])
     except (TargetError, ConfigError) as e:
         raise CheckpointError(f"the adapter in {path} does not fit this model: {e}") from None
     try:

@@ -375,6 +375,8 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     """
     import time
 
+    from .experts import refuse_parameters
+    from .selection import refuse_kinds
     from .walker import adapted_layers, is_bias_name, require_bank
 
     rank, energy = _check_choice(rank, energy, method)
@@ -382,8 +384,11 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     if svd_dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype!r}")
     bank = require_bank(model)
+    refuse_parameters(model, "randlora.to_lora", "this export writes LoRA factors of linear layers only")
     adapter = bank.registry.resolve(name)
     chosen = [(p, l) for p, l in adapted_layers(model) if l.adapter(adapter) is not None]
+    refuse_kinds(chosen, "randlora.to_lora", "this export writes LoRA factors of linear layers only (peft's LoRA "
+                 "holds a convolution's factors as convolutions and wraps nn.MultiheadAttention in a layout of its own)")
     if not chosen:
         raise StateError(f"no adapted layer carries adapter {adapter!r}")
     t0 = time.perf_counter()

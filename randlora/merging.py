@@ -6,16 +6,18 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, StateError
-from .layer import RandLoraLinear, dequantize
+from .layer import RandLoraLinear
+from .quantized import dequantize
 from .paths import on_root
-from .walker import _adapted_modules, _restore, _set_submodule, adapted_layers, registry_of, require_bank
+from .experts import parameter_units
+from .walker import _adapted_modules, _restore, _set_submodule, adapted_weights, registry_of, require_bank
 
 __all__ = ["merge", "unmerge"]
 
 
 def _merge_is_finite(layer: RandLoraLinear, name: str | None = None) -> bool:
     d = layer.delta_weight(name=name)
-    return bool(torch.isfinite((layer._w().to(d.dtype) + d).to(layer.weight.dtype)).all())
+    return bool(torch.isfinite((layer.weight_matrix().to(d.dtype) + d).to(layer.weight.dtype)).all())
 
 
 @torch.no_grad()
@@ -68,7 +70,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     name = registry_of(model).resolve(name)
-    every = list(_adapted_modules(model))
+    every = list(_adapted_modules(model)) + list(parameter_units(model))  # (adapted parameters: folded per expert)
     if any(l.merged for _, l in every):
         raise StateError("the model is already merged; call randlora.unmerge(model) first, or "
                          "randlora.eject(model) to drop the wrappers")
@@ -82,7 +84,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
                          "randlora.save(model, path) and `python -m randlora merge` against the unquantised base "
                          "weights; or keep the adapter unmerged (randlora.eject(model) drops it)")
     for _, l in layers:
-        l._views()  # raises (device mismatch) before any weight changes
+        l.views()  # raises (device mismatch) before any weight changes
     if safe:
         with torch.no_grad():
             # checked after the cast back to the weight's dtype: float16 can overflow where float32 did not
@@ -115,7 +117,7 @@ def unmerge(model: nn.Module) -> None:
         StateError: the model has no adapter or is not merged.
     """
     require_bank(model)
-    layers = list(adapted_layers(model))
+    layers = list(adapted_weights(model))
     if not any(l.merged for _, l in layers):
         raise StateError("the model is not merged; nothing to unmerge (merge(model, unload=False) first)")
     for _, layer in layers:

@@ -13,6 +13,7 @@ from .errors import StateError
 from .layer import RandLoraLinear
 from .paths import examples, on_root
 from .serving import inside_mixed
+from .experts import RandLoraParameter, detach, parameter_units
 from .walker import _adapted_modules, eject, registry_of, require_bank, unwrap
 
 __all__ = ["delete", "drop"]
@@ -40,7 +41,7 @@ def delete(model: nn.Module, name: str) -> None:
         shown = repr(names) if len(names) <= 10 else f"[{examples(names, 10)}]"
         raise StateError(f"the model has no adapter {name!r} to delete; its adapters are {shown}. Pass one of those "
                          "names")
-    layers = list(_adapted_modules(model))
+    layers = list(_adapted_modules(model)) + list(parameter_units(model))
     merged = [(p, l.merged_name) for p, l in layers if l.merged]
     if merged:
         raise StateError(f"the model is merged (adapter {merged[0][1]!r} is folded into the weights of "
@@ -57,15 +58,18 @@ def delete(model: nn.Module, name: str) -> None:
 
 def drop(model: nn.Module, name: str, layers: list[tuple[str, RandLoraLinear]] | None = None) -> None:
     """Remove adapter ``name`` from the adapter root ``model`` without the checks of :func:`delete` (the model
-    keeps at least one other adapter). ``layers``: ``(real path, layer)`` of every adapted layer, if known."""
+    keeps at least one other adapter). ``layers``: ``(real path, layer)`` of every adapted layer and adapted
+    parameter, if known."""
     reg = registry_of(model)
     if layers is None:
-        layers = list(_adapted_modules(model))
+        layers = list(_adapted_modules(model)) + list(parameter_units(model))
     freeze_bias = reg.adapters[name].bias == "randlora_only"
     for path, layer in layers:
         if layer.adapter(name) is None:
             continue
-        if layer.adapter_names() == [name]:  # no adapter left here: the original module, as inject never took it
+        if layer.adapter_names() == [name] and isinstance(layer, RandLoraParameter):
+            detach(layer)  # the parameter computes as before inject
+        elif layer.adapter_names() == [name]:  # no adapter left here: the original module, as inject never took it
             unwrap(model, path, layer)
             if freeze_bias and layer.bias is not None:
                 layer.bias.requires_grad_(False)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .bank import BasisBank
 from .errors import CheckpointError, StateError
-from .layer import RandLoraLinear
+from .adapter import Adapter
 
 __all__ = ["BANK_ATTR", "PathMap", "WRAPPER_PARTS", "adapter_root", "canonical", "closest", "compiled_inner",
            "depth_difference", "examples", "linear_paths", "locate", "match_paths", "on_root", "parse_prefix",
@@ -37,8 +37,8 @@ def examples(items: Sequence[str], k: int = 3) -> str:
 def walk(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()`` (same order, same names) without the modules inside adapted layers.
 
-    An adapted layer is yielded, its children are not: they are its adapters (one set more for every adapter
-    added), which hold no layer, bank or target any walk looks for. So a walk costs the same whether one
+    An adapted layer (or adapted parameter, :mod:`randlora.experts`) is yielded, its children are not: they are
+    its adapters (one set more for every adapter added), which hold no layer, bank or target any walk looks for. So a walk costs the same whether one
     adapter or thousands are loaded. ``remove_duplicate=False`` yields a module once per name it has.
     """
     seen: set[int] = set()
@@ -50,7 +50,7 @@ def walk(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[s
                 continue
             seen.add(id(mod))
         yield path, mod
-        if isinstance(mod, RandLoraLinear):
+        if isinstance(mod, Adapter):
             continue
         stack.extend((f"{path}.{k}" if path else k, c) for k, c in reversed(mod._modules.items()) if c is not None)
 

@@ -24,6 +24,8 @@ from .recipes import BankShape, bank_shape, generate
 from .peft_format import CONFIG_FILE, KEY_PREFIX, PEFT_VERSION, WEIGHTS_FILE, bias_key, is_folder, target_modules, write_folder
 from .registry import BIAS_MODES
 from .paths import canonical, compiled_inner, linear_paths, locate, match_paths, on_root
+from .experts import refuse_parameters
+from .selection import refuse_kinds
 from .walker import (AdapterConfig, adapted_layers, biases, config_of, eject, inject, is_conv1d, is_linear,
                      require_bank)
 
@@ -315,8 +317,10 @@ def save_peft(model: nn.Module, folder: str | os.PathLike, *, save_projection: b
         StateError: the model has no RandLora adapter, or no adapter ``name``.
     """
     bank = require_bank(model)
+    refuse_parameters(model, "randlora.save_peft", "peft's RandLora adapts modules only (no target_parameters)")
     cfg = config_of(model, name)
     layers = [(n, l, ad) for n, l in adapted_layers(model) if (ad := l.adapter(name)) is not None]
+    refuse_kinds(layers, "randlora.save_peft", "peft's RandLora adapts nn.Linear and Conv1D layers only")
     shape, conv = _check_writable(bank, cfg, layers, save_projection)
     adapted = sorted(n for n, _, _ in layers)
     tensors = _peft_tensors(model, layers)

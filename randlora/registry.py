@@ -77,6 +77,8 @@ class AdapterConfig:
     """Which biases train: ``"none"``, ``"all"`` (every bias of the model) or ``"randlora_only"``."""
     fan_in_fan_out: list[str] = field(default_factory=list)
     """The targets whose weight is stored ``(in, out)`` (GPT-2 ``Conv1D``)."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Full names of the adapted 2-D / 3-D parameters (``inject(..., target_parameters=...)``), in model order."""
 
     def __post_init__(self) -> None:
         if self.alpha is None:

@@ -9,20 +9,24 @@ import contextlib
 import math
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, experts
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
-from .layer import DEFAULT_INIT, RandLoraLinear, get_init, is_quantized
+from .layer import RandLoraLinear
+from .quantized import is_quantized
+from .registry import DEFAULT_INIT, get_init
 from .recipes import MODES, RECIPES, BankShape, bank_shape
 from .paths import BANK_ATTR, canonical, compiled_inner, locate, on_root, walk
 from .registry import BIAS_MODES, DEFAULT, AdapterConfig, Registry
-from .selection import is_bias_name, is_conv1d, is_linear, select
+from .experts import RandLoraParameter, adapted_parameters, parameter_units
+from .selection import (adapted_class, is_bias_name, is_conv, is_conv1d, is_linear, kind_of, matrix_shape, select,
+                        select_parameters, target_module)
 
 __all__ = [
     "AdapterConfig",
@@ -35,6 +39,7 @@ __all__ = [
     "adapter_names",
     "active_adapter",
     "adapted_layers",
+    "adapted_weights",
     "bank_of",
     "require_bank",
     "registry_of",
@@ -59,6 +64,11 @@ class InjectReport:
     trainable: int
     total: int
     bank: str
+    experts: dict[str, int] = field(default_factory=dict)
+    """The rows that are 3-D adapted parameters (``target_parameters``): name -> ``E``, the number of matrices
+    (each with its own ``λ``, ``γ``; ``O``, ``I`` and ``n`` are one matrix's, the trainable count all ``E``'s)."""
+    kinds: list[str] = field(default_factory=list)
+    """Per row, what the adapted weight is: ``linear``, ``Conv2d 3x3``, ``attention in_proj``, ... (:func:`kind_of`)."""
 
     @property
     def names(self) -> list[str]:
@@ -66,8 +76,14 @@ class InjectReport:
 
     def __repr__(self) -> str:
         w = max([len("layer")] + [len(r[0]) for r in self.rows])
-        lines = [f"{'layer':<{w}}  {'O':>6}  {'I':>6}  {'n':>5}  {'trainable':>10}"]
-        lines += [f"{nm:<{w}}  {o:>6}  {i:>6}  {n:>5}  {t:>10,}" for nm, o, i, n, t in self.rows]
+        ex = self.experts
+        e_col = (lambda nm: f"  {ex.get(nm, '-'):>4}") if ex else (lambda nm: "")
+        kinds = self.kinds or [""] * len(self.rows)
+        k = max([len("kind")] + [len(x) for x in kinds])
+        lines = [f"{'layer':<{w}}  {'kind':<{k}}  {'O':>6}  {'I':>6}  {'n':>5}" + ("  {:>4}".format("E") if ex else "")
+                 + f"  {'trainable':>10}"]
+        lines += [f"{nm:<{w}}  {kd:<{k}}  {o:>6}  {i:>6}  {n:>5}{e_col(nm)}  {t:>10,}"
+                  for (nm, o, i, n, t), kd in zip(self.rows, kinds)]
         pct = 100.0 * self.trainable / max(self.total, 1)
         lines.append(f"{len(self.rows)} layers, {self.trainable:,} trainable of {self.total:,} ({pct:.3f}%); "
                      f"bank {self.bank}")
@@ -76,19 +92,22 @@ class InjectReport:
 
 def _report(model: nn.Module, layers, bank: BasisBank) -> InjectReport:
     """The report of ``(name, layer)`` pairs: shapes, bases, trainable counts, totals of the model."""
+    layers = list(layers)
     rows = [(n, l.out_features, l.in_features, l.n, l.randlora_lambda.numel() + l.randlora_gamma.numel())
             for n, l in layers]
     params = list(_parameters(model))
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    return InjectReport(rows=rows, trainable=trainable, total=sum(p.numel() for p in params), bank=bank.extra_repr())
+    return InjectReport(rows=rows, trainable=trainable, total=sum(p.numel() for p in params), bank=bank.extra_repr(),
+                        experts={n: l.E for n, l in layers if getattr(l, "E", None) is not None},
+                        kinds=[l.kind if isinstance(l, RandLoraParameter) else kind_of(l) for _, l in layers])
 
 
 def _parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """``model.parameters()``, reading each adapted layer's adapters directly instead of walking them."""
     seen: set[int] = set()
     for _, mod in walk(model):
-        held = [ad._parameters for ad in mod.adapters().values()] if isinstance(mod, RandLoraLinear) else [
-            mod._parameters]
+        held = [ad._parameters for ad in mod.adapters().values()] if isinstance(
+            mod, (RandLoraLinear, RandLoraParameter)) else [mod._parameters]
         for p in (p for ps in held for p in ps.values()):
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
@@ -152,6 +171,14 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
         yield canonical(name), mod
 
 
+def adapted_weights(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear | RandLoraParameter]]:
+    """``(path, adapted)`` for every adapted weight: the adapted layers (:func:`adapted_layers`), then the adapted
+    parameters (``target_parameters``, :class:`randlora.experts.RandLoraParameter`, named by the parameter's
+    path). Both have ``adapter(name)``, ``adapters()``, ``merged``, ``merge_``, ``unmerge_``, ``delta_weight``."""
+    yield from adapted_layers(model)
+    yield from adapted_parameters(model)
+
+
 def _adapted_modules(model: nn.Module) -> Iterator[tuple[str, RandLoraLinear]]:
     """``(real module path, layer)`` for every adapted layer (for ``get_submodule`` and swapping)."""
     for name, mod in walk(model):
@@ -200,16 +227,11 @@ class _Plan:
     shape: BankShape
     dtype: torch.dtype
     device: torch.device
+    params: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # (path, owner, name) of target_parameters
 
 
-def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Plan:
-    """Select and check the target layers and size the bank; fills ``cfg.targets`` / ``cfg.fan_in_fan_out``."""
-    taken = [a for a in (BANK_ATTR, *BasisBank.NAMES) if hasattr(model, a)]
-    if taken:
-        raise StateError(f"the model already has attributes {taken} that randlora needs for its bank; "
-                         "rename them before injecting")
-    names = select(model, targets, layers=layers, exclude=exclude)
-    mods = {n: model.get_submodule(n) for n in names}
+def _layer_facts(mods: dict[str, nn.Module]) -> tuple[list, list, set, set]:
+    """``(matrix shapes, fan_in_fan_out paths, dtypes, devices)`` of the target layers, each checked."""
     shapes, fan, dtypes, devices = [], [], set(), set()
     for n, mod in mods.items():
         W = mod.weight
@@ -224,12 +246,49 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Pl
         if not W.is_floating_point():
             raise ConfigError(f"layer {n} has a {W.dtype} weight; RandLora needs floating-point weights or a "
                               "bitsandbytes 4-bit/8-bit layer (dequantise it or exclude it)")
-        if W.dim() != 2 or 0 in W.shape:
+        if (W.dim() != 2 and not is_conv(mod)) or 0 in W.shape:
             raise TargetError(f"layer {n} has a weight of shape {tuple(W.shape)}; RandLora needs a 2-D weight "
                               "with no zero-size dimension. Exclude it (exclude=[...])")
         if is_conv1d(mod):
             fan.append(n)
-        shapes.append((W.shape[1], W.shape[0]) if is_conv1d(mod) else tuple(W.shape))
+        shapes.append(matrix_shape(mod))
+        dtypes.add(W.dtype)
+        devices.add(W.device)
+    return shapes, fan, dtypes, devices
+
+
+def _select_all(model: nn.Module, targets, target_parameters, cfg: AdapterConfig, layers, exclude
+                ) -> tuple[list[str], list[tuple[str, nn.Module, str]]]:
+    """The target layers' paths and the target parameters' ``(path, owner, name)``, checked against each other."""
+    if targets is None and target_parameters is None:
+        raise TargetError("nothing to adapt: pass targets=[...] (linear layers, e.g. ['q_proj', 'v_proj'] or "
+                          "'all-linear') and/or target_parameters=[...] (2-D/3-D weight tensors such as MoE "
+                          "experts' ['gate_up_proj', 'down_proj'])")
+    names = select(model, targets, layers=layers, exclude=exclude) if targets is not None else []
+    params = (select_parameters(model, target_parameters, layers=layers, exclude=exclude)
+              if target_parameters is not None else [])
+    both = [p for p, owner, _ in params if any(model.get_submodule(n) is owner for n in names)]
+    if both:
+        raise TargetError(f"parameters {both[:3]} belong to layers targets also selects; adapt each weight once: "
+                          "drop them from target_parameters or exclude their layers from targets")
+    if params and cfg.dropout:
+        raise ConfigError(experts.NO_DROPOUT)
+    return names, params
+
+
+def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude, target_parameters=None) -> _Plan:
+    """Select and check the targets and size the bank; fills ``cfg.targets`` / ``fan_in_fan_out`` /
+    ``target_parameters``."""
+    taken = [a for a in (BANK_ATTR, *BasisBank.NAMES) if hasattr(model, a)]
+    if taken:
+        raise StateError(f"the model already has attributes {taken} that randlora needs for its bank; "
+                         "rename them before injecting")
+    names, params = _select_all(model, targets, target_parameters, cfg, layers, exclude)
+    mods = {n: target_module(model, n) for n in names}  # (an attention module's in_proj: its InProj)
+    shapes, fan, dtypes, devices = _layer_facts(mods)
+    for _, owner, pname in params:  # a 3-D tensor's matrices are (a, b) each: the bank is sized for those
+        W = owner._parameters[pname]
+        shapes.append(tuple(W.shape[-2:]))
         dtypes.add(W.dtype)
         devices.add(W.device)
     if len(devices) > 1:
@@ -242,16 +301,19 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude) -> _Pl
                           f"r <= {largest}; smaller r means more bases (n = ceil(min(O, I) / r)) and more "
                           "trainable values")
     cfg.targets, cfg.fan_in_fan_out = [canonical(n) for n in names], [canonical(n) for n in fan]
+    cfg.target_parameters = [canonical(p) for p, _, _ in params]
     return _Plan(modules=mods, shape=bank_shape(cfg.recipe, cfg.r, shapes),
-                 dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=devices.pop())
+                 dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=devices.pop(), params=params)
 
 
 def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> dict[str, RandLoraLinear]:
     """Swap the planned layers, freeze the rest, attach the bank. Nothing here can fail half-way."""
     bank = BasisBank(seed=cfg.seed, mode=cfg.bases, recipe=cfg.recipe, shape=plan.shape, dtype=plan.dtype,
                      device=plan.device)
-    new = {n: RandLoraLinear(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
+    new = {n: adapted_class(mod)(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
                              fan_in_fan_out=n in cfg.fan_in_fan_out, name=name) for n, mod in plan.modules.items()}
+    units = {p: RandLoraParameter(owner, pname, bank, r=cfg.r, alpha=cfg.alpha, init=cfg.init, name=name)
+             for p, owner, pname in plan.params}
     bank.registry = Registry(adapters={name: cfg}, active=name,
                              grad_flags={n: p.requires_grad for n, p in model.named_parameters()})
     for p in model.parameters():
@@ -265,25 +327,28 @@ def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> dict
         layer.base_layer.weight = None
         if getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias = None
+    for unit in units.values():
+        experts.attach(unit.owner, unit)
     bank.attach(model)
     setattr(model, BANK_ATTR, bank)
-    for layer in new.values():
+    for layer in [*new.values(), *units.values()]:
         layer.randlora_lambda.requires_grad_(True)
         layer.randlora_gamma.requires_grad_(True)
-        if cfg.bias == "randlora_only" and layer.bias is not None:
+        if cfg.bias == "randlora_only" and layer.bias is not None:  # (an adapted parameter has none)
             layer.bias.requires_grad_(True)
     if cfg.bias == "all":
         for n, p in model.named_parameters():
             if is_bias_name(n):
                 p.requires_grad_(True)
     attention.sync(model)  # parents that read an adapted layer's weight (nn.MultiheadAttention's out_proj)
-    return new
+    return {**new, **units}
 
 
 def inject(
     model: nn.Module,
-    targets: str | Sequence[str],
+    targets: str | Sequence[str] | None = None,
     *,
+    target_parameters: str | Sequence[str] | None = None,
     r: int = 32,
     alpha: float | None = None,
     init: str = DEFAULT_INIT,
@@ -305,7 +370,11 @@ def inject(
         model: any ``nn.Module``; its ``nn.Linear`` (and GPT-2 ``Conv1D``) layers can be targets.
         targets: a list of names (a module whose full name equals an entry or ends with ``"." + entry``),
             one string (a regular expression that must match the full name), or ``"all-linear"`` (every
-            linear layer except the output head).
+            linear layer except the output head). May be None when ``target_parameters`` is given.
+        target_parameters: 2-D or 3-D ``nn.Parameter`` s to adapt by name (the same matching rule, on parameter
+            names), e.g. ``["gate_up_proj", "down_proj"]`` for the fused experts of transformers' MoE models. A
+            3-D ``(E, a, b)`` tensor is ``E`` matrices, each with its own ``λ`` ``(r, n)`` and ``γ`` ``(n, m)``,
+            ``m = min(a, b)``; the parameter's module computes with ``W + s·ΔW`` (see :mod:`randlora.experts`).
         r: rank of each random basis; ``n = ceil(min(O, I) / r)`` bases per layer, ``n·r + n·min(O, I)``
             trainable values per layer. At most the largest side of the targeted layers.
         alpha: the update is scaled by ``alpha / r`` (default ``r`` with ``init="sqrt"``, ``6 · r`` with
@@ -328,21 +397,24 @@ def inject(
         An :class:`InjectReport`: the adapted layers, their shapes and the trainable count.
 
     Raises:
-        TargetError: targets select nothing, non-linear modules, tied weights or aliased modules.
-        ConfigError: a bad setting (``r``, ``alpha``, ``init``, ``dropout``, ``seed``, ``bases``, ``recipe``, ``bias``,
+        TargetError: targets select nothing, non-linear modules, tied weights or aliased modules; neither
+            ``targets`` nor ``target_parameters`` given; target_parameters select nothing, a tensor that is not
+            2-D/3-D floating point, a tied one, or a weight of a layer ``targets`` also selects.
+        ConfigError: ``dropout`` with ``target_parameters``; a bad setting (``r``, ``alpha``, ``init``, ``dropout``, ``seed``, ``bases``, ``recipe``, ``bias``,
             ``name``), non-floating-point weights, or layers on several devices.
         StateError: the model already has an adapter (and no ``name`` was given) or is merged.
     """
     _check_module(model)
     model = compiled_inner(model)
     cfg = _validated_config(r, alpha, dropout, seed, bases, recipe, bias, init)
-    new = adapt(model, targets, cfg, layers=layers, exclude=exclude, name=name)
+    new = adapt(model, targets, cfg, layers=layers, exclude=exclude, name=name, target_parameters=target_parameters)
     return _report(model, new.items(), require_bank(model))
 
 
-def adapt(model: nn.Module, targets: str | Sequence[str], cfg: AdapterConfig, *, layers=None, exclude=None,
-          name: str | None = None) -> dict[str, RandLoraLinear]:
-    """:func:`inject` with the settings of ``cfg`` (its ``targets`` and ``fan_in_fan_out`` are recomputed), without
+def adapt(model: nn.Module, targets: str | Sequence[str] | None, cfg: AdapterConfig, *, layers=None, exclude=None,
+          name: str | None = None, target_parameters=None) -> dict[str, RandLoraLinear | RandLoraParameter]:
+    """:func:`inject` with the settings of ``cfg`` (its ``targets``, ``fan_in_fan_out`` and ``target_parameters``
+    are recomputed from ``targets`` / ``target_parameters``), without
     the report: the adapted layers by real path. :func:`randlora.load` adds adapters through it, since the
     report's trainable count reads every adapter's parameters and would cost more with each adapter loaded.
 
@@ -356,12 +428,12 @@ def adapt(model: nn.Module, targets: str | Sequence[str], cfg: AdapterConfig, *,
         _check_name(name)
     _refuse_inner_adapter(model)
     if name is not None and bank_of(model) is not None:
-        return _add_named(model, targets, name, cfg, layers, exclude)
+        return _add_named(model, (targets, target_parameters), name, cfg, layers, exclude)
     if bank_of(model) is not None or any(True for _ in adapted_layers(model)):
         raise StateError("the model already has a RandLora adapter; call randlora.eject(model) or "
                          "randlora.merge(model) before injecting again, or pass name='...' to add a second "
                          "adapter on the same bank")
-    plan = _plan(model, targets, cfg, layers, exclude)
+    plan = _plan(model, targets, cfg, layers, exclude, target_parameters)
     return _apply(model, plan, cfg, DEFAULT if name is None else name)
 
 
@@ -375,15 +447,16 @@ def _refuse_inner_adapter(model: nn.Module) -> None:
 
 
 def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
-               exclude) -> dict[str, RandLoraLinear]:
-    """A further adapter ``name`` on already adapted layers, reading the model's bank."""
+               exclude) -> dict[str, RandLoraLinear | RandLoraParameter]:
+    """A further adapter ``name`` on already adapted layers / parameters (``targets``: the pair ``(targets,
+    target_parameters)``), reading the model's bank."""
     bank = require_bank(model)
     reg = bank.registry
     first = next(iter(reg.adapters))  # every adapter on the bank has the same shared settings
     if name in reg.adapters:
         raise StateError(f"the model already has an adapter {name!r}; pick another name, load into it with "
                          f"randlora.load_state_dict(model, sd, name={name!r}), or randlora.eject(model) first")
-    if any(l.merged for _, l in adapted_layers(model)):
+    if any(l.merged for _, l in adapted_weights(model)):
         raise StateError("the model is merged; call randlora.unmerge(model) before adding an adapter")
     cfg0 = reg.adapters[first]
     diff = [f"{k}={getattr(cfg, k)!r} (adapter {first!r}: {getattr(cfg0, k)!r})"
@@ -392,16 +465,19 @@ def _add_named(model: nn.Module, targets, name: str, cfg: AdapterConfig, layers,
         raise ConfigError(f"adapter {name!r} shares the model's bank, so its seed, recipe, bases, r and bias must "
                           f"equal those of adapter {first!r}; differs: {', '.join(diff)}. Pass the same values, "
                           "or eject/merge the model and inject afresh")
-    names = select(model, targets, layers=layers, exclude=exclude)
-    plain = [n for n in names if not isinstance(model.get_submodule(n), RandLoraLinear)]
+    names, params = _select_all(model, *targets, cfg, layers, exclude)
+    plain = [n for n in names if not isinstance(target_module(model, n), RandLoraLinear)]
+    plain += [p for p, owner, pname in params if experts.unit_of(owner, pname) is None]
     if plain:
-        raise TargetError(f"adapter {name!r} can only go on layers adapter {first!r} adapted (it reads their "
-                          f"bank), but targets also select {plain[:5]}; narrow targets or exclude them")
+        raise TargetError(f"adapter {name!r} can only go on weights adapter {first!r} adapted (it reads their "
+                          f"bank), but the targets also select {plain[:5]}; narrow targets / target_parameters or exclude them")
     new = {n: model.get_submodule(n) for n in names}
+    new.update({p: experts.unit_of(owner, pname) for p, owner, pname in params})
     for l in new.values():
         l.add_adapter(name, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init)
     cfg.targets = [canonical(n) for n in names]
     cfg.fan_in_fan_out = [canonical(n) for n, l in new.items() if l.fan_in_fan_out]
+    cfg.target_parameters = [canonical(p) for p, _, _ in params]
     reg.adapters[name] = cfg  # off until use(model, name)
     return new
 
@@ -417,7 +493,7 @@ def use(model: nn.Module, name: str) -> None:
     """
     reg = registry_of(model)
     name = reg.resolve(name)
-    if any(l.merged for _, l in adapted_layers(model)):
+    if any(l.merged for _, l in adapted_weights(model)):
         raise StateError("the model is merged; call randlora.unmerge(model) before switching adapters")
     reg.active = name
 
@@ -435,7 +511,11 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def unwrap(model: nn.Module, path: str, layer: RandLoraLinear) -> None:
-    """Put the original module back at ``path`` (a real module path), holding the layer's weight and bias."""
+    """Put the original module back at ``path`` (a real module path), holding the layer's weight and bias (an
+    attention module's in_proj: the child goes, the attention module holds its weights all along)."""
+    if isinstance(layer, attention.RandLoraInProj):
+        attention.remove_in_proj(model.get_submodule(path.rpartition(".")[0]))
+        return
     base = layer.base_layer
     base.weight = layer.weight
     if layer.bias is not None:
@@ -446,6 +526,8 @@ def unwrap(model: nn.Module, path: str, layer: RandLoraLinear) -> None:
 def _restore(model: nn.Module) -> None:
     for name, layer in list(_adapted_modules(model)):
         unwrap(model, name, layer)
+    for _, unit in list(parameter_units(model)):
+        experts.detach(unit)
     attention.sync(model)  # torch's attention fast paths back on
     bank = require_bank(model)
     bank.detach()
@@ -464,7 +546,7 @@ def eject(model: nn.Module) -> None:
         StateError: the model has no adapter.
     """
     require_bank(model)
-    for _, layer in adapted_layers(model):
+    for _, layer in adapted_weights(model):
         if layer.merged:
             layer.unmerge_()
     _restore(model)
@@ -475,7 +557,7 @@ def eject(model: nn.Module) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: adapters off inside (the model computes the base layers only)."""
     require_bank(model)
-    layers = [l for _, l in adapted_layers(model)]
+    layers = [l for _, l in adapted_weights(model)]
     before = [l.disabled for l in layers]
     for l in layers:
         l.disabled = True
@@ -494,6 +576,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @on_root
 def summary(model: nn.Module) -> str:
-    """A per-layer table (shape, bases, trainable count), totals and the percentage of the model."""
+    """A per-layer table (shape, bases, trainable count; for a 3-D adapted parameter one matrix's shape and its
+    ``E``), totals and the percentage of the model."""
     bank = require_bank(model)
-    return repr(_report(model, adapted_layers(model), bank))
+    return repr(_report(model, adapted_weights(model), bank))
