@@ -299,3 +299,30 @@ def test_refusals_leave_the_model_unchanged():
     with pytest.raises(randlora.StateError, match="mixed"):
         with randlora.mixed(model, ["default", "b"]):
             model(IDS)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = _moe("mixtral")
+    randlora.inject(model, target_parameters=PARAMS, r=4)
+    _randomize(model)
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    plain = [p.grad.clone() for p in randlora.trainable_parameters(model)]
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(IDS, labels=IDS).loss.backward()
+    for a, p in zip(plain, randlora.trainable_parameters(model)):
+        torch.testing.assert_close(p.grad, a)
+
+
+def test_bf16_call_weight_equals_the_merged_weight():
+    model = _moe("qwen3_moe").to(torch.bfloat16)
+    randlora.inject(model, target_parameters=PARAMS, r=4)
+    _randomize(model)
+    units = [u for _, u in adapted_weights(model)]
+    assert units[0].randlora_lambda.dtype == torch.float32
+    with torch.no_grad():
+        called = [u.call_weight()[0].clone() for u in units]
+    randlora.merge(model, unload=False)
+    for u, w in zip(units, called):
+        assert w.dtype == torch.bfloat16 and torch.equal(u.weight, w)
