@@ -7,11 +7,19 @@
   layer's ``weight`` for the duration of the attention's forward, as ``torch.func.functional_call`` swaps
   parameters, and a forward hook (run on exceptions too) that puts the Parameter back. While swapped the
   layer is ``disabled``, so a call of ``out_proj`` itself computes ``x (W + s·ΔW)ᵀ + b`` once, not twice.
+- ``nn.MultiheadAttention.in_proj_weight`` (q, k and v as one ``(3·E) × E`` matrix, ``kdim == vdim == embed_dim``)
+  is adapted by a :class:`RandLoraInProj` registered as the attention module's child ``in_proj``: the path
+  files and ``targets`` name (``<attention>.in_proj``: ``λ`` at ``<attention>.in_proj.randlora_lambda``). It
+  registers no weight of its own: its ``weight`` / ``bias`` read the attention module's ``in_proj_weight`` /
+  ``in_proj_bias``, which stay where they were (the model's ``state_dict`` keys do not change). The same
+  pre-hook swaps ``W + s·ΔW`` into ``in_proj_weight`` for the call, so torch's fused
+  ``_native_multi_head_attention`` (eval under ``no_grad``) computes with it too; the forward hook puts the
+  Parameter back. :func:`remove_in_proj` takes the child off again (``eject``, ``merge``, ``delete``).
 - ``nn.TransformerEncoderLayer``'s fused fast path (``torch._transformer_encoder_layer_fwd``, eval under
-  ``no_grad``) reads ``linear1``, ``linear2`` and ``out_proj`` weights directly. torch skips it when any of
-  the layer's modules has a forward hook; a layer holding an adapted layer gets a no-op pre-hook that says
-  so (feeding the fast path ``W + s·ΔW`` instead would change the route of ``linear1``/``linear2`` in every
-  other call).
+  ``no_grad``) reads ``in_proj_weight``, ``linear1``, ``linear2`` and ``out_proj`` weights directly. torch
+  skips it when any of the layer's modules has a forward hook; a layer holding an adapted layer gets a no-op
+  pre-hook that says so (feeding the fast path ``W + s·ΔW`` instead would change the route of
+  ``linear1``/``linear2`` in every other call).
 - ``nn.TransformerEncoder`` with ``enable_nested_tensor`` turns a padded eval batch into a nested tensor for
   that fast path; a stack holding an adapted layer has ``use_nested_tensor`` off (its value is kept and put
   back).
@@ -29,11 +37,67 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import ConfigError, StateError
+from .errors import ConfigError, StateError, TargetError
 from .layer import RandLoraLinear
 from .paths import walk
 
-__all__ = ["sync", "guarded"]
+__all__ = ["sync", "guarded", "InProj", "RandLoraInProj", "in_proj_of", "remove_in_proj", "IN_PROJ"]
+
+IN_PROJ = "in_proj"  # the child an adapted in_proj_weight is held by: targets and files name <attention>.in_proj
+
+
+class InProj:
+    """What :class:`RandLoraLinear` reads of a base layer, for an ``nn.MultiheadAttention``'s ``in_proj_weight``
+    (``weight`` ``(3·E, E)``, ``bias``); a plain object (``inject`` plans with it, nothing registers it)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        self.mha, self.weight, self.bias = mha, mha.in_proj_weight, mha.in_proj_bias
+
+
+def in_proj_of(mha: nn.MultiheadAttention) -> InProj:
+    """The :class:`InProj` of ``mha`` for :func:`randlora.inject`.
+
+    Raises:
+        TargetError: ``mha`` has ``kdim`` / ``vdim`` other than ``embed_dim`` (three separate weights).
+    """
+    if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+        raise TargetError(f"this nn.MultiheadAttention has kdim={mha.kdim}, vdim={mha.vdim} != embed_dim="
+                          f"{mha.embed_dim}: q, k and v are three separate weights (q_proj_weight, k_proj_weight, "
+                          "v_proj_weight), not the one in_proj_weight RandLora adapts. Target its out_proj alone, "
+                          "or leave it out (exclude=[...])")
+    return InProj(mha)
+
+
+class RandLoraInProj(RandLoraLinear):
+    """The adapter of an ``nn.MultiheadAttention``'s ``in_proj_weight`` (``O = 3·E``, ``I = E``), the attention
+    module's child ``in_proj``. ``weight`` / ``bias`` are the attention module's ``in_proj_weight`` /
+    ``in_proj_bias`` (not registered here: the keys stay the attention's); the pre-hook of :func:`sync`
+    applies it, since the attention module reads the weight and never calls this layer."""
+
+    kind = "attention in_proj"
+
+    def __init__(self, base: InProj, bank, **kw) -> None:
+        super().__init__(base, bank, **kw)
+        for k in ("weight", "bias"):  # read from the attention module instead (__getattr__)
+            self._parameters.pop(k, None)
+            self.__dict__.pop(k, None)
+        object.__setattr__(self, "_mha", base.mha)
+
+    def __getattr__(self, name: str):
+        mha = self.__dict__.get("_mha")
+        if mha is not None and name in ("weight", "bias"):
+            held = self.__dict__.get("_randlora_weight") if name == "weight" else None  # while W + s·ΔW is in
+            return held if held is not None else mha._parameters[f"in_proj_{name}"]
+        return super().__getattr__(name)
+
+    def forward(self, x):
+        raise StateError("the in_proj adapter of an nn.MultiheadAttention is applied by the attention module's "
+                         "forward (it reads in_proj_weight), not called on its own: call the attention module")
+
+
+def remove_in_proj(mha: nn.Module) -> None:
+    """Take ``mha``'s :class:`RandLoraInProj` child off (the attention module keeps its own weights)."""
+    mha._modules.pop(IN_PROJ, None)
 
 _NESTED = "_randlora_use_nested_tensor"  # a stack's own use_nested_tensor, kept while it is off
 
@@ -42,39 +106,52 @@ def _holds_adapter(mod: nn.Module) -> bool:
     return any(isinstance(m, RandLoraLinear) for _, m in walk(mod))
 
 
-def _swap_in(mha: nn.MultiheadAttention, args) -> None:
-    """Pre-hook: ``out_proj``'s weight becomes ``W + s·ΔW`` of the active adapter for this forward."""
-    layer = mha._modules.get("out_proj")
-    if not isinstance(layer, RandLoraLinear) or layer.disabled or layer.merged:
-        return
-    ad = layer.adapter()
-    if ad is None:
-        return
+def _adapted(mha: nn.MultiheadAttention):
+    """``(role, layer, dict holding its weight, key)`` of each adapted layer the attention module reads."""
+    out, inp = mha._modules.get("out_proj"), mha._modules.get(IN_PROJ)
+    if isinstance(inp, RandLoraInProj):
+        yield IN_PROJ, inp, mha._parameters, "in_proj_weight"
+    if isinstance(out, RandLoraLinear):
+        yield "out_proj", out, out._parameters, "weight"
+
+
+def _checked(role: str, layer: RandLoraLinear, ad) -> None:
     if layer.training and ad.drops:
-        raise ConfigError("the adapter on out_proj of an nn.MultiheadAttention has input dropout, which cannot apply "
-                          "there: the attention module reads out_proj.weight instead of calling the layer, so only "
-                          "W + s·ΔW reaches its output. Inject with dropout=0, or leave out_proj out "
-                          "(exclude=['out_proj'])")
+        raise ConfigError(f"the adapter on {role} of an nn.MultiheadAttention has input dropout, which cannot apply "
+                          f"there: the attention module reads {role} weight instead of calling the layer, so only "
+                          f"W + s·ΔW reaches its output. Inject with dropout=0, or leave {role} out "
+                          f"(exclude=['{role}'])")
     from .serving import inside_mixed  # (serving imports the walker, which imports this module)
 
     if inside_mixed(layer.bank):
-        raise StateError("randlora.mixed cannot give the rows of one batch their own adapters on out_proj of an "
-                         "nn.MultiheadAttention: the attention module reads one out_proj.weight for the whole "
+        raise StateError(f"randlora.mixed cannot give the rows of one batch their own adapters on {role} of an "
+                         f"nn.MultiheadAttention: the attention module reads one {role} weight for the whole "
                          "batch. Run each adapter's rows as a batch of their own (randlora.use(model, name))")
-    W = layer._parameters["weight"]
-    weff = layer.adapted_weight(ad)
-    layer._parameters["weight"] = weff.t() if layer.fan_in_fan_out else weff
-    layer.__dict__["_randlora_weight"] = W
-    layer.disabled = True
+
+
+def _swap_in(mha: nn.MultiheadAttention, args) -> None:
+    """Pre-hook: each adapted weight (``in_proj_weight``, ``out_proj.weight``) becomes ``W + s·ΔW`` of the active
+    adapter for this forward (all built before any is swapped: a refusal leaves the Parameters in place)."""
+    todo = []
+    for role, layer, params, key in _adapted(mha):
+        ad = None if (layer.disabled or layer.merged) else layer.adapter()
+        if ad is not None:
+            _checked(role, layer, ad)
+            weff = layer.adapted_weight(ad)
+            todo.append((layer, params, key, weff.t() if layer.fan_in_fan_out else weff))
+    for layer, params, key, weff in todo:
+        layer.__dict__["_randlora_weight"] = params[key]
+        params[key] = weff
+        layer.disabled = True
 
 
 def _swap_out(mha: nn.MultiheadAttention, args, output) -> None:
-    """Forward hook (also on exceptions): ``out_proj``'s own weight Parameter back."""
-    layer = mha._modules.get("out_proj")
-    W = layer.__dict__.pop("_randlora_weight", None) if layer is not None else None
-    if W is not None:
-        layer._parameters["weight"] = W
-        layer.disabled = False
+    """Forward hook (also on exceptions): the adapted layers' own weight Parameters back."""
+    for _, layer, params, key in _adapted(mha):
+        W = layer.__dict__.pop("_randlora_weight", None)
+        if W is not None:
+            params[key] = W
+            layer.disabled = False
 
 
 def _slow_path(mod: nn.Module, args) -> None:
@@ -115,7 +192,7 @@ def sync(model: nn.Module) -> None:
     """
     for _, mod in walk(model):
         if isinstance(mod, nn.MultiheadAttention):
-            _set_hooks(mod, isinstance(mod._modules.get("out_proj"), RandLoraLinear), (_swap_in, _swap_out))
+            _set_hooks(mod, any(True for _ in _adapted(mod)), (_swap_in, _swap_out))
         elif isinstance(mod, nn.TransformerEncoderLayer):
             _set_hooks(mod, _holds_adapter(mod), (_slow_path,))
         elif isinstance(mod, nn.TransformerEncoder):

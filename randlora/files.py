@@ -12,6 +12,7 @@ from its settings and verified (:func:`adapter_bases`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -109,6 +110,10 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
     """
     base = Path(base)
     tensors, cfg, info = read_adapter(adapter)
+    if cfg.target_parameters:
+        raise CheckpointError(f"{info['file']} adapts parameters by name (target_parameters: "
+                              f"{cfg.target_parameters[:2]}), which merging against a weight file does not handle yet; "
+                              "nothing was written. Load it with randlora.load, then randlora.merge the model")
     header_size, header = read_header(base)
     entries = tensor_entries(header)
     layers = layer_paths(tensors)
@@ -117,7 +122,7 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
                               "adapter written by randlora.save or randlora.save_peft?")
     gammas = {p: tuple(tensors[f"{p}.randlora_gamma"].shape) for p in layers if f"{p}.randlora_gamma" in tensors}
     pathmap = map_layers(layers, entries, base, prefix, gammas)
-    keys = {p: f"{pathmap(p)}.weight" for p in layers}
+    keys = {p: weight_key(pathmap(p), entries) for p in layers}
     ffo = fan_in_fan_out_layers(cfg, info, layers)
     shapes, dtypes = weight_shapes(base, entries, tensors, cfg, layers, ffo, keys)
     return FileAdapter(tensors, cfg, info, header_size, entries, layers, ffo, shapes, dtypes, pathmap, keys, base)
@@ -141,6 +146,7 @@ def map_layers(layers: list[str], entries: dict[str, dict], base: Path, prefix: 
             tied to the embedding), a few paths of both sides, and how to pass ``--prefix`` where one helps.
     """
     have = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+    have += [k[: -len("_weight")] for k in entries if k == "in_proj_weight" or k.endswith(".in_proj_weight")]
     explicit = prefix if prefix != "" else None
     try:
         return match_paths(layers, have, prefix=explicit, model_desc=f"the weights of {base}",
@@ -269,6 +275,16 @@ def fan_in_fan_out_layers(cfg: AdapterConfig, info: dict, layers: list[str]) -> 
     return set(layers) if info["fan_in_fan_out"] else set()
 
 
+def weight_key(module: str, entries: dict[str, dict]) -> str:
+    """The weight file's key of the weight an adapted layer at ``module`` (a path in the file) adapts:
+    ``<module>.weight``, or for an attention module's in_proj (``<attention>.in_proj``) its
+    ``<attention>.in_proj_weight``."""
+    key = f"{module}.weight"
+    if key not in entries and module.rpartition(".")[2] == "in_proj" and f"{module}_weight" in entries:
+        return f"{module}_weight"
+    return key
+
+
 def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch.Tensor], cfg: AdapterConfig,
                   layers: list[str], ffo: set[str], keys: dict[str, str]) -> tuple[dict[str, tuple[int, int]],
                                                                                dict[str, torch.dtype]]:
@@ -298,9 +314,10 @@ def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch
     for p in layers:
         k = keys[p]
         e = entries[k]
-        if len(e["shape"]) != 2 or e["dtype"] not in DTYPES:
-            raise CheckpointError(f"{k} in {base} is {e['dtype']} {e['shape']}; a 2-D floating-point weight is needed")
-        d0, d1 = e["shape"]
+        if len(e["shape"]) < 2 or e["dtype"] not in DTYPES:
+            raise CheckpointError(f"{k} in {base} is {e['dtype']} {e['shape']}; a 2-D floating-point weight (or a "
+                                  "convolution's kernel) is needed")
+        d0, d1 = e["shape"][0], math.prod(e["shape"][1:])  # a kernel (O, I/groups, k…): its (O, I/groups·∏k)
         O, I = (d1, d0) if p in ffo else (d0, d1)
         gam = tensors[f"{p}.randlora_gamma"]
         n = n_bases(min(O, I), cfg.r)

@@ -22,8 +22,9 @@ from .adapter import Adapter
 from .layer import RandLoraLinear
 from .paths import canonical, walk
 
-__all__ = ["select", "select_parameters", "held_parameters", "parameter_hint", "is_linear", "is_conv1d", "is_conv", "is_bias_name", "HEAD_NAMES", "is_adaptable", "kind_of",
-           "matrix_shape", "target_module", "adapted_class", "adaptable_paths", "refuse_kinds"]
+__all__ = ["select", "select_parameters", "held_parameters", "parameter_hint", "is_linear", "is_conv1d", "is_conv",
+           "is_bias_name", "HEAD_NAMES", "is_adaptable", "kind_of", "matrix_shape", "target_module", "adapted_class",
+           "adaptable_paths", "refuse_kinds"]
 
 
 def is_conv1d(mod: nn.Module) -> bool:
@@ -54,10 +55,17 @@ def is_adaptable(mod) -> bool:
 
 
 def kind_of(mod) -> str:
-    """What an adaptable (or adapted) module is, as the inject report and ``summary`` show it."""
-    if isinstance(mod, RandLoraLinear):
-        return getattr(mod, "kind", None) or ("Conv1D (in, out)" if mod.fan_in_fan_out else "linear")
-    return "attention in_proj" if isinstance(mod, attention.InProj) else type(mod).__name__
+    """What an adaptable (or adapted) weight is, as the inject report and ``summary`` show it: its ``kind``
+    attribute where it has one (``Conv2d 3x3``, ``attention in_proj``), else ``linear`` / ``Conv1D (in, out)``
+    for a linear layer, else its class name."""
+    kind = getattr(mod, "kind", None)
+    if isinstance(kind, str):
+        return kind
+    if isinstance(mod, attention.InProj):
+        return attention.RandLoraInProj.kind
+    if isinstance(mod, RandLoraLinear) or is_linear(mod):
+        return "Conv1D (in, out)" if getattr(mod, "fan_in_fan_out", False) or is_conv1d(mod) else "linear"
+    return type(mod).__name__
 
 
 def matrix_shape(mod) -> tuple[int, int]:
@@ -252,9 +260,9 @@ def _by_targets(model: nn.Module, named: list[tuple[str, nn.Module]], targets) -
     if bad:
         kinds = ", ".join(f"{n} ({type(by_name[n]).__name__})" for n in bad[:5])
         hint = parameter_hint([by_name[n] for n in bad])  # (fused MoE experts: their tensors by name)
-        raise TargetError(f"targets match modules RandLora cannot adapt: {kinds}.{hint} It adapts nn.Linear (and "
-                          "GPT-2 Conv1D), nn.Conv1d/2d/3d and nn.MultiheadAttention (its in_proj_weight) as modules: "
-                          "name those modules inside them instead (e.g. 'q_proj').")
+        raise TargetError(f"targets match modules that are not linear layers, convolutions or attention modules: "
+                          f"{kinds}.{hint} Name the nn.Linear modules inside them instead (e.g. 'q_proj'); "
+                          "nn.Conv1d/2d/3d and nn.MultiheadAttention (its in_proj_weight) can be named as well.")
     return chosen
 
 
