@@ -88,7 +88,7 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         if key not in by_key:
             return t.contiguous()
         p = by_key[key]
-        W = t.t() if p in fa.ffo else t.reshape(t.shape[0], -1)  # (a convolution's kernel: its matrix)
+        W = t if fa.stacked(p) else t.t() if p in fa.ffo else t.reshape(t.shape[0], -1)  # (a conv kernel: its matrix)
         acc = acc_dtype(W.dtype)
         new = (W.to(acc) + fa.delta(p, A, B, acc)).to(t.dtype)
         return (new.t() if p in fa.ffo else new.reshape(t.shape)).contiguous()

@@ -80,10 +80,20 @@ class FileAdapter:
         dtype = bank_dtype(self.dtypes.values())
         return A.to(dtype), B.to(dtype)
 
+    def stacked(self, path: str) -> bool:
+        """Whether ``path`` is a 3-D adapted parameter ``(E, a, b)`` (its ``λ`` is ``(E, r, n)``)."""
+        return self.tensors[f"{path}.randlora_lambda"].dim() == 3
+
     def delta(self, path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Layer ``path``'s ``s·ΔW`` ``(O, I)`` in ``dtype``, from the bank ``A``, ``B`` of :meth:`bases`."""
+        """Layer ``path``'s ``s·ΔW`` ``(O, I)`` in ``dtype``, from the bank ``A``, ``B`` of :meth:`bases`; a 3-D
+        adapted parameter's ``(E, O, I)``, every expert's (:func:`randlora.experts.expert_delta`)."""
         O, I = self.shapes[path]
         Av, Bv = layer_views(A, B, O, I, self.cfg.r)
+        if self.stacked(path):
+            from .experts import expert_delta  # (the experts module imports the model-side machinery)
+
+            return expert_delta(self.tensors[f"{path}.randlora_lambda"], self.tensors[f"{path}.randlora_gamma"], Av,
+                                Bv, self.cfg.alpha / self.cfg.r, O < I, dtype)
         return delta_weight(self.tensors[f"{path}.randlora_lambda"], self.tensors[f"{path}.randlora_gamma"], Av,
                             Bv, self.cfg.alpha / self.cfg.r, O < I, dtype)
 
@@ -110,10 +120,6 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
     """
     base = Path(base)
     tensors, cfg, info = read_adapter(adapter)
-    if cfg.target_parameters:
-        raise CheckpointError(f"{info['file']} adapts parameters by name (target_parameters: "
-                              f"{cfg.target_parameters[:2]}), which merging against a weight file does not handle yet; "
-                              "nothing was written. Load it with randlora.load, then randlora.merge the model")
     header_size, header = read_header(base)
     entries = tensor_entries(header)
     layers = layer_paths(tensors)
@@ -147,6 +153,7 @@ def map_layers(layers: list[str], entries: dict[str, dict], base: Path, prefix: 
     """
     have = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
     have += [k[: -len("_weight")] for k in entries if k == "in_proj_weight" or k.endswith(".in_proj_weight")]
+    have += [k for k, e in entries.items() if not k.endswith("weight") and len(e["shape"]) in (2, 3)]  # parameters
     explicit = prefix if prefix != "" else None
     try:
         return match_paths(layers, have, prefix=explicit, model_desc=f"the weights of {base}",
@@ -282,7 +289,7 @@ def weight_key(module: str, entries: dict[str, dict]) -> str:
     key = f"{module}.weight"
     if key not in entries and module.rpartition(".")[2] == "in_proj" and f"{module}_weight" in entries:
         return f"{module}_weight"
-    return key
+    return module if key not in entries and module in entries else key  # (an adapted parameter: its own key)
 
 
 def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch.Tensor], cfg: AdapterConfig,
@@ -320,8 +327,11 @@ def weight_shapes(base: Path, entries: dict[str, dict], tensors: dict[str, torch
         d0, d1 = e["shape"][0], math.prod(e["shape"][1:])  # a kernel (O, I/groups, k…): its (O, I/groups·∏k)
         O, I = (d1, d0) if p in ffo else (d0, d1)
         gam = tensors[f"{p}.randlora_gamma"]
+        lead = ()
+        if gam.dim() == 3:  # a 3-D adapted parameter (E, a, b): E matrices (a, b) (randlora.experts)
+            lead, (O, I) = tuple(e["shape"][:1]), e["shape"][1:] if len(e["shape"]) == 3 else (0, 0)
         n = n_bases(min(O, I), cfg.r)
-        if tuple(gam.shape) != (n, min(O, I)):
+        if tuple(gam.shape) != (*lead, n, min(O, I)):
             raise CheckpointError(f"{k} has shape {e['shape']} but the adapter's randlora_gamma for it is "
                                   f"{tuple(gam.shape)} (expected ({n}, {min(O, I)})); wrong base model?")
         shapes[p] = (O, I)

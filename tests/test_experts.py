@@ -326,3 +326,27 @@ def test_bf16_call_weight_equals_the_merged_weight():
     randlora.merge(model, unload=False)
     for u, w in zip(units, called):
         assert w.dtype == torch.bfloat16 and torch.equal(u.weight, w)
+
+
+def test_cli_merge_into_a_weight_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from randlora.__main__ import merge_file
+    from randlora.export import export_file
+
+    base = _moe("gpt_oss")
+    save_file({k: t.contiguous() for k, t in base.state_dict().items()}, tmp_path / "base.safetensors")
+    model = copy.deepcopy(base)
+    randlora.inject(model, ["q_proj"], target_parameters=PARAMS, r=4)
+    _randomize(model)
+    randlora.save(model, tmp_path / "a.safetensors", save_projection=False)
+    summary = merge_file(tmp_path / "base.safetensors", tmp_path / "a.safetensors", tmp_path / "merged.safetensors")
+    assert summary["layers"] == 3
+    randlora.merge(model)
+    merged = load_file(tmp_path / "merged.safetensors")
+    for k, t in model.state_dict().items():
+        torch.testing.assert_close(merged[k], t, atol=1e-6, rtol=0)
+    assert not torch.equal(merged["model.layers.0.mlp.experts.down_proj"], base.state_dict()[
+        "model.layers.0.mlp.experts.down_proj"])
+    with pytest.raises(randlora.CheckpointError, match="3-D parameters"):
+        export_file(tmp_path / "a.safetensors", tmp_path / "base.safetensors", tmp_path / "lora")
