@@ -350,3 +350,29 @@ def test_cli_merge_into_a_weight_file(tmp_path):
         "model.layers.0.mlp.experts.down_proj"])
     with pytest.raises(randlora.CheckpointError, match="3-D parameters"):
         export_file(tmp_path / "a.safetensors", tmp_path / "base.safetensors", tmp_path / "lora")
+
+
+def test_trainer_checkpoint_resumes_exactly(tmp_path):
+    from randlora.hf import ADAPTER_FILE, trainer_class
+    from stop_at import StopAt
+
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.randint(0, 64, (16, 1), generator=g) + torch.arange(8)) % 64
+    data = [{"input_ids": x, "labels": x.clone()} for x in ids]
+
+    def run(out, resume=None, callbacks=None):
+        model = _moe("mixtral")
+        randlora.inject(model, ["q_proj"], target_parameters=PARAMS, r=4)
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=4,
+                                              learning_rate=3e-2, save_strategy="steps", save_steps=1, use_cpu=True,
+                                              report_to=[], seed=0, disable_tqdm=True, remove_unused_columns=False)
+        trainer_class()(model=model, args=args, train_dataset=data, callbacks=callbacks).train(
+            resume_from_checkpoint=resume)
+        return {k: t for k, t in randlora.state_dict(model, save_projection=False).items() if "gamma" in k}
+
+    want = run(tmp_path / "a")
+    run(tmp_path / "b", callbacks=[StopAt(1)])
+    ck = tmp_path / "b" / "checkpoint-1"
+    assert "model.layers.0.mlp.experts.gate_up_proj.randlora_gamma" in randlora.checkpoint.read_file(ck / ADAPTER_FILE)[0]
+    got = run(tmp_path / "b", resume=str(ck))
+    assert set(got) == set(want) and all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in want)
