@@ -25,7 +25,7 @@ from .errors import StateError
 from .layer import RandLoraLinear
 from .ops import acc_dtype
 
-__all__ = ["RandLoraConv", "CONVS", "is_conv", "kernel_matrix_shape"]
+__all__ = ["RandLoraConv", "CONVS", "is_conv", "kernel_matrix_shape", "lora_misfit"]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -39,6 +39,16 @@ def is_conv(mod: nn.Module) -> bool:
 def kernel_matrix_shape(W: torch.Tensor) -> tuple[int, int]:
     """``(O, I/groups · ∏k)``: the matrix a kernel ``(O, I/groups, k₁, …)`` is adapted as."""
     return int(W.shape[0]), int(math.prod(W.shape[1:]))
+
+
+def lora_misfit(conv: nn.Module) -> str | None:
+    """Why peft's LoRA cannot hold an update of ``conv``'s kernel as its ``lora_A`` (a conv of the base's kernel
+    size, stride and padding, no dilation, zero padding, all input channels) and ``lora_B`` (a ``1 × 1`` conv), or
+    None when it can (``groups == 1``, ``dilation == 1``, ``padding_mode == "zeros"``)."""
+    why = [f"groups={conv.groups}" if conv.groups != 1 else "",
+           f"dilation={tuple(conv.dilation)}" if any(d != 1 for d in conv.dilation) else "",
+           f"padding_mode={conv.padding_mode!r}" if conv.padding_mode != "zeros" else ""]
+    return ", ".join(w for w in why if w) or None
 
 
 class _Matrix:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, StateError
 from .files import read_for_weights
-from .paths import canonical, on_root
+from .paths import canonical, examples, on_root
 from .peft_format import (CONFIG_FILE, KEY_PREFIX, LORA_BIAS, PEFT_VERSION, WEIGHTS_FILE, bias_key, target_modules,
                           write_folder)
 
@@ -77,6 +77,9 @@ class LoraLayer:
     error: float
     energy: float
     fan_in_fan_out: bool = False
+    kernel: tuple[int, ...] | None = None
+    """A convolution's kernel shape ``(O, I, k₁, …)``: the factors are written as peft's conv LoRA holds them,
+    ``lora_A`` ``(k, I, k₁, …)`` and ``lora_B`` ``(O, k, 1, …)`` (the matrices reshaped)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,8 +121,11 @@ class LoraExport:
         """The tensors of ``adapter_model.safetensors`` under peft's keys (CPU, contiguous)."""
         sd: dict[str, torch.Tensor] = {}
         for p, l in self.layers.items():
-            sd[f"{PREFIX}{p}.lora_A.weight"] = l.lora_A.detach().to("cpu").contiguous()
-            sd[f"{PREFIX}{p}.lora_B.weight"] = l.lora_B.detach().to("cpu").contiguous()
+            A, B = l.lora_A, l.lora_B
+            if l.kernel is not None:  # a convolution: lora_A a conv of its kernel size, lora_B a 1 × 1 conv
+                A, B = A.reshape(l.rank, *l.kernel[1:]), B.reshape(l.kernel[0], l.rank, *(1,) * (len(l.kernel) - 2))
+            sd[f"{PREFIX}{p}.lora_A.weight"] = A.detach().to("cpu").contiguous()
+            sd[f"{PREFIX}{p}.lora_B.weight"] = B.detach().to("cpu").contiguous()
         for k, t in self.biases.items():
             sd[bias_key(k, self.layers)] = t.detach().to("cpu").contiguous()
         return sd
@@ -321,7 +327,7 @@ def _factor(D: torch.Tensor, rank, energy, method, dtype) -> tuple[torch.Tensor,
 
 
 def _export(items: Iterable[tuple[str, Callable[[], torch.Tensor], bool, torch.dtype]], *, rank, energy, method,
-            dtype) -> dict[str, LoraLayer]:
+            dtype, kernels: dict[str, tuple[int, ...]] | None = None) -> dict[str, LoraLayer]:
     layers: dict[str, LoraLayer] = {}
     for path, delta, ffo, wdtype in items:
         with _one_thread():  # s·ΔW too: its products may round differently with another thread count
@@ -332,8 +338,32 @@ def _export(items: Iterable[tuple[str, Callable[[], torch.Tensor], bool, torch.d
             A, B, k, err, kept = factor(D, rank=rank, energy=energy, method=method,
                                         dtype=wdtype if dtype is None else dtype)
         del D
-        layers[path] = LoraLayer(lora_A=A, lora_B=B, rank=k, error=err, energy=kept, fan_in_fan_out=ffo)
+        layers[path] = LoraLayer(lora_A=A, lora_B=B, rank=k, error=err, energy=kept, fan_in_fan_out=ffo,
+                                 kernel=(kernels or {}).get(path))
     return layers
+
+
+def _lora_kernels(chosen: list) -> dict[str, tuple[int, ...]]:
+    """The kernel shape of each adapted convolution among ``chosen`` (``(path, layer)`` pairs), checked to fit
+    peft's conv LoRA (:func:`randlora.conv.lora_misfit`).
+
+    Raises:
+        StateError: a convolution peft's LoRA cannot hold, or an attention module's in_proj.
+    """
+    from .conv import RandLoraConv, lora_misfit
+    from .selection import refuse_kinds
+
+    convs = {p: l for p, l in chosen if isinstance(l, RandLoraConv)}
+    bad = [f"{p} ({why})" for p, l in convs.items() if (why := lora_misfit(l.base_layer))]
+    if bad:
+        raise StateError(f"randlora.to_lora cannot write the adapted convolutions {', '.join(bad[:2])} as peft LoRA "
+                         "factors: peft's conv LoRA computes lora_B(lora_A(x)) with lora_A a dense convolution of "
+                         "the base's kernel size, stride and padding, without groups, dilation or another padding "
+                         "mode, so it would compute something else. Keep this adapter in randlora's own format "
+                         "(randlora.save), merge it (randlora.merge), or leave those layers out of the adapter")
+    refuse_kinds([(p, l) for p, l in chosen if p not in convs], "randlora.to_lora", "this export writes LoRA factors "
+                 "of linear layers and convolutions (peft's LoRA wraps nn.MultiheadAttention in a layout of its own)")
+    return {p: tuple(l.weight.shape) for p, l in convs.items()}
 
 
 def _check_dtype(dtype) -> None:
@@ -376,7 +406,6 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     import time
 
     from .experts import refuse_parameters
-    from .selection import refuse_kinds
     from .walker import adapted_layers, is_bias_name, require_bank
 
     rank, energy = _check_choice(rank, energy, method)
@@ -387,15 +416,14 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     refuse_parameters(model, "randlora.to_lora", "this export writes LoRA factors of linear layers only")
     adapter = bank.registry.resolve(name)
     chosen = [(p, l) for p, l in adapted_layers(model) if l.adapter(adapter) is not None]
-    refuse_kinds(chosen, "randlora.to_lora", "this export writes LoRA factors of linear layers only (peft's LoRA "
-                 "holds a convolution's factors as convolutions and wraps nn.MultiheadAttention in a layout of its own)")
+    kernels = _lora_kernels(chosen)
     if not chosen:
         raise StateError(f"no adapted layer carries adapter {adapter!r}")
     t0 = time.perf_counter()
     with torch.no_grad():
         items = [(p, (lambda l=l: l.delta_weight(svd_dtype, adapter)), l.fan_in_fan_out,
                   torch.float32 if l.quantized else l.weight.dtype) for p, l in chosen]
-        layers = _export(items, rank=rank, energy=energy, method=method, dtype=dtype)
+        layers = _export(items, rank=rank, energy=energy, method=method, dtype=dtype, kernels=kernels)
     biases = {canonical(n): p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and is_bias_name(n)}
     cfg = bank.registry.adapters[adapter]
@@ -462,7 +490,6 @@ def _warn_trained_beside(adapter: str | os.PathLike) -> None:
     """Say at WARNING that a Trainer checkpoint folder's parameters trained beside the adapter (a task head) are
     not in the LoRA export, and how to restore them (a LoRA folder holds the layers' factors only)."""
     from .hf import read_trainable
-    from .paths import examples
 
     trained = read_trainable(adapter) if Path(adapter).is_dir() else None
     if trained is not None and trained.tensors:
@@ -516,6 +543,17 @@ def export_file(adapter: str | os.PathLike, base: str | os.PathLike, out: str | 
     if out is not None:
         _check_folder(Path(out), overwrite)
     fa = read_for_weights(adapter, base, prefix)
+    if any(fa.stacked(p) for p in fa.layers):
+        raise CheckpointError(f"{fa.info['file']} adapts 3-D parameters (target_parameters: "
+                              f"{[p for p in fa.layers if fa.stacked(p)][:2]}), which this export does not write as "
+                              "LoRA factors; nothing was written. Merge it into the weights instead: python -m "
+                              "randlora merge")
+    kernels = [p for p in fa.layers if not fa.stacked(p) and len(fa.entries[fa.keys[p]]["shape"]) > 2]
+    if kernels:
+        raise CheckpointError(f"{fa.info['file']} adapts convolutions ({examples(kernels, 2)}): peft's LoRA holds "
+                              "their factors as convolutions, which need the layer's groups, dilation and padding mode, "
+                              "and a weight file does not say them; nothing was written. Export from the model "
+                              "instead: randlora.load(model, adapter), then randlora.save_lora(model, folder)")
     _warn_trained_beside(adapter)
     A, B = fa.bases()
     t0 = time.perf_counter()

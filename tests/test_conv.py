@@ -24,6 +24,7 @@ from torch.func import functional_call
 import randlora
 from randlora.__main__ import main
 from randlora.conv import RandLoraConv
+from randlora.export import export_file
 from randlora.walker import adapted_layers
 
 from models import randomize
@@ -217,15 +218,59 @@ def test_all_linear_leaves_convs_alone_and_transposed_convs_are_refused():
     assert_unchanged(before, snapshot(model))
 
 
-@pytest.mark.parametrize("export", ["save_peft", "to_lora"])
-def test_peft_formats_refuse_convs(export, tmp_path):
+def test_save_peft_refuses_convs(tmp_path):
     _, model = _adapted_cnn()
-    call = {"save_peft": lambda: randlora.save_peft(model, tmp_path / "p"), "to_lora": lambda: randlora.to_lora(model)}
     with pytest.raises(randlora.StateError) as e:
-        call[export]()
+        randlora.save_peft(model, tmp_path / "p")
     msg = str(e.value)
-    assert msg.startswith(f"randlora.{export} cannot write the adapted layers stem (Conv2d 3x3)") and len(msg) < 1500
+    assert msg.startswith("randlora.save_peft cannot write the adapted layers stem (Conv2d 3x3)") and len(msg) < 1500
     assert not (tmp_path / "p").exists()
+
+
+class ConvNet(nn.Module):
+    """Convolutions peft's conv LoRA can hold (groups 1, no dilation, zero padding), and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, stride=2)
+        self.mix = nn.Conv1d(8, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.mix(self.stem(x).flatten(2)).mean(-1))
+
+
+def test_to_lora_writes_convolutions_peft_loads(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = ConvNet()
+    model = copy.deepcopy(base)
+    randlora.inject(model, ["stem", "mix", "head"], r=2)
+    randomize(model, 1)
+    exp = randlora.save_lora(model, tmp_path / "lora", rank="full")
+    assert exp.layers["stem"].kernel == (8, 3, 3, 3) and exp.max_error < 1e-5
+    sd = exp.state_dict()
+    assert sd["base_model.model.stem.lora_A.weight"].shape == (8, 3, 3, 3)
+    assert sd["base_model.model.stem.lora_B.weight"].shape == (8, 8, 1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
+    torch.testing.assert_close(peft_model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_to_lora_refuses_what_peft_conv_lora_cannot_hold(tmp_path):
+    _, model = _adapted_cnn()  # block.0 is grouped
+    with pytest.raises(randlora.StateError) as e:
+        randlora.to_lora(model)
+    msg = str(e.value)
+    assert msg.startswith("randlora.to_lora cannot write the adapted convolutions block.0 (groups=2)")
+    assert "randlora.save" in msg and len(msg) < 1500
+    base, model = _adapted_cnn()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    randlora.save(model, tmp_path / "ad.safetensors")
+    with pytest.raises(randlora.CheckpointError, match="adapts convolutions .*'stem'.*randlora.save_lora"):
+        export_file(tmp_path / "ad.safetensors", tmp_path / "base.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_per_row_adapters_on_convs_are_refused():
