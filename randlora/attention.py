@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import ConfigError, StateError, TargetError
 from .layer import RandLoraLinear
+from .ops import acc_dtype
 from .paths import walk
 
 __all__ = ["sync", "guarded", "InProj", "RandLoraInProj", "in_proj_of", "remove_in_proj", "IN_PROJ"]
@@ -129,29 +130,44 @@ def _checked(role: str, layer: RandLoraLinear, ad) -> None:
                          "batch. Run each adapter's rows as a batch of their own (randlora.use(model, name))")
 
 
+def _weight_now(role: str, layer: RandLoraLinear):
+    """The ``(O, I)`` weight the attention module must read for ``layer`` now, or None for its own Parameter:
+    ``W + s·ΔW`` of the active adapter, or, merged and disabled, ``W − s·ΔW`` of the merged one (the base)."""
+    if layer.merged:
+        if not layer.disabled:
+            return None
+        W = layer.weight_matrix()
+        acc = acc_dtype(W.dtype)
+        return (W.to(acc) - layer.delta_weight(acc, layer.merged_name)).to(W.dtype)
+    ad = None if layer.disabled else layer.adapter()
+    if ad is None:
+        return None
+    _checked(role, layer, ad)
+    return layer.adapted_weight(ad)
+
+
 def _swap_in(mha: nn.MultiheadAttention, args) -> None:
-    """Pre-hook: each adapted weight (``in_proj_weight``, ``out_proj.weight``) becomes ``W + s·ΔW`` of the active
-    adapter for this forward (all built before any is swapped: a refusal leaves the Parameters in place)."""
+    """Pre-hook: each adapted weight (``in_proj_weight``, ``out_proj.weight``) becomes what :func:`_weight_now`
+    says for this forward (all built before any is swapped: a refusal leaves the Parameters in place)."""
     todo = []
     for role, layer, params, key in _adapted(mha):
-        ad = None if (layer.disabled or layer.merged) else layer.adapter()
-        if ad is not None:
-            _checked(role, layer, ad)
-            weff = layer.adapted_weight(ad)
+        weff = _weight_now(role, layer)
+        if weff is not None:
             todo.append((layer, params, key, weff.t() if layer.fan_in_fan_out else weff))
-    for layer, params, key, weff in todo:
-        layer.__dict__["_randlora_weight"] = params[key]
+    for layer, params, key, weff in todo:  # the weight swapped in is the layer's whole weight for now: a call of
+        layer.__dict__["_randlora_weight"] = params[key]  # the layer itself computes x weffᵀ + b, once
+        layer.__dict__["_randlora_switches"] = (layer.disabled, layer.merged_name)
         params[key] = weff
-        layer.disabled = True
+        layer.disabled, layer.merged_name = True, None
 
 
 def _swap_out(mha: nn.MultiheadAttention, args, output) -> None:
-    """Forward hook (also on exceptions): the adapted layers' own weight Parameters back."""
+    """Forward hook (also on exceptions): the adapted layers' own weight Parameters (and switches) back."""
     for _, layer, params, key in _adapted(mha):
         W = layer.__dict__.pop("_randlora_weight", None)
         if W is not None:
             params[key] = W
-            layer.disabled = False
+            layer.disabled, layer.merged_name = layer.__dict__.pop("_randlora_switches")
 
 
 def _slow_path(mod: nn.Module, args) -> None:

@@ -259,3 +259,23 @@ def test_peft_formats_refuse_the_in_proj(export, tmp_path):
     assert msg.startswith(f"randlora.{export} cannot write the adapted layers self_attention.in_proj (attention "
                           "in_proj)") and "randlora.save" in msg and len(msg) < 1500
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("name", ["vit_block", "mha-calls-out_proj"])
+def test_a_merged_model_inside_disabled_computes_the_base_model(name):
+    """``randlora.disabled`` on a model merged with ``unload=False``: the attention module reads ``W − s·ΔW``
+    (in_proj and out_proj), and an attention module that also calls its ``out_proj`` takes ``s·ΔW`` out once."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    base = case.build()
+    model = copy.deepcopy(base)
+    randlora.inject(model, ["in_proj", "out_proj"], r=2)
+    randomize(model, 1)
+    x, pad = _inputs()
+    x = x.float()
+    y = case.run(model, x, pad)
+    randlora.merge(model, unload=False)
+    with randlora.disabled(model):
+        torch.testing.assert_close(case.run(model, x, pad), case.run(base, x, pad), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(case.run(model, x, pad), y, rtol=1e-5, atol=1e-5)
+    assert all(l.merged and not l.disabled for _, l in adapted_layers(model))
