@@ -51,7 +51,7 @@ def measure(O: int, I: int, T: int, r: int, reps: int) -> dict:
     x = torch.randn(T, I)
     lam, gam = layer.randlora_lambda, layer.randlora_gamma
     lam0, gam0 = lam.detach().clone(), gam.detach().clone()
-    A, B = layer._views()
+    A, B = layer.views()
     D = delta_weight(lam.detach(), gam.detach(), A, B, layer.scaling, O < I, torch.float32)
     W = layer.weight
     res = {}

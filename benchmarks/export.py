@@ -56,7 +56,7 @@ def trained_like(model, profile: str, update: float, seed: int = 0) -> None:
                 gam.copy_(noise / l.m)
             else:
                 gam.copy_((1 + float(profile) * noise) / l.m)
-            ratio = float(l.delta_weight().norm()) / float(l._w().float().norm())
+            ratio = float(l.delta_weight().norm()) / float(l.weight_matrix().float().norm())
             lam.mul_(update / ratio)
 
 
@@ -78,14 +78,14 @@ def with_lora(model, exp, ids):
     saved = {}
     with torch.no_grad(), randlora.disabled(model):
         for p, l in exp.layers.items():
-            W = layers[p]._w()
+            W = layers[p].weight_matrix()
             saved[p] = W.clone()
             W.add_((l.lora_B.float() @ l.lora_A.float()).to(W.dtype))
         try:
             return logits(model, ids)
         finally:
             for p, W0 in saved.items():
-                layers[p]._w().copy_(W0)
+                layers[p].weight_matrix().copy_(W0)
 
 
 def layer_table(shapes, ranks, reps):

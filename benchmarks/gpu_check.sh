@@ -14,7 +14,7 @@ python benchmarks/step.py --device cuda --dtype bf16 --grid all:4096 all:8192 --
 # CPU test machine tests/test_trainer_engines.py has to switch accelerate's state to FSDP; docs/trainer.md)
 python -m pytest -q -rs tests/test_trainer_engines.py -k cuda 2>&1 | tee "$OUT/test_trainer_engines_cuda.txt"
 
-# --- the CUDA row of randlora.planner.DEVICE_COSTS (set from arithmetic counts until this runs) ---
+# --- the CUDA row of randlora.costs.DEVICE_COSTS (set from arithmetic counts until this runs) ---
 # spmm_weight / sampled_weight / layout_weight: time per multiply-add of the sparse route's embedding_bag
 # products and of its sampled ∂S (gather + bmm), and per element of its token-block copies, against a dense
 # GEMM's, on the GPU; gemm_tokens: the token count under which a frozen layer's matmul is bound by reading W.

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, median, timed, write_json  # noqa: E402
 
 import randlora  # noqa: E402
-from randlora.ops import keep_pays, plan  # noqa: E402
+from randlora.planner import plan, plan_call  # noqa: E402
 
 SHAPES = [(1024, 1024), (2816, 1024), (1024, 2816), (4096, 4096)]
 TOKENS = [256, 1024, 4096, 8192]
@@ -55,7 +55,7 @@ def bench(O, I, T, r, reps, dtype, variants, max_gmac, device="cpu"):
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     nr = layer.n * r
     p = plan(T, O, I, nr)
-    keep = keep_pays(T, O, I, nr)
+    keep = plan_call(T=T, O=O, I=I, nr=nr, r=r).build is not None
     pk = plan(T, O, I, nr, kept=True) if keep else p
     extra = (max(O, I) * nr * min(O, I) + pk["backward_cost"]) if keep else (p["forward_cost"] + p["backward_cost"])
     floor = (p["base_cost"] + extra) / p["base_cost"]

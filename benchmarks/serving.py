@@ -301,9 +301,8 @@ def group_terms_bench(reps, tokens=(1, 2, 4, 8, 16, 32, 64)):
     """Per-group cost of the ternary bases' batched pass (``randlora.sparse._group_term``), both ways: ``γ``/``λ``
     scaling the activations around ``A`` (``scaled``) against building the adapter's ``S`` (``S``), at the
     Llama's and MiniLM's layer shapes (``very_sparse``, r = 32), for groups of ``T_g`` tokens; µs, median."""
-    from unittest import mock
-
     from randlora import sparse
+    from randlora.costs import device_costs
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -312,24 +311,23 @@ def group_terms_bench(reps, tokens=(1, 2, 4, 8, 16, 32, 64)):
         n, d = -(-m // r), 1 / math.sqrt(m)
         A, B = (torch.where(torch.rand(*s, generator=g) < d, torch.randint(0, 2, s, generator=g) * 2.0 - 1, 0.0)
                 for s in ((r, m), (M, n * r)))
-        idx = sparse.build_index(A, B, r)
+        idx = sparse.SparseIndex(A, B, r)
         lam, gam = torch.randn(r, n, generator=g), torch.randn(n, m, generator=g)
         _, s_a, _, _, a_val, at_val = idx.operands(torch.float32)
         for T_g in tokens:
             z = torch.randn(m if O >= I else n * r, T_g, generator=g)
             t = {}
             for side in (True, False):
-                with mock.patch.object(sparse, "_scaled_side", lambda i, tg, _s=side: _s):
-                    f = lambda: sparse._group_term(idx, z, lam, gam, 0.5, O >= I, (s_a, a_val, at_val))  # noqa: E731
-                    f()
-                    t[side] = 1e6 * median([timed(f) for _ in range(reps)])
-            rows.append([f"{O}×{I}", T_g, f"{t[True]:.0f}", f"{t[False]:.0f}",
-                         "scaled" if sparse._scaled_side(idx, T_g) else "S"])
+                f = lambda _s=side: sparse._group_term(idx, z, lam, gam, 0.5, O >= I, (s_a, a_val, at_val), _s)  # noqa: E731
+                f()
+                t[side] = 1e6 * median([timed(f) for _ in range(reps)])
+            rule = m * T_g < device_costs("cpu").scaled_side * idx.nnz_A  # the planner's MixedPlan.scaled_below
+            rows.append([f"{O}×{I}", T_g, f"{t[True]:.0f}", f"{t[False]:.0f}", "scaled" if rule else "S"])
     print(markdown_table(["layer (O×I)", "T_g", "scaled µs", "S µs", "rule takes"], rows))
 
 
 def gemm_tokens_bench(reps, device="cpu", tokens=(1, 4, 16, 32, 64, 512, 2048)):
-    """What a dense ``x Wᵀ`` costs beyond its multiply-adds (``planner.DEVICE_COSTS``' ``gemm_tokens``): its time
+    """What a dense ``x Wᵀ`` costs beyond its multiply-adds (``costs.DEVICE_COSTS``' ``gemm_tokens``): its time
     at ``T`` tokens, at the Llama's and MiniLM's layer shapes, fitted as ``c·(T + gemm_tokens)`` through
     ``T = 64`` and ``T = 512`` (the sizes a group of a mixed batch has). Each call reads another of enough
     weights to outgrow the caches (64 MB), as a mixed block's kept matrices are read."""
@@ -354,7 +352,7 @@ def gemm_tokens_bench(reps, device="cpu", tokens=(1, 4, 16, 32, 64, 512, 2048)):
 
 
 def group_overhead_bench(reps, groups=(1, 9)):
-    """``planner.DEVICE_COSTS``' ``group_overhead``: what one more group costs a ``randlora.mixed`` call that
+    """``costs.DEVICE_COSTS``' ``group_overhead``: what one more group costs a ``randlora.mixed`` call that
     goes group by group, beyond its multiply-adds and copies (Python, kernel starts). Timed on 8-wide layers, where
     the work is next to nothing: one call with 9 kept groups against one with 1, per extra group, in µs and in
     multiply-adds of a 2048 × 1024 × 1024 GEMM timed beside it."""
@@ -399,7 +397,7 @@ def main(argv=None):
                     help="only the per-group cost of the ternary bases' batched pass, both ways (µs)")
     ap.add_argument("--gemm-tokens", action="store_true",
                     help="only what a matmul costs beyond its multiply-adds (gemm_tokens) and what one more group "
-                         "costs a mixed call (group_overhead), planner.DEVICE_COSTS")
+                         "costs a mixed call (group_overhead), costs.DEVICE_COSTS")
     ap.add_argument("--device", default="cpu", help="device of --gemm-tokens")
     ap.add_argument("--sorted", action="store_true",
                     help="rows sorted by adapter (row i uses adapter i·K // B) instead of interleaved (i mod K)")

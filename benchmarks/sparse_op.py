@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, median, timed, write_json  # noqa: E402
 
-from randlora import ops, planner, sparse  # noqa: E402
+from randlora import costs, ops, planner, sparse  # noqa: E402
 from randlora.bank import BasisBank  # noqa: E402
 from randlora.recipes import BankShape  # noqa: E402
 
@@ -40,7 +40,7 @@ VARIANTS = ("activation", "weight", "sparse", "frozen", "lora")
 
 
 def dense_floor(T, O, I, nr, path):
-    p = ops.plan(T, O, I, nr, fused=False, path=path)
+    p = planner.plan(T, O, I, nr, with_weight=False, path=path)
     return p["forward_cost"] + p["backward_cost"]
 
 
@@ -96,8 +96,8 @@ def bench(O, I, T, r, mode, reps):
     floors = {
         "activation": dense_floor(T, O, I, nr, "activation"),
         "weight": dense_floor(T, O, I, nr, "weight"),
-        "sparse_raw": sparse.sparse_costs(T, O, I, nr, idx.density_A, idx.density_B, weighted=False, r=r)["total"],
-        "sparse": sparse.sparse_costs(T, O, I, nr, idx.density_A, idx.density_B, r=r)["total"],
+        "sparse_raw": costs.sparse_costs(T, O, I, nr, idx.density_A, idx.density_B, weighted=False, r=r)["total"],
+        "sparse": costs.sparse_costs(T, O, I, nr, idx.density_A, idx.density_B, r=r)["total"],
         "frozen": 2 * T * O * I,
         "lora": 3 * T * 32 * (O + I),
     }
@@ -109,7 +109,7 @@ def bench(O, I, T, r, mode, reps):
 def kernels(O, I, T, r, mode, reps, device="cpu"):
     """Time per multiply-add of the route's sparse products (``S`` and ``B_flat`` by ``embedding_bag`` over
     token blocks; the sampled ``∂S`` by gather + ``bmm``) relative to dense GEMMs of the same sizes: the
-    ``spmm_weight`` / ``sampled_weight`` of ``device``'s row of ``randlora.planner.DEVICE_COSTS``."""
+    ``spmm_weight`` / ``sampled_weight`` of ``device``'s row of ``randlora.costs.DEVICE_COSTS``."""
     d = setup(O, I, T, r, mode, device=device)
     idx = d["idx"]
     _, s_a, b_val, *_ = idx.operands(torch.float32)
@@ -157,7 +157,7 @@ BUILD_SHAPES = [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024)
 def builds(shapes, modes, r, reps):
     """``W + s·ΔW`` built through the bases' dense views (``ops.build_weight``: one ``addmm`` of ``M·n·r·m``
     multiply-adds) and through their non-zeros (``sparse.sparse_delta``), timed alternately: ``build_weight`` of
-    ``planner.DEVICE_COSTS`` is the sparse build's time per multiply-add it does (``M·n·r·m·density_B``) against
+    ``costs.DEVICE_COSTS`` is the sparse build's time per multiply-add it does (``M·n·r·m·density_B``) against
     the dense build's, i.e. the ratio of the two times over the density."""
     rows = []
     for O, I in shapes:
@@ -194,7 +194,7 @@ ROUTE_CELLS = [  # (grad, O, I, T): MiniLM's and the benchmark Llama's widths, n
 def routes(reps, mode="very_sparse"):
     """One adapted layer (``bases=mode``, r = 32, W given) timed on each route its ``path`` can force, no-grad
     forward or a training step (forward + backward, ``x``, ``λ``, ``γ`` needing grad), against the route the
-    planner picks (``path="auto"``): the check of the sparse cost's weights (``planner.DEVICE_COSTS``)."""
+    planner picks (``path="auto"``): the check of the sparse cost's weights (``costs.DEVICE_COSTS``)."""
     import randlora
 
     rows = []
@@ -234,7 +234,7 @@ def routes(reps, mode="very_sparse"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kernels", action="store_true", help="measure the spmm / sampled weights (planner.DEVICE_COSTS) instead")
+    ap.add_argument("--kernels", action="store_true", help="measure the spmm / sampled weights (costs.DEVICE_COSTS) instead")
     ap.add_argument("--routes", action="store_true", help="time each route of one layer against the planner's pick")
     ap.add_argument("--builds", action="store_true",
                     help="time W + s·ΔW built through the bases' non-zeros against their dense views")

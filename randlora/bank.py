@@ -19,7 +19,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, FingerprintMismatch
 from .recipes import MODES, BankShape, generate, n_bases
 from .registry import Registry
-from .sparse import SparseCache, SparseIndex, build_index
+from .sparse import SparseCache, SparseIndex
 
 BASES = ("randlora_A", "randlora_B")  # the bases' keys in a file or state dict
 FP = "randlora_fingerprint"  # the fingerprint's key
@@ -165,6 +165,9 @@ class BasisBank:
         self.seed, self.mode, self.recipe, self.shape = int(seed), mode, recipe, shape
         self._checksum: int | None = None
         self.registry: Registry | None = None  # the model's adapters (set by inject)
+        # the randlora.mixed block the model is in (serving.Mixed, or serving.Ended until each layer's next call
+        # after the block); None outside. Layers read it at each call; no layer holds it
+        self.mixed_block = None
         # derived index structures of the ternary bases per layer shape (see sparse_index); never saved
         self._sparse = SparseCache()
         # bumped whenever this library rewrites the bases in place, so caches built from them can tell
@@ -301,7 +304,7 @@ class BasisBank:
         idx = self._sparse.get(key)
         if idx is None:
             Av, Bv = self.views(O, I)
-            idx = self._sparse[key] = build_index(Av, Bv, self.shape.r)
+            idx = self._sparse[key] = SparseIndex(Av, Bv, self.shape.r)
         return idx
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from . import core
 from .ops import acc_dtype
 from .paths import on_root
 
@@ -113,6 +114,14 @@ class DeltaCache:
                 and e.weight_key[1:] == key[1:] and e.holds(lam, gam, scaling, bases)):
             return e.kept
         return self._rebuild(lam, gam, scaling, bases, lambda: plus(build()), key)
+
+    def weight_of(self, layer, ad, cd: torch.dtype) -> torch.Tensor:
+        """``W + s·ΔW`` of adapter ``ad`` on the adapted ``layer`` in ``cd``: :meth:`weight` with the layer's weight,
+        bank and update (built by :func:`randlora.core.delta_weight` when not kept)."""
+        bank, acc = layer.bank, acc_dtype(layer.weight.dtype)
+        return self.weight(layer.weight, layer.weight_matrix(), cd, ad.randlora_lambda, ad.randlora_gamma,
+                           ad.scaling, (bank.A, bank.B, bank.generation),
+                           lambda: core.delta_weight(ad, bank, layer.out_features, layer.in_features, acc))
 
     def _rebuild(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, make,
                  weight_key: tuple | None = None) -> torch.Tensor:

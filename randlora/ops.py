@@ -7,14 +7,13 @@ With ``S[k, i, j] = λ[k, i] · A[k, j] · γ[i, j]`` flattened to ``(r·n, m)``
 
 Forward runs either in *weight space* (build ``W + s·ΔW`` with one ``addmm``, then one matmul) or in
 *activation space* (``x → S → B``). Backward saves only ``x``, ``λ``, ``γ``, references to ``W`` and
-the bank views, and optionally a prebuilt ``W + s·ΔW`` (``weff``); it keeps no ``T × n·r`` activation and
-no copy of the bases. ``∂x`` comes from ``"kept"`` (``gy @ weff``), ``"fused"`` (rebuild ``W + s·ΔW``) or
+the bank views, and optionally a prebuilt ``W + s·ΔW`` (``prebuilt``); it keeps no ``T × n·r`` activation and
+no copy of the bases. ``∂x`` comes from ``"kept"`` (``gy @ prebuilt``), ``"fused"`` (rebuild ``W + s·ΔW``) or
 ``"act"`` (through the bases), and the ``λ``/``γ`` gradients from ``∂S = B_flatᵀ (gyᵀ x)`` (``"G"``) or
 ``(gy B_flat)ᵀ x`` (``"act"``), reduced against ``A``, ``γ`` and ``λ`` with batched matmuls.
 
 Every route is decided before the op runs, once per call, by :mod:`randlora.planner` (a
-:class:`~randlora.planner.Route`); forward and backward only read it. The cost model and the planner's
-public helpers (``plan``, ``keep_pays``, ``forward_costs``, ``backward_costs``) are re-exported here.
+:class:`~randlora.planner.Route`); forward and backward only read it.
 
 The scaffold shared with :mod:`randlora.sparse`: one per-thread scratch pool (:func:`scratch`, CPU only,
 freed by :func:`release_workspace`), the out-features rule, the ``(..., I)`` reshape, the backward's
@@ -31,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import planner
-from .planner import KEEP_POLICIES, PATHS, Route, backward_costs, forward_costs, keep_pays, plan
+from .costs import device_costs
+from .planner import Route
 
 __all__ = [
     "RandLoraFunction",
@@ -39,14 +39,8 @@ __all__ = [
     "scaled_bases",
     "delta_weight",
     "build_weight",
-    "plan",
-    "keep_pays",
-    "forward_costs",
-    "backward_costs",
     "release_workspace",
     "acc_dtype",
-    "PATHS",
-    "KEEP_POLICIES",
 ]
 
 
@@ -63,7 +57,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def scratch(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """This thread's scratch buffer for ``role`` (one per role and dtype, grown to the largest call), viewed as
-    ``shape``; None where the device's row of ``planner.DEVICE_COSTS`` says not to pool (CUDA: the caching
+    ``shape``; None where the device's row of ``costs.DEVICE_COSTS`` says not to pool (CUDA: the caching
     allocator already does) or grad mode is on (a double-backward graph would keep it).
 
     The ops' transients (``S``, a rebuilt ``W + s·ΔW``, the sparse route's activation-sized token blocks) are
@@ -71,7 +65,7 @@ def scratch(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -
     CPU heap (+60–100 MB peak RSS on the Llama step) and costs page faults (46 MB block: 63 ms fresh, 20 ms
     reused). Buffers hold memory, never values: every user overwrites what it reads.
     """
-    if not planner.device_costs(device.type).scratch or torch.is_grad_enabled():
+    if not device_costs(device.type).scratch or torch.is_grad_enabled():
         return None
     d = getattr(_WS, "d", None)
     if d is None:
@@ -93,6 +87,18 @@ def release_workspace() -> None:
 def out_features(I: int, m: int, M: int) -> int:
     """``O`` of an adapter-only call (``W`` None) with input width ``I`` on bases of widths ``m <= M``."""
     return M if I == m and M != m else m
+
+
+def threads(device_type: str) -> int:
+    """The thread count the planner weighs a device's kernels with: torch's on the CPU, 1 elsewhere."""
+    return torch.get_num_threads() if device_type == "cpu" else 1
+
+
+def needs(x: torch.Tensor, W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor) -> tuple[bool, bool, bool]:
+    """Which gradients a direct call of an op computes: ``(∂x, ∂λ/∂γ, ∂W)`` (none with grad mode off)."""
+    grad = torch.is_grad_enabled()
+    return (grad and x.requires_grad, grad and (lam.requires_grad or gam.requires_grad),
+            grad and W is not None and W.requires_grad)
 
 
 def untracked(*tensors: torch.Tensor | None) -> bool:
@@ -209,11 +215,11 @@ def build_weight(W: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch
 # the op
 # ------------------------------------------------------------------------------------------------
 def _grad_x(route: Route, gy: torch.Tensor, Wc: torch.Tensor | None, S: torch.Tensor | None, Bc: torch.Tensor,
-            weff: torch.Tensor | None, s: float, tr: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            prebuilt: torch.Tensor | None, s: float, tr: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``∂x`` by ``route.grad_x``, and ``gy B_flat`` when that route computed it (shared with ``∂S``)."""
     xr = route.grad_x
     if xr == "kept":
-        return torch.mm(gy, weff), None
+        return torch.mm(gy, prebuilt), None
     if xr == "fused":
         return torch.mm(gy, _build(Wc, S, Bc, s, tr, ws_ok=True)), None
     if xr != "act":
@@ -239,12 +245,12 @@ class _DenseOp(torch.autograd.Function):
     """The op on a planned :class:`~randlora.planner.Route` (see :class:`RandLoraFunction`)."""
 
     @staticmethod
-    def forward(x, W, bias, lam, gam, A, B, s, route, weff):  # type: ignore[override]
+    def forward(x, W, bias, lam, gam, A, B, s, route, prebuilt):  # type: ignore[override]
         cd = x.dtype
         T, I = x.shape
         bc = bias.to(cd) if bias is not None else None
         if route.forward == "kept":
-            return F.linear(x, weff, bc)
+            return F.linear(x, prebuilt, bc)
         O = W.shape[0] if W is not None else out_features(I, A.shape[1], B.shape[0])
         tr = O < I
         S = scaled_bases(lam, gam, A, cd, ws_ok=True)
@@ -258,13 +264,13 @@ class _DenseOp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, W, bias, lam, gam, A, B, s, route, weff = inputs
-        ctx.save_for_backward(x, W, lam, gam, A, B, weff)
+        x, W, bias, lam, gam, A, B, s, route, prebuilt = inputs
+        ctx.save_for_backward(x, W, lam, gam, A, B, prebuilt)
         ctx.s, ctx.route = s, route
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x, W, lam, gam, A, B, weff = ctx.saved_tensors
+        x, W, lam, gam, A, B, prebuilt = ctx.saved_tensors
         s, route = ctx.s, ctx.route
         need, gy = grad_prologue(ctx, gy, x)
         cd = x.dtype
@@ -272,7 +278,7 @@ class _DenseOp(torch.autograd.Function):
         Bc, Wc = B.to(cd), (W.to(cd) if W is not None else None)
         S = scaled_bases(lam, gam, A, cd, ws_ok=True) if route.grad_x in ("fused", "act") else None
         G = torch.mm(gy.t(), x) if (need[1] or route.grad_S == "G") else None
-        gx, u = _grad_x(route, gy, Wc, S, Bc, weff, s, tr)
+        gx, u = _grad_x(route, gy, Wc, S, Bc, prebuilt, s, tr)
         del S
         dlam = dgam = None
         if need[3] or need[4]:
@@ -293,45 +299,43 @@ presign(_DenseOp)
 
 
 def _route_of(x: torch.Tensor, W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor,
-              B: torch.Tensor, path: str, weff: torch.Tensor | None) -> Route:
+              B: torch.Tensor, path: str, prebuilt: torch.Tensor | None) -> Route:
     """The route of a direct call of the op (the layer plans its calls itself: :func:`planner.plan_call`)."""
     T, I = x.shape
     O = W.shape[0] if W is not None else out_features(I, A.shape[1], B.shape[0])
-    grad = torch.is_grad_enabled()
-    return planner.op_route(T, O, I, lam.numel(), fused=W is not None, path=path,
-                            need_x=grad and x.requires_grad,
-                            need_S=grad and (lam.requires_grad or gam.requires_grad),
-                            need_W=grad and W is not None and W.requires_grad, kept=weff is not None)
+    need_x, need_S, need_W = needs(x, W, lam, gam)
+    return planner.op_route(T, O, I, lam.numel(), with_weight=W is not None, path=path, need_x=need_x,
+                            need_S=need_S, need_W=need_W, kept=prebuilt is not None)
 
 
 class RandLoraFunction(_DenseOp):
     """``y = x (W + s·ΔW)ᵀ + b`` (``W`` None: ``y = s · x ΔWᵀ``). ``x`` is ``(T, I)`` in the compute dtype.
 
-    ``RandLoraFunction.apply(x, W, bias, lam, gam, A, B, s, path="auto", weff=None)``: ``path`` is ``"auto"``,
+    ``RandLoraFunction.apply(x, W, bias, lam, gam, A, B, s, path="auto", prebuilt=None)``: ``path`` is ``"auto"``,
     ``"weight"``, ``"activation"`` (the route is then planned here, once) or a planned
-    :class:`~randlora.planner.Route`. ``weff``: optional prebuilt ``W + s·ΔW`` (compute dtype, no grad); it
+    :class:`~randlora.planner.Route`. ``prebuilt``: optional prebuilt ``W + s·ΔW`` (compute dtype, no grad); it
     is used for the forward and kept for ``∂x``.
     """
 
     @classmethod
-    def apply(cls, x, W, bias, lam, gam, A, B, s, path="auto", weff=None):  # type: ignore[override]
-        route = path if isinstance(path, Route) else _route_of(x, W, lam, gam, A, B, path, weff)
-        return _DenseOp.apply(x, W, bias, lam, gam, A, B, s, route, weff)
+    def apply(cls, x, W, bias, lam, gam, A, B, s, path="auto", prebuilt=None):  # type: ignore[override]
+        route = path if isinstance(path, Route) else _route_of(x, W, lam, gam, A, B, path, prebuilt)
+        return _DenseOp.apply(x, W, bias, lam, gam, A, B, s, route, prebuilt)
 
 
 def randlora_linear(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, lam: torch.Tensor,
                     gam: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-                    path: str | Route = "auto", weff: torch.Tensor | None = None) -> torch.Tensor:
+                    path: str | Route = "auto", prebuilt: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the op to ``x`` of shape ``(..., I)``: ``y = x (W + s·ΔW)ᵀ + b`` with ``W`` of shape ``(O, I)``.
 
     ``path``: ``"auto"``, ``"weight"``, ``"activation"`` or a planned :class:`~randlora.planner.Route`.
-    ``weff``: optional prebuilt ``W + s·ΔW`` (see :func:`build_weight`), reused for forward and ``∂x``.
+    ``prebuilt``: optional prebuilt ``W + s·ΔW`` (see :func:`build_weight`), reused for forward and ``∂x``.
     """
     def run(x2: torch.Tensor) -> torch.Tensor:
-        route = path if isinstance(path, Route) else _route_of(x2, W, lam, gam, A, B, path, weff)
+        route = path if isinstance(path, Route) else _route_of(x2, W, lam, gam, A, B, path, prebuilt)
         # always pass every argument: torch.compile, inlining the op when nothing needs grad, mistakes an
         # omitted defaulted argument for a ctx-style forward and gives ``x`` the ctx (a graph break)
         op = _DenseOp.forward if untracked(x2, W, bias, lam, gam) else _DenseOp.apply
-        return op(x2, W, bias, lam, gam, A, B, s, route, weff)
+        return op(x2, W, bias, lam, gam, A, B, s, route, prebuilt)
 
     return on_rows(run, x)

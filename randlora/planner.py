@@ -1,152 +1,47 @@
-"""The route planner: one pure function of a call decides every route the op takes for it.
+"""The route planner: every decision about how an adapted layer's call runs, as pure functions returning frozen plans.
 
-A call of an adapted layer is described by its shapes, dtype, device type, grad mode, which inputs need
-gradients, the layer's explicit settings (``path``, ``keep``) and whether a ``randlora.cached`` block is
-active. :func:`plan_call` turns that into a :class:`Route` (a small frozen dataclass): dense or sparse, the
-forward route, whether ``W + s·ΔW`` is built before the op (and kept for backward), the ``∂x`` and
-``∂λ/∂γ`` routes, the sparse route's token block. The layer plans once per call; the ops' forward and
-backward read the route and never plan again.
+A call of an adapted layer is described by its shapes, device type, grad mode, which inputs need gradients,
+the layer's explicit settings (``path``, ``keep``) and whether a ``randlora.cached`` block is active.
+:func:`plan_call` turns that into a :class:`Route`: dense or sparse, the forward route, whether ``W + s·ΔW``
+is built before the op (and kept for backward), the ``∂x`` and ``∂λ/∂γ`` routes, the sparse route's token
+block. A layer call inside :func:`randlora.mixed` is planned by :func:`plan_mixed` into a :class:`MixedPlan`:
+one pass for the whole batch or one op call per group of rows, which groups use a kept ``W + s·ΔW``, and
+which side each group's sparse product takes. The executors (:mod:`randlora.core`, :mod:`randlora.ops`,
+:mod:`randlora.sparse`, :mod:`randlora.serving`) run the plan they are given and compute no cost.
 
-The decisions compare multiply-add counts (:func:`forward_costs`, :func:`backward_costs`,
-:func:`sparse_costs`) with the per-device constants of :data:`DEVICE_COSTS`: each one says which command
-measured it. The CPU row was measured on a 2-core CPU; the CUDA row (used for every non-CPU device) comes
-from arithmetic counts until a GPU run measures it (``benchmarks/gpu_check.sh``), so no CPU-measured
-constant decides a CUDA route. Nothing here imports ``torch``: the planner is arithmetic on the call.
+Every plan keeps the reasons it was chosen (``why``): ``plan.explain()`` lists each decision with every
+candidate it weighed and its predicted cost. The figures come from :mod:`randlora.costs` (multiply-add counts
+and the per-device constants, each with the command that measured it). Nothing here imports ``torch``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .costs import DeviceCosts, backward_costs, device_costs, forward_costs, sparse_costs, token_block
+
 __all__ = [
     "Route",
-    "DeviceCosts",
-    "DEVICE_COSTS",
-    "device_costs",
-    "token_block",
+    "MixedPlan",
     "plan_call",
+    "plan_mixed",
     "op_route",
     "sparse_op_route",
-    "forward_costs",
-    "backward_costs",
     "plan",
-    "keep_pays",
-    "sparse_costs",
-    "sparse_pays",
-    "padded_width",
     "build_cost",
     "sparse_build_pays",
+    "group_cost",
+    "work_in_float32",
     "PATHS",
     "KEEP_POLICIES",
+    "MIXED_PASSES",
 ]
 
 PATHS = ("auto", "weight", "activation")
 KEEP_POLICIES = ("auto", "always", "never")
-
-
-# ------------------------------------------------------------------------------------------------
-# per-device cost constants
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DeviceCosts:
-    """The constants the planner uses on one device type; ``measured_by`` gives, per field, the command that
-    measured it (or how it was derived)."""
-
-    spmm_weight: float
-    """Time per multiply-add of a sparse × dense product (``embedding_bag``) against a dense GEMM's."""
-    sampled_weight: float
-    """Time per multiply-add of the sampled ``∂S`` product (gather + ``bmm``) against a dense GEMM's."""
-    keep_memory_ratio: float
-    """A kept ``W + s·ΔW`` may be at most this many times the saved input ``T × I`` (``O <= ratio · T``)."""
-    keep_reuse_ratio: float
-    """... and this many times inside ``randlora.cached`` (the build is shared by the block's calls)."""
-    token_block: int | None
-    """The sparse route's token block with one torch thread (None: one block of all tokens)."""
-    token_block_threaded: int | None
-    """... with more threads."""
-    scratch: bool
-    """Reuse per-thread scratch buffers for the ops' transients (False where the allocator already pools)."""
-    layout_weight: float
-    """Time per element of the sparse route's token-major copies (the input into token blocks, the blocks added
-    back into the output) against a dense GEMM's per multiply-add, with one torch thread."""
-    layout_weight_threaded: float
-    """... with more threads (a GEMM speeds up with them, a copy much less)."""
-    gemm_tokens: int
-    """A dense ``x Wᵀ`` of ``T`` tokens takes about as long as ``T + gemm_tokens`` tokens' multiply-adds at the
-    rate of long ones (reading ``W`` and starting the kernel): what one more matmul costs beyond its own work."""
-    group_overhead: float
-    """What one more group of rows costs a ``randlora.mixed`` call that goes group by group, beyond its
-    multiply-adds and copies (Python, kernel starts), in GEMM multiply-adds."""
-    build_weight: float
-    """Time of building ``W + s·ΔW`` through ternary bases' non-zeros (:func:`randlora.sparse.sparse_delta`) per
-    multiply-add it does (``M·n·r·m·density``), against a dense GEMM's per multiply-add."""
-    measured_by: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-
-DEVICE_COSTS: dict[str, DeviceCosts] = {
-    "cpu": DeviceCosts(
-        spmm_weight=5.0, sampled_weight=5.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
-        token_block=64, token_block_threaded=512, scratch=True, layout_weight=130.0, layout_weight_threaded=250.0,
-        gemm_tokens=40, group_overhead=8e6, build_weight=12.0,
-        measured_by={
-            "spmm_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
-            "sampled_weight": "python benchmarks/sparse_op.py --kernels (2-core CPU, fp32; docs/sparse.md)",
-            "keep_memory_ratio": "python benchmarks/step.py --grid all:1024 --keep never --reps 3 --steps 1 "
-                                 "against --keep auto (peak RSS vs time; docs/performance.md)",
-            "keep_reuse_ratio": "python benchmarks/cache.py (the build shared by a cached block's calls)",
-            "token_block": "python benchmarks/sparse_op.py (one thread; blocks of 64 vs 512 tokens)",
-            "token_block_threaded": "python benchmarks/sparse_op.py (two threads; blocks of 64 vs 512 tokens)",
-            "scratch": "python benchmarks/step.py --grid all:1024 (peak RSS with and without, -60-100 MB)",
-            "layout_weight": "python benchmarks/sparse_op.py --kernels --threads 1 (input to blocks 80-250, blocks "
-                             "added to output 90-250; T = 512, 2048, widths 384-2816; docs/sparse.md)",
-            "layout_weight_threaded": "python benchmarks/sparse_op.py --kernels (two threads: 130-530 and 120-680, "
-                                      "the wide transposed adds the slowest; copies that stay in cache cost less), "
-                                      "then python benchmarks/sparse_op.py --routes: 250 picks the fastest route "
-                                      "in 12 of its 14 calls (docs/sparse.md)",
-            "gemm_tokens": "python benchmarks/serving.py --gemm-tokens --reps 60 (t(T) fitted as c·(T + gemm_tokens) "
-                           "through T = 64 and 512, each call reading a weight out of cache as kept matrices are: "
-                           "30-41 at the Llama's and MiniLM's widths, two threads; docs/serving.md)",
-            "group_overhead": "python benchmarks/serving.py --gemm-tokens (last line: 50-63 µs per group and layer "
-                              "call, 7.9-9.0 M multiply-adds of a GEMM at 130-168 G/s)",
-            "build_weight": "python benchmarks/sparse_op.py --builds --reps 15 (9.1-13.9 for very_sparse bases at "
-                            "widths 384-2816, 4.2-10.9 for sparse ones; two threads; docs/sparse.md)",
-        }),
-    "cuda": DeviceCosts(
-        spmm_weight=80.0, sampled_weight=8.0, keep_memory_ratio=1.0, keep_reuse_ratio=3.0,
-        token_block=None, token_block_threaded=None, scratch=False, layout_weight=400.0,
-        layout_weight_threaded=400.0, gemm_tokens=200, group_overhead=2e10, build_weight=80.0,
-        measured_by={
-            "spmm_weight": "arithmetic (H100/H200 bf16): dense GEMM ~4.9e14 MAC/s; a gather reads one element "
-                           "per multiply-add, ~6e12/s from L2 (~1.2e13 B/s, 2 B) -> ~80. To measure: "
-                           "python benchmarks/sparse_op.py --kernels --device cuda (benchmarks/gpu_check.sh)",
-            "sampled_weight": "arithmetic: bmm (n x T)(T x J) with n, J ~ 30-100 reads (n+J)T elements for n·J·T "
-                              "MACs, ~20-40 MAC/element at ~2.4e12 elements/s HBM -> 5-10x below peak; 8. To "
-                              "measure: python benchmarks/sparse_op.py --kernels --device cuda",
-            "keep_memory_ratio": "a memory bound, not a timing: the kept O x I copy is at most the saved input",
-            "keep_reuse_ratio": "a memory bound, as on the CPU (3 saved inputs)",
-            "token_block": "one block of all tokens: no cache-sized blocking on a GPU",
-            "token_block_threaded": "as token_block",
-            "scratch": "the CUDA caching allocator already pools",
-            "layout_weight": "arithmetic (H100/H200 bf16): a copy reads and writes each element, ~1.2e12 "
-                             "elements/s at ~4.8e12 B/s, against ~4.9e14 MAC/s -> ~400. To measure: python "
-                             "benchmarks/sparse_op.py --kernels --device cuda",
-            "layout_weight_threaded": "as layout_weight (one stream)",
-            "gemm_tokens": "arithmetic (H100/H200 bf16): ~4.9e14 MAC/s over ~2.4e12 values/s read from HBM -> ~200. "
-                           "To measure: python benchmarks/serving.py --gemm-tokens --device cuda",
-            "group_overhead": "arithmetic: about 40 µs of Python and kernel starts per group at ~4.9e14 MAC/s. "
-                              "Not measured on a GPU yet (the --gemm-tokens overhead line runs on the CPU)",
-            "build_weight": "arithmetic: the build's sparse product is an embedding_bag gather, as spmm_weight (80): "
-                            "dense builds on a GPU. To measure: python benchmarks/sparse_op.py --builds (CPU only)",
-        }),
-}
-
-
-def device_costs(device_type: str) -> DeviceCosts:
-    """The constants for ``device_type``: the CPU's on ``"cpu"``, the CUDA row (arithmetic counts) elsewhere."""
-    return DEVICE_COSTS["cpu"] if device_type == "cpu" else DEVICE_COSTS["cuda"]
+MIXED_PASSES = ("auto", "grouped", "batched", "batched-sparse")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +56,7 @@ class Route:
         forward: ``"weight"`` (build ``W + s·ΔW``, one matmul), ``"activation"`` (``x → S → B``), ``"kept"``
             (one matmul with a ``W + s·ΔW`` built before the op) or ``"sparse"``.
         build: where that prebuilt ``W + s·ΔW`` comes from: None, ``"fresh"`` (built through the bases' dense
-            views), ``"sparse"`` (through ternary bases' non-zeros, :func:`sparse_build_pays`) or ``"cached"``
+            views), ``"nonzeros"`` (through ternary bases' non-zeros, :func:`sparse_build_pays`) or ``"cached"``
             (``s·ΔW`` from the layer's ``randlora.cached`` entry).
         grad_x: ``∂x`` route: None (not needed), ``"kept"``, ``"fused"``, ``"act"`` or ``"sparse"``.
         grad_S: ``∂λ/∂γ`` route: None, ``"G"`` (``B_flatᵀ(gyᵀx)``), ``"act"`` (``(gy B_flat)ᵀx``) or
@@ -204,65 +99,22 @@ class Route:
 
 
 # ------------------------------------------------------------------------------------------------
-# cost model (multiply-adds)
+# decisions
 # ------------------------------------------------------------------------------------------------
-def forward_costs(T: int, O: int, I: int, nr: int, fused: bool, kept: bool = False) -> dict[str, int]:
-    """Extra multiply-adds over the frozen layer for each forward path (``kept``: ``W + s·ΔW`` prebuilt)."""
-    build = 0 if kept else max(O, I) * nr * min(O, I)
-    return {
-        "weight": build + (0 if fused else T * O * I),
-        "activation": T * nr * (O + I),
-    }
-
-
-def backward_costs(T: int, O: int, I: int, nr: int, tr: bool, fused: bool, need_x: bool, need_S: bool,
-                   need_W: bool, kept: bool = False) -> dict[tuple[str | None, str | None], int]:
-    """Extra multiply-adds over the frozen layer's backward for each (∂x route, ∂S route).
-
-    ∂x: ``"kept"`` (``gy @ weff``, free), ``"fused"`` (rebuild ``W + s·ΔW``), ``"act"`` (through the
-    bases). ∂S: ``"G"`` (``B_flatᵀ (gyᵀ x)``) or ``"act"`` (``(gy B_flat)ᵀ x``; shares ``gy B_flat`` with
-    the ``"act"`` ∂x route when ``I <= O``).
-    """
-    build = max(O, I) * nr * min(O, I)
-    G = T * O * I
-    if need_x:
-        xr = ["kept", "act"] if kept and fused else ["fused", "act"]
-    else:
-        xr = [None]
-    sr = ["G", "act"] if need_S else [None]
-    out = {}
-    for a in xr:
-        for b in sr:
-            c = G if (need_W or b == "G") else 0  # gyᵀx
-            if a == "fused":
-                c += build + (0 if fused else T * O * I)
-            elif a == "act":
-                c += T * nr * (O + I)
-            if b == "G":
-                c += build
-            elif b == "act":
-                if tr:
-                    c += T * I * nr + T * nr * O  # (x B)ᵀ gy
-                else:
-                    c += T * nr * I + (0 if a == "act" else T * O * nr)  # (gy B)ᵀ x, gy B shared
-            out[(a, b)] = c
-    return out
-
-
-def plan(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "auto", need_x: bool = True,
+def plan(T: int, O: int, I: int, nr: int, *, with_weight: bool = True, path: str = "auto", need_x: bool = True,
          need_S: bool = True, need_W: bool = False, kept: bool = False) -> dict[str, Any]:
     """The dense routes for a call of ``T`` tokens, with their costs (multiply-adds).
 
     ``kept``: a prebuilt ``W + s·ΔW`` is passed in (forward is then one plain matmul with it).
     """
     tr = O < I
-    kept = kept and fused
-    fc = forward_costs(T, O, I, nr, fused, kept)
+    kept = kept and with_weight
+    fc = forward_costs(T, O, I, nr, with_weight, kept)
     if kept:
         fwd = "weight"
     else:
         fwd = min(fc, key=fc.__getitem__) if path == "auto" else path
-    bc = backward_costs(T, O, I, nr, tr, fused, need_x, need_S, need_W, kept)
+    bc = backward_costs(T, O, I, nr, tr, with_weight, need_x, need_S, need_W, kept)
     if path == "weight":
         bc = {k: v for k, v in bc.items() if k[0] in ("kept", "fused", None) and k[1] in ("G", None)}
     elif path == "activation":
@@ -295,21 +147,6 @@ def _keep(T: int, O: int, I: int, nr: int, path: str, policy: str, need_x: bool,
                           f"within the memory bound O <= {ratio:g}·T)")
 
 
-def keep_pays(T: int, O: int, I: int, nr: int, path: str = "auto", policy: str = "auto",
-              need_x: bool = True, reuse: bool = False, device: str = "cpu", density: float | None = None) -> bool:
-    """Whether to build ``W + s·ΔW`` once and keep it for backward (and for further micro-batches).
-
-    ``"auto"``: when that lowers the step's multiply-adds AND the kept ``O × I`` matrix is no larger than
-    ``keep_memory_ratio`` times the ``T × I`` input that backward saves anyway (``O <= ratio · T``).
-    ``reuse``: the layer caches ``s·ΔW`` (an explicit setting, see :func:`randlora.cached`), so the build
-    is shared by several calls: it is not counted, and the memory bound is ``keep_reuse_ratio``
-    (:data:`DEVICE_COSTS`). ``density``: ternary bases' density (the build then costs :func:`build_cost`).
-    A pure function of its arguments: the same call always takes the same route.
-    """
-    return _keep(T, O, I, nr, path, policy, need_x, True, False, reuse, device_costs(device),
-                 build_cost(O, I, nr, density, device))[0]
-
-
 def build_cost(O: int, I: int, nr: int, density: float | None = None, device: str = "cpu") -> float:
     """What building ``s·ΔW`` (or ``W + s·ΔW``) once costs, in GEMM multiply-adds: ``M·n·r·m`` through the bases'
     dense views, or ``build_weight · M·n·r·m · density`` through ternary bases' non-zeros where that is less
@@ -325,103 +162,26 @@ def sparse_build_pays(density: float | None, device: str = "cpu") -> bool:
     return density is not None and device_costs(device).build_weight * density < 1.0
 
 
-def padded_width(m: int, density: float, r: int = 32) -> float:
-    """Expected ``J = max_k |J_k|`` for ``r`` rows of ``m`` i.i.d. entries of ``density`` (mean + ~2.5σ,
-    the typical maximum of ``r`` binomials), capped at ``m``. Used by the cost model."""
-    mu = m * density
-    sd = math.sqrt(max(mu * (1.0 - density), 0.0))
-    z = math.sqrt(2.0 * math.log(max(r, 2)))
-    return min(float(m), mu + z * sd + 1.0)
-
-
-def sparse_costs(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, need_x: bool = True,
-                 need_S: bool = True, need_W: bool = False, weighted: bool = True, r: int = 32,
-                 device: str = "cpu", threads: int = 1) -> dict[str, float]:
-    """Extra multiply-adds over the frozen layer of the sparse route, forward and backward.
-
-    Same convention as :func:`forward_costs` / :func:`backward_costs` (the frozen ``x Wᵀ`` and ``gy W`` are not
-    counted; ``gyᵀ x`` is, when ``W`` needs a gradient). A product with ``S`` or ``Sᵀ`` costs
-    ``T·n·r·m·density_A``, one with ``B_flat`` or ``B_flatᵀ`` ``T·M·n·r·density_B``, the sampled ``∂S``
-    ``T·n·r·J`` with ``J`` the padded non-zeros per row of ``A`` (:func:`padded_width`). Forward: one ``S`` and
-    one ``B`` product. Backward: ``∂x`` one of each; ``∂S`` the sampled product plus a ``B`` product (shared
-    with ``∂x`` when ``I <= O``; when ``O < I`` it recomputes ``x B_flat`` rather than keep it). Weighted, a
-    call also pays its token-major copies, ``layout_weight`` per element: forward ``T·(I + O)`` (the input into
-    token blocks, the blocks added to the output); backward ``T·(O + I)`` for ``∂x`` (``gy`` in, ``∂x`` out)
-    and, for ``∂S`` alone, ``gy`` (``I <= O``) or ``x`` (``O < I``) into blocks.
-
-    Args:
-        T, O, I: tokens, output and input width.
-        nr: ``n·r`` (``λ.numel()``).
-        density_A, density_B: fraction of non-zeros of the layer's ``A`` and ``B_flat`` views.
-        need_x, need_S, need_W: which gradients backward computes.
-        weighted: multiply the sparse products by ``spmm_weight`` / ``sampled_weight`` of ``device``'s
-            :data:`DEVICE_COSTS` row (their time per multiply-add against a dense GEMM's), so the figures
-            compare with the dense costs.
-        r: the rank (for the padding estimate).
-        device: the device type whose constants weigh the products.
-        threads: torch's thread count (picks ``layout_weight`` or ``layout_weight_threaded``).
-
-    Returns:
-        ``{"forward": ..., "backward": ..., "total": ...}``.
-    """
-    m, M = min(O, I), max(O, I)
-    dc = device_costs(device)
-    wsp, wsa = (dc.spmm_weight, dc.sampled_weight) if weighted else (1.0, 1.0)
-    sS = wsp * T * nr * m * density_A
-    sB = wsp * T * M * nr * density_B
-    sD = wsa * T * nr * padded_width(m, density_A, r)
-    wl = (dc.layout_weight if threads == 1 else dc.layout_weight_threaded) if weighted else 0.0
-    fwd = sS + sB + wl * T * (I + O)
-    bwd = float(T * O * I) if need_W else 0.0
-    if need_x:
-        bwd += sS + sB + wl * T * (O + I)
-    if need_S:
-        bwd += sD + (sB if (O < I or not need_x) else 0.0)
-        bwd += wl * T * (I if O < I else (0 if need_x else O))
-    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
-
-
-def _dense_floor(T: int, O: int, I: int, nr: int, fused: bool, need_x: bool, need_S: bool,
+def _dense_floor(T: int, O: int, I: int, nr: int, with_weight: bool, need_x: bool, need_S: bool,
                  need_W: bool, build: float, dc: DeviceCosts) -> float:
-    """The cheapest dense plan's cost (path auto; without and, when fused, with a ``W + s·ΔW`` prebuilt at
+    """The cheapest dense plan's cost (path auto; without and, when ``W`` is given, with a ``W + s·ΔW`` prebuilt at
     ``build``, which a call that needs gradients keeps only within ``keep_memory_ratio``)."""
-    p = plan(T, O, I, nr, fused=fused, need_x=need_x, need_S=need_S, need_W=need_W)
+    p = plan(T, O, I, nr, with_weight=with_weight, need_x=need_x, need_S=need_S, need_W=need_W)
     dense = p["forward_cost"] + p["backward_cost"]
-    if fused and (not (need_x or need_S or need_W) or O <= dc.keep_memory_ratio * T):
-        k = plan(T, O, I, nr, fused=True, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
+    if with_weight and (not (need_x or need_S or need_W) or O <= dc.keep_memory_ratio * T):
+        k = plan(T, O, I, nr, with_weight=True, need_x=need_x, need_S=need_S, need_W=need_W, kept=True)
         dense = min(dense, k["forward_cost"] + k["backward_cost"] + build)
     return dense
-
-
-def sparse_pays(T: int, O: int, I: int, nr: int, density_A: float, density_B: float, *, fused: bool = True,
-                need_x: bool = True, need_S: bool = True, need_W: bool = False, r: int = 32,
-                device: str = "cpu", threads: int = 1) -> bool:
-    """Whether the sparse route's weighted cost is below the cheapest dense plan's (:func:`plan`, path auto,
-    without and, when ``W`` is given, with a prebuilt ``W + s·ΔW``, whose build is then counted at
-    :func:`build_cost` of ``density_B``, and which a call needing gradients keeps only within
-    ``keep_memory_ratio``).
-
-    Args:
-        T, O, I, nr, density_A, density_B, need_x, need_S, need_W, r, device, threads: as :func:`sparse_costs`.
-        fused: ``W`` is given (as :func:`plan`).
-
-    Returns:
-        True when the sparse route is predicted cheaper for this call.
-    """
-    sc = sparse_costs(T, O, I, nr, density_A, density_B, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
-                      device=device, threads=threads)
-    return sc["total"] < _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W,
-                                      build_cost(O, I, nr, density_B, device), device_costs(device))
 
 
 # ------------------------------------------------------------------------------------------------
 # the planner
 # ------------------------------------------------------------------------------------------------
-def op_route(T: int, O: int, I: int, nr: int, *, fused: bool = True, path: str = "auto", need_x: bool = True,
+def op_route(T: int, O: int, I: int, nr: int, *, with_weight: bool = True, path: str = "auto", need_x: bool = True,
              need_S: bool = True, need_W: bool = False, kept: bool = False) -> Route:
     """The dense op's :class:`Route` for a direct call of the op (``kept``: a prebuilt ``W + s·ΔW`` is handed
     to it). Layers plan with :func:`plan_call`."""
-    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, None, 0.0)
+    return _dense(T, O, I, nr, with_weight, path, need_x, need_S, need_W, kept, None, 0.0)
 
 
 def sparse_op_route(T: int, device: str = "cpu", threads: int = 1, *, need_x: bool = True, need_S: bool = True,
@@ -430,12 +190,12 @@ def sparse_op_route(T: int, device: str = "cpu", threads: int = 1, *, need_x: bo
     return _sparse(T, device, threads, need_x, need_S, need_W, 0.0)
 
 
-def _dense(T: int, O: int, I: int, nr: int, fused: bool, path: str, need_x: bool, need_S: bool, need_W: bool,
+def _dense(T: int, O: int, I: int, nr: int, with_weight: bool, path: str, need_x: bool, need_S: bool, need_W: bool,
            kept: bool, build: str | None, build_mac: float, why: tuple[str, ...] = ()) -> Route:
-    p = plan(T, O, I, nr, fused=fused, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=kept)
+    p = plan(T, O, I, nr, with_weight=with_weight, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=kept)
     xr, sr = p["backward"]
-    kept = kept and fused
-    cost = p["forward_cost"] + p["backward_cost"] + (build_mac if build in ("fresh", "sparse") else 0)
+    kept = kept and with_weight
+    cost = p["forward_cost"] + p["backward_cost"] + (build_mac if build in ("fresh", "nonzeros") else 0)
     fwd = "kept" if kept else p["forward"]
     lines = [f"forward: {_candidates(p['forward_costs'], p['forward'])}" + (" (one matmul with the prebuilt "
                                                                             "W + s·ΔW)" if kept else "")]
@@ -443,21 +203,15 @@ def _dense(T: int, O: int, I: int, nr: int, fused: bool, path: str, need_x: bool
         names = {k: f"∂x {k[0] or '-'} / ∂λ∂γ {k[1] or '-'}" for k in p["backward_costs"]}
         lines.append("backward: " + _candidates({names[k]: v for k, v in p["backward_costs"].items()},
                                                 names[p["backward"]]))
-    if kept and build in ("fresh", "sparse"):
+    if kept and build in ("fresh", "nonzeros"):
         lines.append(f"building W + s·ΔW ({build}) costs {build_mac:.3g}")
-    return Route("dense", fwd, build if kept else None, xr, sr, need_W and fused, None, float(cost),
+    return Route("dense", fwd, build if kept else None, xr, sr, need_W and with_weight, None, float(cost),
                  (*why, *lines))
 
 
 def _candidates(costs: dict, chosen) -> str:
     """``a 1.2e+06 (chosen), b 3.4e+06``: each candidate with its cost, the chosen one marked."""
     return ", ".join(f"{k} {v:.3g}{' (chosen)' if k == chosen else ''}" for k, v in costs.items())
-
-
-def token_block(device: str, threads: int) -> int | None:
-    """The sparse route's token block on ``device`` with ``threads`` torch threads (None: no blocking)."""
-    dc = device_costs(device)
-    return dc.token_block if threads == 1 else dc.token_block_threaded
 
 
 def _sparse(T: int, device: str, threads: int, need_x: bool, need_S: bool, need_W: bool, cost: float,
@@ -471,34 +225,34 @@ def _sparse(T: int, device: str, threads: int, need_x: bool, need_S: bool, need_
 
 
 def plan_call(*, T: int, O: int, I: int, nr: int, r: int, device: str = "cpu", grad: bool = True,
-              need_x: bool = True, need_S: bool = True, need_W: bool = False, fused: bool = True,
+              need_x: bool = True, need_S: bool = True, need_W: bool = False, with_weight: bool = True,
               path: str = "auto", keep: str = "auto", cached: bool = False, density: float | None = None,
               threads: int = 1, compiling: bool = False) -> Route:
     """Every route of one call of an adapted layer: a pure function of its arguments and of the device's
-    :data:`DEVICE_COSTS` row, memoised on both (a layer called again with the same shape and settings gets the
+    :data:`randlora.costs.DEVICE_COSTS` row, memoised on both (a layer called again with the same shape and settings gets the
     same frozen :class:`Route` back; a changed cost row is a new key).
 
     Args:
         T, O, I: tokens, output and input width. nr, r: ``n·r`` and the rank.
-        device: the device type (``"cpu"``, ``"cuda"``, ...): picks the :data:`DEVICE_COSTS` row.
+        device: the device type (``"cpu"``, ``"cuda"``, ...): picks the :data:`randlora.costs.DEVICE_COSTS` row.
         grad: grad mode is on. need_x, need_S, need_W: ``x``, ``λ``/``γ``, ``W`` require gradients.
-        fused: ``W`` is handed to the op (False: the adapter term alone, as under dropout or a quantised base).
+        with_weight: ``W`` is handed to the op (False: the adapter term alone, as under dropout or a quantised base).
         path, keep: the layer's explicit settings (``"sparse"`` forces the sparse route).
         cached: the layer sits inside :func:`randlora.cached` (its ``s·ΔW`` may be reused).
         density: the ternary bases' density (None: dense bases; no sparse route).
         threads: torch's thread count (the CPU's token block and copy weight depend on it).
         compiling: under ``torch.compile`` (no prebuilt ``W + s·ΔW``).
     """
-    return _plan_call(device_costs(device), T, O, I, nr, r, device, grad, need_x, need_S, need_W, fused, path, keep,
+    return _plan_call(device_costs(device), T, O, I, nr, r, device, grad, need_x, need_S, need_W, with_weight, path, keep,
                       cached, density, threads, compiling)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, device: str, grad: bool, need_x: bool,
-               need_S: bool, need_W: bool, fused: bool, path: str, keep: str, cached: bool, density: float | None,
+               need_S: bool, need_W: bool, with_weight: bool, path: str, keep: str, cached: bool, density: float | None,
                threads: int, compiling: bool) -> Route:
     """:func:`plan_call`, memoised (``costs``, the device's row it reads, is part of the key)."""
-    need_x, need_S, need_W = grad and need_x, grad and need_S, grad and need_W and fused
+    need_x, need_S, need_W = grad and need_x, grad and need_S, grad and need_W and with_weight
     density = None if compiling else density  # (under torch.compile nothing is prebuilt)
     build = build_cost(O, I, nr, density, device)
     why = [f"call: {T} tokens, {O}×{I}, n·r = {nr}, {device}, {'grad' if grad else 'no grad'} (needs: "
@@ -508,7 +262,7 @@ def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, devi
     if density is not None and path not in ("weight", "activation") and not cached:
         sc = sparse_costs(T, O, I, nr, density, density, need_x=need_x, need_S=need_S, need_W=need_W, r=r,
                           device=device, threads=threads)["total"]
-        floor = _dense_floor(T, O, I, nr, fused, need_x, need_S, need_W, build, costs)
+        floor = _dense_floor(T, O, I, nr, with_weight, need_x, need_S, need_W, build, costs)
         why.append(f"sparse route (through the non-zeros, weighted, {threads} thread(s)) {sc:.3g} against the "
                    f"cheapest dense plan's {floor:.3g}: " + ("forced by path='sparse'" if path == "sparse" else
                                                             "sparse" if sc < floor else "dense"))
@@ -516,7 +270,7 @@ def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, devi
             return _sparse(T, device, threads, need_x, need_S, need_W, sc, tuple(why))
     path = "auto" if path == "sparse" else path
     kept = False
-    if fused and not compiling:
+    if with_weight and not compiling:
         if grad:  # (compared on a training call's backward: ∂λ/∂γ needed, W frozen; as keep_pays)
             kept, reason = _keep(T, O, I, nr, path, keep, need_x, True, False, cached, costs, build)
             why.append(reason)
@@ -526,9 +280,228 @@ def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, devi
             why.append("prebuild W + s·ΔW: " + ("yes, from the randlora.cached s·ΔW" if cached else
                                                 f"{'yes' if kept else 'no'}, by cost (building {build:.3g} against "
                                                 f"the forward route's {fc:.3g})"))
-    elif not fused:
+    elif not with_weight:
         why.append("W is not handed to the op (dropout in training, or a quantised base): the adapter term alone")
     else:
         why.append("under torch.compile nothing is prebuilt")
-    how = "cached" if cached else ("sparse" if sparse_build_pays(density, device) else "fresh")
-    return _dense(T, O, I, nr, fused, path, need_x, need_S, need_W, kept, how if kept else None, build, tuple(why))
+    how = "cached" if cached else ("nonzeros" if sparse_build_pays(density, device) else "fresh")
+    return _dense(T, O, I, nr, with_weight, path, need_x, need_S, need_W, kept, how if kept else None, build, tuple(why))
+
+
+# ------------------------------------------------------------------------------------------------
+# mixed batches (randlora.mixed)
+# ------------------------------------------------------------------------------------------------
+def work_in_float32(device: str, itemsize: int) -> bool:
+    """Whether sums over ternary bases' non-zeros in a compute dtype of ``itemsize`` bytes run in float32: on the
+    CPU for reduced precision, as a GEMM accumulates (the sparse op, and the batched pass of a mixed batch)."""
+    return device == "cpu" and itemsize < 4
+
+
+def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, quantized: bool = False,
+               device: str = "cpu", threads: int = 1) -> dict[str, float]:
+    """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
+
+    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW``
+    (:func:`build_cost`: ``M·nr·m``, less through ternary bases' non-zeros), whose one matmul replaces the frozen
+    one (a quantized base layer has no float ``W`` to build on: the op builds ``s·ΔW`` through the dense views,
+    ``M·nr·m``, and one more matmul ``T·O·I``); ``"kept"``: ``W + s·ΔW`` built earlier and kept (``keep_bytes``),
+    whose matmul replaces the group's frozen one: nothing on top (a quantized base layer keeps ``s·ΔW``, whose
+    matmul comes on top: ``O·I·(T + gemm_tokens)``); ``"sparse"`` (ternary bases of ``density``): the weighted
+    sparse cost with ``threads`` torch threads. The frozen layer's own ``T·O·I`` is not counted.
+    """
+    c = forward_costs(T, O, I, nr, with_weight=not quantized, kept=True)
+    tau = device_costs(device).gemm_tokens
+    build = build_cost(O, I, nr, None if quantized else density, device)
+    out = {"activation": float(c["activation"]), "weight": c["weight"] + build,
+           "kept": float(O * I * (T + tau)) if quantized else 0.0}
+    if density is not None:
+        out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False, need_W=False,
+                                           device=device, threads=threads)["forward"])
+    return out
+
+
+@dataclass(frozen=True)
+class MixedPlan:
+    """How one layer call inside :func:`randlora.mixed` runs (see :func:`plan_mixed`).
+
+    Attributes:
+        kind: ``"base"`` (no adapter of the batch is on this layer: the frozen layer for every row), ``"plain"``
+            (one adapter on every row and nothing kept: an ordinary call of the layer), ``"grouped"`` (one op
+            call per group of rows, each planned by :func:`plan_call` as a batch of its own, and the other rows
+            through the frozen layer), ``"batched"`` (the frozen layer once for the batch plus one pass over the
+            bases' dense views with per-row ``s·λ``, ``γ``) or ``"batched-sparse"`` (that pass through ternary
+            bases' non-zeros).
+        keep: the groups whose rows take a kept ``W + s·ΔW`` (built now when the block holds none yet).
+        block: the batched sparse pass's token window (None: one window).
+        scaled_below: the batched sparse pass computes a group's ``S`` product by scaling its tokens around ``A``
+            for a window part of fewer tokens than this (else through the adapter's own ``S``).
+        work_float32: the batched pass sums in float32 (reduced precision on the CPU over ternary bases).
+        why: the decisions, one line each, with the candidates and their predicted costs (:meth:`explain`).
+    """
+
+    kind: str
+    keep: tuple[str, ...] = ()
+    block: int | None = None
+    scaled_below: float = 0.0
+    work_float32: bool = False
+    why: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def explain(self) -> str:
+        """Readable text: how the call runs, then each decision with its candidates and predicted costs."""
+        taken = f"mixed call: {self.kind}" + (f", kept W + s·ΔW for {', '.join(self.keep)}" if self.keep else "")
+        return "\n".join([taken, *(f"- {line}" for line in self.why)])
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The facts about one adapted layer that a mixed call's decisions read."""
+
+    O: int
+    I: int
+    n: int
+    r: int
+    density: float | None
+    nnz_A: int
+    quantized: bool
+    device: str
+    threads: int
+    path: str
+    force: str
+
+    def group(self, T: int) -> dict[str, float]:
+        return group_cost(T, self.O, self.I, self.n * self.r, density=self.density, quantized=self.quantized,
+                          device=self.device, threads=self.threads)
+
+
+def plan_mixed(*, groups: tuple[tuple[str, int, bool], ...], T: int, O: int, I: int, n: int, r: int,
+               device: str = "cpu", threads: int = 1, density: float | None = None, nnz_A: int = 0,
+               quantized: bool = False, path: str = "auto", force: str = "auto", serving: bool = False,
+               keep_bytes: int = 0, kept_bytes: int = 0, itemsize: int = 4) -> MixedPlan:
+    """How a layer call of ``T`` tokens inside :func:`randlora.mixed` runs: a pure function of its arguments and of
+    the device's cost row, memoised.
+
+    Args:
+        groups: ``(adapter name, tokens, held)`` for each adapter of the batch that is on this layer, in the
+            block's order; ``held``: the block holds a valid kept ``W + s·ΔW`` of it for this layer.
+        T: the call's tokens (every row). O, I, n, r: the layer's widths, ``n`` and the rank.
+        device, threads: the device type and torch's thread count (the CPU's sparse kernels depend on it).
+        density, nnz_A: the ternary bases' density and the non-zeros of the layer's ``A`` view (None, 0: dense).
+        quantized: the base layer is quantised (no float ``W`` to build on).
+        path: the layer's ``path`` setting (anything but ``"auto"`` runs group by group).
+        force: the layer's ``mixed`` setting: ``"auto"``, or one of ``"grouped"``, ``"batched"``,
+            ``"batched-sparse"`` (see :func:`randlora.force_route`).
+        serving: no gradient is recorded and no adapter drops its input (only then a batched pass or kept
+            matrices).
+        keep_bytes, kept_bytes: the block's budget for kept matrices and the bytes it holds now.
+        itemsize: the compute dtype's bytes per element (a kept ``O × I`` matrix's size; the batched pass over
+            ternary bases sums in float32 for reduced precision on the CPU, :func:`work_in_float32`).
+
+    Returns:
+        the :class:`MixedPlan`.
+    """
+    return _plan_mixed(device_costs(device), tuple(groups), T, _Shape(O, I, n, r, density, nnz_A, quantized, device,
+                                                                      threads, path, force),
+                       serving, keep_bytes, kept_bytes, itemsize)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_mixed(dc: DeviceCosts, groups: tuple, T: int, L: _Shape, serving: bool, keep_bytes: int,
+                kept_bytes: int, itemsize: int) -> MixedPlan:
+    """:func:`plan_mixed`, memoised (``dc``, the device's row it reads, is part of the key)."""
+    size = L.O * L.I * itemsize
+    why = [f"call: {T} tokens in {len(groups)} group(s) ({', '.join(f'{g[0]} {g[1]}' for g in groups)}), "
+           f"{L.O}×{L.I}, {L.device}, {'serving' if serving else 'recording gradients or dropping inputs'}"
+           + (f", keep_bytes {keep_bytes} ({kept_bytes} held)" if keep_bytes else "")]
+    if not groups:
+        return MixedPlan("base", why=(*why, "no adapter of the batch is on this layer"))
+    keeping = serving and keep_bytes > 0
+    kind = _batched_kind(L, dc, T, groups, why) if keeping else None
+    keep = _kept_groups(L, dc, T, groups, kind, keep_bytes, kept_bytes, size, why) if keeping else ()
+    rest = tuple(g for g in groups if g[0] not in keep)
+    if not keep and len(rest) == 1 and rest[0][1] == T:
+        return MixedPlan("plain", why=(*why, f"one adapter ({rest[0][0]}) on every row: an ordinary call"))
+    if keep or not keeping:
+        kind = _batched_kind(L, dc, T, rest, why) if rest and serving else None
+    if kind is None:
+        return MixedPlan("grouped", keep, why=tuple(why))
+    block = token_block(L.device, L.threads) if kind == "batched-sparse" else None
+    below = dc.scaled_side * L.nnz_A / min(L.O, L.I)
+    f32 = L.density is not None and work_in_float32(L.device, itemsize)
+    return MixedPlan(kind, keep, block, below, f32, tuple(why))
+
+
+def _batched_kind(L: _Shape, dc: DeviceCosts, T: int, groups: tuple, why: list) -> str | None:
+    """``"batched-sparse"`` when each group's cheapest route on its own tokens is the sparse one and no group fills
+    the sparse route's token block; else ``"batched"`` when one pass over every row moves fewer values,
+    ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the bases read once), than one call per group,
+    ``G·(2·n·r·m + M·n·r)``; else None (group by group). The layer's ``mixed`` setting overrides it."""
+    if L.force != "auto":
+        why.append(f"pass: {L.force} (forced by the layer's mixed setting)")
+        return None if L.force == "grouped" else L.force
+    if L.path != "auto":
+        why.append(f"pass: grouped (the layer's path is {L.path!r})")
+        return None
+    n, r, m, M = L.n, L.r, min(L.O, L.I), max(L.O, L.I)
+    if L.density is not None:
+        costs = [L.group(g[1]) for g in groups]
+        best = all(c["sparse"] <= min(v for k, v in c.items() if k != "kept") for c in costs)
+        block = token_block(L.device, L.threads)
+        fits = max(g[1] for g in groups) < (block or T + 1)
+        why.append(f"sparse pass: each group's cheapest route is {'' if best else 'not '}the sparse one "
+                   f"({'; '.join(_candidates({k: v for k, v in c.items() if k != 'kept'}, None) for c in costs)})"
+                   f", largest group {'below' if fits else 'at or above'} the token block {block}")
+        if best and fits:
+            return "batched-sparse"
+    one, each = 2 * T * n * m + M * n * r, len(groups) * (2 * n * r * m + M * n * r)
+    why.append(f"dense pass: values moved by one pass {one:.3g} against one call per group {each:.3g}")
+    return "batched" if one < each else None
+
+
+def _kept_groups(L: _Shape, dc: DeviceCosts, T: int, groups: tuple, kind: str | None, keep_bytes: int,
+                 kept_bytes: int, size: int, why: list) -> tuple[str, ...]:
+    """The groups that take a kept matrix. Group by group (``kind`` None): each whose kept matmul beats its own
+    route (:func:`group_cost`), those the block holds, then new ones while the budget allows. With a batched pass:
+    every group or none (the pass runs over every row whatever some groups keep), by :func:`_keep_all_pays`."""
+    if kind is None:
+        want = []
+        for name, T_g, held in groups:
+            c = L.group(T_g)
+            kept = c.pop("kept")
+            pays = kept < min(c.values())
+            why.append(f"keep {name}: {'yes' if pays else 'no'}, by cost (kept {kept:.3g} against "
+                       f"{_candidates(c, None)})")
+            if pays:
+                want.append((name, held))
+        out, held_bytes = [], kept_bytes
+        for name, held in want:
+            if held or held_bytes + size <= keep_bytes:
+                out.append(name)
+                held_bytes += 0 if held else size
+            else:
+                why.append(f"keep {name}: no, by the memory bound ({held_bytes} + {size} > keep_bytes {keep_bytes})")
+        return tuple(out)
+    new = sum(not g[2] for g in groups)
+    if kept_bytes + new * size > keep_bytes:
+        why.append(f"keep every group: no, by the memory bound ({kept_bytes} + {new}×{size} > {keep_bytes})")
+        return ()
+    kept, batched = _keep_all_costs(L, dc, T, groups, kind)
+    why.append(f"keep every group: {'yes' if kept < batched else 'no'}, by cost (kept {kept:.3g} against the "
+               f"{kind} pass {batched:.3g})")
+    return tuple(g[0] for g in groups) if kept < batched else ()
+
+
+def _keep_all_costs(L: _Shape, dc: DeviceCosts, T: int, groups: tuple, kind: str) -> tuple[float, float]:
+    """Every group's kept matmul, ``O·I·(T_g + gemm_tokens)`` each (twice on a quantized base layer: its own forward
+    too), gathering and scattering the rows (``T·(I + O)`` values copied, weighed as the sparse route's one-thread
+    copies; none when one group holds every row) and each group's ``group_overhead``; against the batched call: the
+    frozen matmul ``O·I·(T + gemm_tokens)`` plus the pass, ``T·nr·(O + I)`` through the bases' dense views or the
+    groups' sparse costs."""
+    O, I, nr, tau = L.O, L.I, L.n * L.r, dc.gemm_tokens
+    kept = sum(O * I * (g[1] + tau) for g in groups) * (2 if L.quantized else 1)
+    if not (len(groups) == 1 and groups[0][1] == T):
+        kept += dc.layout_weight * T * (I + O) + dc.group_overhead * len(groups)
+    if kind == "batched-sparse":
+        pass_cost = sum(L.group(g[1])["sparse"] for g in groups)
+    else:
+        pass_cost = T * nr * (O + I)
+    return kept, O * I * (T + tau) + pass_cost

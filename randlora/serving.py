@@ -1,10 +1,12 @@
 """Mixed batches: one adapter per batch row, on one model (``randlora.mixed``).
 
-Inside ``with randlora.mixed(model, names):`` every adapted layer's ``forward`` is :meth:`Mixed.forward`:
-each group of rows that share an adapter goes through that adapter (:meth:`RandLoraLinear.apply_adapter`,
-planned like a separate batch of those rows), and rows named ``None``, or whose adapter is not on this layer,
-through the frozen layer alone. Nothing in :mod:`randlora.layer` changes; the block undoes the override on
-exit, error or not.
+Inside ``with randlora.mixed(model, names):`` the model's bank holds the block's :class:`Mixed` state
+(``bank.mixed_block``), and each adapted layer's call hands itself to :meth:`Mixed.forward`, which asks the
+planner how to run it (:func:`randlora.planner.plan_mixed`, a :class:`~randlora.planner.MixedPlan`) and runs
+that plan: each group of rows that share an adapter through that adapter
+(:meth:`RandLoraLinear.apply_adapter`, planned like a separate batch of those rows), or one batched pass, and
+rows named ``None``, or whose adapter is not on this layer, through the frozen layer alone. No attribute of any
+layer is set; the block's state leaves the bank on exit, error or not.
 
 Cost per layer call (``T_g`` tokens of group ``g``, ``nr = n·r``, ``m = min(O, I)``, ``M = max(O, I)``): each
 group costs what a separate batch of its rows costs, as the planner routes it: the frozen ``T_g·O·I`` plus the
@@ -14,67 +16,33 @@ group (decoding steps) instead runs the frozen layer once for the batch and ever
 bases with per-row ``s·λ`` and ``γ`` (the bases read once instead of once per group; ternary bases through
 their non-zeros, :func:`randlora.sparse.grouped_terms`; see :meth:`Mixed._batched_kind`). With ``keep_bytes``
 the block also keeps ``W + s·ΔW_a`` between no-grad calls: a group's rows then cost one matmul with it
-instead of the frozen one. See
-docs/serving.md.
+instead of the frozen one. Every cost rule is the planner's; this module computes none. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import weakref
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import core
 from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
+from .ops import threads
 from .paths import canonical, on_root
-from .planner import build_cost, device_costs, forward_costs, sparse_costs, token_block
+from .planner import MixedPlan, plan_mixed
 from .sparse import grouped_terms
-from .walker import registry_of
+from .walker import registry_of, require_bank
 
-__all__ = ["mixed", "group_cost", "Mixed", "inside_mixed"]
-
-_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # banks of models inside a mixed block
+__all__ = ["mixed", "Mixed", "Ended", "inside_mixed"]
 
 
 def inside_mixed(bank) -> bool:
     """Whether the model holding ``bank`` is inside a ``randlora.mixed`` block now."""
-    return bank in _ACTIVE
-
-
-def group_cost(T: int, O: int, I: int, nr: int, *, density: float | None = None, quantized: bool = False,
-               device: str = "cpu", threads: int = 1) -> dict[str, float]:
-    """Forward multiply-adds of one group's adapter term on top of the frozen layer, per route.
-
-    ``"activation"``: ``T·nr·(O + I)`` (through the bases); ``"weight"``: build ``W + s·ΔW``
-    (:func:`randlora.planner.build_cost`: ``M·nr·m``, less through ternary bases' non-zeros), whose one matmul
-    replaces the frozen one (a quantized base layer has no float ``W`` to build on: the op builds ``s·ΔW``
-    through the dense views, ``M·nr·m``, and one more matmul ``T·O·I``); ``"kept"``: ``W + s·ΔW`` built earlier
-    and kept (``keep_bytes``), whose matmul replaces the group's frozen one: nothing on top (a quantized base
-    layer keeps ``s·ΔW``, whose matmul comes on top: ``O·I·(T + gemm_tokens)``,
-    :data:`randlora.planner.DEVICE_COSTS`);
-    ``"sparse"`` (ternary bases of ``density``): the planner's weighted sparse cost with ``threads`` torch
-    threads. The frozen layer's own ``T·O·I`` is not counted.
-    """
-    c = forward_costs(T, O, I, nr, fused=not quantized, kept=True)
-    tau = device_costs(device).gemm_tokens
-    build = build_cost(O, I, nr, None if quantized else density, device)
-    out = {"activation": float(c["activation"]), "weight": c["weight"] + build,
-           "kept": float(O * I * (T + tau)) if quantized else 0.0}
-    if density is not None:
-        out["sparse"] = float(sparse_costs(T, O, I, nr, density, density, need_x=False, need_S=False, need_W=False,
-                                           device=device, threads=threads)["forward"])
-    return out
-
-
-def _threads(dev: str) -> int:
-    """The thread count the planner weighs ``dev``'s CPU kernels with (as the layer's own calls: torch's, 1 off
-    the CPU)."""
-    return torch.get_num_threads() if dev == "cpu" else 1
+    return isinstance(bank.mixed_block, Mixed)
 
 
 def _adapted(model: nn.Module) -> list[tuple[str, RandLoraLinear]]:
@@ -143,38 +111,55 @@ class Mixed:
                 "per batch row; generate() with num_beams or num_return_sequences > 1 repeats each row, so "
                 "repeat its name as well")
 
-    def _kept_matrix(self, layer, name: str, ad, cd: torch.dtype) -> torch.Tensor | None:
-        """The kept matrix of adapter ``name`` on ``layer`` in ``cd`` (built now if the budget allows), or None:
-        ``W + s·ΔW`` (``s·ΔW`` on a quantized base layer, whose own forward stays the frozen term). Reused while
-        ``λ``, ``γ``, the weight and the bank are the tensors and versions it was built from."""
+    def plan(self, layer, x: torch.Tensor, present: dict | None = None) -> MixedPlan:
+        """How a call of ``layer`` on ``x`` runs now: the planner's :func:`~randlora.planner.plan_mixed` of the
+        call's facts (the groups present and their tokens, which of them the block holds a valid kept matrix of,
+        grad mode, the compute dtype, the budget) and the layer's settings (``path``, ``mixed``).
+        ``state.plan(layer, x).explain()`` says why a mixed call runs as it does."""
+        if present is None:
+            present = {name: ad for name in self.groups if (ad := layer.adapter(name)) is not None}
+        T = x.numel() // x.shape[-1]
+        t, dev, cd = T // len(self.names), x.device.type, self._compute_dtype(layer, x, present)
+        self._drop_stale(layer, present, cd)
+        serving = not torch.is_grad_enabled() and not (layer.training and any(ad.drops for ad in present.values()))
+        O, I = layer.out_features, layer.in_features
+        nnz_A = layer.bank.sparse_index(O, I).nnz_A if self._density is not None else 0
+        groups = tuple((name, len(self.groups[name]) * t, (id(layer), name) in self._kept) for name in present)
+        return plan_mixed(groups=groups, T=T, O=O, I=I, n=layer.n, r=layer.r, device=dev, threads=threads(dev),
+                          density=self._density, nnz_A=nnz_A, quantized=layer.quantized, path=layer.path,
+                          force=layer.mixed, serving=serving, keep_bytes=self.keep_bytes, kept_bytes=self.kept_bytes,
+                          itemsize=cd.itemsize)
+
+    def _stamp(self, layer, ad, cd: torch.dtype) -> tuple:
+        """What a kept matrix of ``ad`` on ``layer`` was built from: ``λ``, ``γ``, the weight (tensors and versions),
+        the compute dtype and the bank's generation."""
         lam, gam, W = ad.randlora_lambda, ad.randlora_gamma, layer.weight
+        return (lam._version, gam._version, W._version, lam.data_ptr(), gam.data_ptr(), W.data_ptr(), cd,
+                getattr(layer.bank, "generation", 0))
+
+    def _drop_stale(self, layer, present: dict, cd: torch.dtype) -> None:
+        """Free the kept matrices of ``layer`` that no longer match what they were built from (:meth:`_stamp`)."""
+        for name, ad in present.items():
+            hit = self._kept.get((id(layer), name))
+            if hit is not None and hit[0] != self._stamp(layer, ad, cd):
+                self.kept_bytes -= hit[1].numel() * hit[1].element_size()
+                del self._kept[(id(layer), name)]
+
+    def _kept_matrix(self, layer, name: str, ad, cd: torch.dtype) -> torch.Tensor:
+        """The kept matrix of adapter ``name`` on ``layer`` in ``cd`` (built now when the block holds none): ``W +
+        s·ΔW`` (``s·ΔW`` on a quantized base layer, whose own forward stays the frozen term)."""
         key = (id(layer), name)
-        stamp = (lam._version, gam._version, W._version, lam.data_ptr(), gam.data_ptr(), W.data_ptr(), cd,
-                 getattr(layer.bank, "generation", 0))
         hit = self._kept.get(key)
         if hit is not None:
-            if hit[0] == stamp:
-                return hit[1]
-            self.kept_bytes -= hit[1].numel() * hit[1].element_size()
-            del self._kept[key]
-        size = layer.out_features * layer.in_features * torch.empty((), dtype=cd).element_size()
-        if self.kept_bytes + size > self.keep_bytes:
-            return None
+            return hit[1]
         with torch.no_grad():
             D = layer.delta_weight(name=name)
             if not layer.quantized:
-                D.add_(layer._w().to(D.dtype))
+                D.add_(layer.weight_matrix().to(D.dtype))
             D = D.to(cd)
-        self._kept[key] = (stamp, D)
-        self.kept_bytes += size
+        self._kept[key] = (self._stamp(layer, ad, cd), D)
+        self.kept_bytes += D.numel() * D.element_size()
         return D
-
-    def _keep_pays(self, layer, T: int, nr: int, device: str) -> bool:
-        """Whether a kept matrix (:func:`group_cost`'s ``"kept"``) is cheaper than the op's best route for a group
-        of ``T`` tokens called on its own."""
-        c = group_cost(T, layer.out_features, layer.in_features, nr, density=self._density,
-                       quantized=layer.quantized, device=device, threads=_threads(device))
-        return c.pop("kept") < min(c.values())
 
     def _kept_rows(self, layer, xg: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         """The layer's output for the rows ``xg`` of a group with the kept matrix ``D`` (:meth:`_kept_matrix`):
@@ -184,37 +169,36 @@ class Mixed:
             base = layer.apply_adapter(xg, None)
             with torch.autocast(xg.device.type, enabled=False):
                 return base + F.linear(xg.to(D.dtype), D).to(base.dtype)
-        out_dtype = layer._compute_dtype(xg, layer.weight.dtype)[1]
+        out_dtype = core.compute_dtype(xg, layer.weight.dtype)[1]
         with torch.autocast(xg.device.type, enabled=False):
             y = F.linear(xg.to(D.dtype), D, layer.bias.to(D.dtype) if layer.bias is not None else None)
         return y if out_dtype is None else y.to(out_dtype)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output for the whole batch, each row through its own adapter (the layer's ``forward`` inside
-        the block). Per call, one of two plans: decode-sized no-grad calls run the frozen layer once for the batch
-        plus one batched pass over the bases (:meth:`_batched_kind`); otherwise each group of rows goes through
-        :meth:`RandLoraLinear.apply_adapter` on its own, planned like a separate batch of those rows (so the
-        planner may build ``W + s·ΔW`` for a long group), and the other rows through the frozen layer."""
+        """The layer's output for the whole batch, each row through its own adapter: the call's :meth:`plan`, run.
+        ``"grouped"``: each group of rows through :meth:`RandLoraLinear.apply_adapter` on its own (planned like a
+        separate batch of those rows), kept groups by one matmul each, the other rows through the frozen layer,
+        then the rows put back in batch order; ``"batched"``/``"batched-sparse"``: :meth:`_base_plus_terms`."""
         self._check(layer, x)
         present = {name: ad for name in self.groups if (ad := layer.adapter(name)) is not None}
-        if not present:  # this layer carries none of the batch's adapters: every row keeps the base
+        plan = self.plan(layer, x, present)
+        if plan.kind == "base":  # this layer carries none of the batch's adapters: every row keeps the base
             return layer.apply_adapter(x, None)
-        serving = not torch.is_grad_enabled() and not (
-            layer.training and any(ad.drops for ad in present.values()))
-        T, dev = x.numel() // x.shape[-1], x.device.type
-        keeping = serving and self.keep_bytes > 0
-        kind = self._batched_kind(layer, T, present, dev) if keeping else None  # (with nothing kept, rest's too)
-        kept = self._kept_deltas(layer, x, present, T, kind) if keeping else {}
+        if plan.kind == "plain":  # one adapter on every row: a plain call
+            return layer.apply_adapter(x, next(iter(present.values())))
+        cd = self._compute_dtype(layer, x, present)
+        kept = {name: self._kept_matrix(layer, name, present[name], cd) for name in plan.keep}
         rest = {name: ad for name, ad in present.items() if name not in kept}
-        if not kept and len(rest) == 1 and len(self.groups[next(iter(rest))]) == len(self.names):
-            return layer.apply_adapter(x, next(iter(rest.values())))  # one adapter on every row: a plain call
-        if kept or not keeping:
-            kind = self._batched_kind(layer, T, rest, dev) if rest and serving else None
-        if kind is not None:
-            return self._base_plus_terms(layer, x, kept, rest, kind)
+        if plan.kind != "grouped":
+            return self._base_plus_terms(layer, x, kept, rest, plan)
         parts = [layer.apply_adapter(self._rows_of(x, name), ad) for name, ad in rest.items()]
         parts += [self._kept_rows(layer, self._rows_of(x, name), D) for name, D in kept.items()]
-        applied = tuple(rest) + tuple(kept)
+        return self._reassemble(layer, x, parts, tuple(rest) + tuple(kept))
+
+    def _reassemble(self, layer, x: torch.Tensor, parts: list, applied: tuple[str, ...]) -> torch.Tensor:
+        """The batch's output from the groups' ``parts`` (in the order of ``applied``) plus the frozen layer's
+        output for the other rows: concatenated when every group is one run of rows, else put back by index (one
+        autograd node when recording gradients, in place otherwise)."""
         inv, others = self._inverse(applied, x.device)
         plain = self._cat_order(applied)
         if others is not None:
@@ -231,65 +215,25 @@ class Mixed:
         return out
 
     def _compute_dtype(self, layer, x: torch.Tensor, present: dict) -> torch.dtype:
-        """The dtype the layer's own forward computes the adapter term in (:meth:`RandLoraLinear._compute_dtype`)."""
+        """The dtype the layer's own forward computes the adapter term in (:func:`randlora.core.compute_dtype`)."""
         if layer.quantized:
             base = x.dtype if x.is_floating_point() else next(iter(present.values())).randlora_lambda.dtype
         else:
             base = layer.weight.dtype
-        return layer._compute_dtype(x, base)[0]
+        return core.compute_dtype(x, base)[0]
 
-    def _kept_deltas(self, layer, x: torch.Tensor, present: dict, T: int,
-                     kind: str | None) -> dict[str, torch.Tensor]:
-        """The groups that take a kept matrix (:meth:`_kept_matrix`), with that matrix. A call that would go group
-        by group (``kind`` None: :meth:`_batched_kind` of every group present) keeps each group whose kept matrix
-        beats its route (:meth:`_keep_pays`), as the budget allows. A call that would take the batched pass keeps
-        every group or none (:meth:`_keep_all_pays`): the pass runs over every row whatever some groups keep."""
-        cd, t, dev = self._compute_dtype(layer, x, present), T // len(self.names), x.device.type
-        tokens = {name: len(self.groups[name]) * t for name in present}
-        if kind is None:
-            want = [nm for nm, ad in present.items()
-                    if self._keep_pays(layer, tokens[nm], ad.randlora_lambda.numel(), dev)]
-        else:
-            size = layer.out_features * layer.in_features * torch.empty((), dtype=cd).element_size()
-            new = sum((id(layer), nm) not in self._kept for nm in present)
-            if self.kept_bytes + new * size > self.keep_bytes or not self._keep_all_pays(layer, T, tokens, kind, dev):
-                return {}
-            want = list(present)
-        out = {}
-        for name in want:
-            D = self._kept_matrix(layer, name, present[name], cd)
-            if D is not None:
-                out[name] = D
-        return out if kind is None or len(out) == len(present) else {}
-
-    def _keep_all_pays(self, layer, T: int, tokens: dict, kind: str, dev: str) -> bool:
-        """Whether every group's kept matmul, ``O·I·(T_g + gemm_tokens)`` each (twice on a quantized base layer:
-        its own forward too), gathering and scattering the rows (``T·(I + O)`` values copied, weighed as the
-        sparse route's one-thread copies; none when one group holds every row) and each group's fixed
-        ``group_overhead`` beat the batched call: the frozen matmul ``O·I·(T + gemm_tokens)`` plus the pass,
-        ``T·nr·(O + I)`` through the bases' dense views or the groups' sparse costs."""
-        O, I, nr, dc = layer.out_features, layer.in_features, layer.n * layer.r, device_costs(dev)
-        tau, copy = dc.gemm_tokens, dc.layout_weight
-        kept = sum(O * I * (T_g + tau) for T_g in tokens.values()) * (2 if layer.quantized else 1)
-        if not (len(tokens) == 1 and len(self.groups[next(iter(tokens))]) == len(self.names)):
-            kept += copy * T * (I + O) + dc.group_overhead * len(tokens)
-        if kind == "sparse":
-            pass_cost = sum(group_cost(T_g, O, I, nr, density=self._density, quantized=layer.quantized, device=dev,
-                                       threads=_threads(dev))["sparse"] for T_g in tokens.values())
-        else:
-            pass_cost = T * nr * (O + I)
-        return kept < O * I * (T + tau) + pass_cost
-
-    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict, kind: str) -> torch.Tensor:
-        """The frozen layer once for the batch plus one batched pass for ``rest``; then the kept groups' rows
-        replaced by theirs (:meth:`_kept_rows`)."""
+    def _base_plus_terms(self, layer, x: torch.Tensor, kept: dict, rest: dict, plan: MixedPlan) -> torch.Tensor:
+        """The frozen layer once for the batch plus one batched pass for ``rest`` (``plan.kind``); then the kept
+        groups' rows replaced by theirs (:meth:`_kept_rows`)."""
         out = layer.apply_adapter(x, None)
         with torch.autocast(x.device.type, enabled=False):
             cd = self._compute_dtype(layer, x, rest)
-            if kind == "dense" and self._density is not None and x.device.type == "cpu" and cd.itemsize < 4:
-                cd = torch.float32  # ternary bases: sum in float32 on the CPU, as their sparse route does
-            batched = self._sparse_batched if kind == "sparse" else self._batched
-            out = out + batched(layer, x.to(cd), list(rest.items())).to(out.dtype)
+            if plan.kind == "batched-sparse":
+                wd = torch.float32 if plan.work_float32 else cd
+                term = self._sparse_batched(layer, x.to(cd), list(rest.items()), plan, wd)
+            else:
+                term = self._batched(layer, x.to(torch.float32 if plan.work_float32 else cd), list(rest.items()))
+            out = out + term.to(out.dtype)
         for name, D in kept.items():
             rows = self._kept_rows(layer, self._rows_of(x, name), D).to(out.dtype)
             out.index_copy_(0, self.rows(name, x.device), rows)
@@ -299,34 +243,6 @@ class Mixed:
         """The rows of adapter ``name``: a view when they are one run of rows, else gathered."""
         run = self._runs[name]
         return x[run] if run is not None else x.index_select(0, self.rows(name, x.device))
-
-    def _batched_kind(self, layer, T: int, rest: dict, dev: str) -> str | None:
-        """Whether one batched pass over every row (per-row ``λ``/``γ``) beats one op call per group, and which:
-        ``"sparse"`` (ternary bases, :func:`randlora.sparse.grouped_terms`) when each group's cheapest route on
-        its own ``T_g`` tokens is the sparse one (the pass then does the same multiply-adds, but the frozen
-        matmul and the ``B_flat`` product run once for all rows instead of once per group) and no group fills
-        the device's token block of the sparse route (:func:`randlora.planner.token_block`; a group that does
-        runs the op's blocked route on its own as well); else ``"dense"`` (through the bases' dense views) when it
-        moves fewer values, ``2·T·n·m + M·n·r`` (a ``T × n × m`` temporary written and read, the bases read once)
-        against ``G·(2·n·r·m + M·n·r)`` (each of the ``G`` calls writes and reads its ``n·r × m`` scaled bases and
-        reads the bases); else None. Only with the layer's ``path`` at ``"auto"``."""
-        if layer.path != "auto":
-            return None
-        n, r, m, M = layer.n, layer.r, layer.m, layer.M
-        if self._density is not None:
-            O, I, t = layer.out_features, layer.in_features, T // len(self.names)
-            Tg = [len(self.groups[nm]) * t for nm in rest]
-            costs = [group_cost(T_g, O, I, n * r, density=self._density, quantized=layer.quantized, device=dev,
-                                threads=_threads(dev)) for T_g in Tg]
-            sparse_best = all(c["sparse"] <= min(v for k, v in c.items() if k != "kept") for c in costs)
-            if sparse_best and max(Tg) < (self._block(dev) or T + 1):
-                return "sparse"
-        return "dense" if 2 * T * n * m + M * n * r < len(rest) * (2 * n * r * m + M * n * r) else None
-
-    @staticmethod
-    def _block(dev: str) -> int | None:
-        """The sparse route's token block on ``dev`` now (:func:`randlora.planner.token_block`; None: none)."""
-        return token_block(dev, _threads(dev))
 
     def _tokens(self, name: str, t: int, device: torch.device) -> torch.Tensor:
         """The token positions (rows of the ``(B·t, I)`` input) of adapter ``name``'s rows."""
@@ -353,7 +269,7 @@ class Mixed:
                              + [lam0.new_zeros(lam0.shape, dtype=cd)])
         gam_st = torch.stack([ad.randlora_gamma.to(cd) for _, ad in rest] + [gam0.new_zeros(gam0.shape, dtype=cd)])
         lr, gr = lam_st.index_select(0, gid), gam_st.index_select(0, gid)  # (B, r, n), (B, n, m)
-        A, Bf = layer._views()
+        A, Bf = layer.views()
         A, Bf = A.to(cd), Bf.to(cd)  # (r, m), (M, n·r) with column k·n + i for basis i, rank k
         r, n = lr.shape[1], lr.shape[2]
         xf = x.reshape(rows, -1, x.shape[-1])  # (B, t, I)
@@ -367,14 +283,16 @@ class Mixed:
             y = (torch.matmul(z.transpose(-1, -2), A) * gr[:, None]).sum(-2)  # (B, t, n, m) -> (B, t, O)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _sparse_batched(self, layer, x: torch.Tensor, rest: list) -> torch.Tensor:
+    def _sparse_batched(self, layer, x: torch.Tensor, rest: list, plan: MixedPlan, wd: torch.dtype) -> torch.Tensor:
         """Every adapter of ``rest`` in one pass over ternary bases' non-zeros (:func:`randlora.sparse.grouped_terms`:
-        the ``B_flat`` product once for all rows, the ``S`` product per adapter on its rows' tokens)."""
+        the ``B_flat`` product once for all rows, the ``S`` product per adapter on its rows' tokens), in the plan's
+        token windows and sides, summed in ``wd``."""
         xf = x.reshape(-1, x.shape[-1])
         t = xf.shape[0] // len(self.names)
         groups = [(ad.randlora_lambda, ad.randlora_gamma, ad.scaling, self._tokens(nm, t, x.device)) for nm, ad in rest]
         idx = layer.bank.sparse_index(layer.out_features, layer.in_features)
-        return grouped_terms(xf, idx, layer.out_features, groups, self._block(x.device.type)).reshape(*x.shape[:-1], -1)
+        return grouped_terms(xf, idx, layer.out_features, groups, plan.block, plan.scaled_below,
+                             wd).reshape(*x.shape[:-1], -1)
 
     def _inverse(self, applied: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The gather index that maps the groups ``applied`` (concatenated, then the other rows in batch order) to
@@ -408,20 +326,28 @@ def _run(rows: list[int]) -> slice | None:
     return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
 
 
-def _after_block(layer, path: str, x: torch.Tensor) -> torch.Tensor:
-    """An adapted layer's ``forward`` from the end of a ``mixed`` block to its next call. A call from inside a
-    backward pass is activation checkpointing re-running, outside the block, a forward that ran inside it
-    (reentrant checkpointing runs that forward without gradients, so any call of the block may be one): every
-    row would take the active adapter and the gradients would be wrong, so it is refused. Any other call is a
-    new forward: the layer gets its own ``forward`` back."""
-    if getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
-        raise StateError(
-            f"the adapted layer {path!r} is being re-run during backward after a randlora.mixed(...) block ended: "
-            "activation checkpointing recomputes the forward in backward, and a forward that ran inside the block "
-            "must be recomputed inside it (outside, every row would take the active adapter: wrong gradients). "
-            "Call loss.backward() inside the `with randlora.mixed(...)` block")
-    layer.__dict__.pop("forward", None)
-    return layer.forward(x)
+class Ended:
+    """A model's ``bank.mixed_block`` from the end of a ``mixed`` block until each of its adapted layers' next call.
+    A call from inside a backward pass is activation checkpointing re-running, outside the block, a forward that
+    ran inside it (reentrant checkpointing runs that forward without gradients, so any call of the block may be
+    one): every row would take the active adapter and the gradients would be wrong, so it is refused. Any other
+    call is a new forward: the layer runs as usual and is no longer watched; the last one clears the marker."""
+
+    def __init__(self, bank, paths: dict[int, str]) -> None:
+        self.bank, self.pending = bank, paths
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        path = self.pending.get(id(layer))
+        if path is not None and getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
+            raise StateError(
+                f"the adapted layer {path!r} is being re-run during backward after a randlora.mixed(...) block "
+                "ended: activation checkpointing recomputes the forward in backward, and a forward that ran inside "
+                "the block must be recomputed inside it (outside, every row would take the active adapter: wrong "
+                "gradients). Call loss.backward() inside the `with randlora.mixed(...)` block")
+        self.pending.pop(id(layer), None)
+        if not self.pending and self.bank.mixed_block is self:
+            self.bank.mixed_block = None
+        return layer.own_forward(x)
 
 
 @contextlib.contextmanager
@@ -443,7 +369,7 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
         keep_bytes: memory budget for keeping each used adapter's ``W + s·ΔW`` (``O × I`` per layer and adapter,
             in the compute dtype; ``s·ΔW`` on quantized base layers) between the block's no-grad calls, where its
             matmul beats the call's route (a call that goes group by group; a decode-sized call only when keeping
-            every group beats the batched pass: :meth:`Mixed._keep_all_pays`; docs/serving.md); 0 (default)
+            every group beats the batched pass: :func:`randlora.planner.plan_mixed`; docs/serving.md); 0 (default)
             keeps nothing.
 
     Yields:
@@ -477,21 +403,17 @@ def mixed(model: nn.Module, names: Sequence[str | None], *, keep_bytes: int = 0)
     if merged:
         raise StateError(f"the model is merged (layers such as {merged[0]!r} hold an adapter in their weights), so "
                          "per-row adapters would add to it; call randlora.unmerge(model) first")
-    bank = layers[0][1].bank if layers else None
-    if bank is not None and bank in _ACTIVE:
+    bank = layers[0][1].bank if layers else require_bank(model)  # (only adapted parameters: they refuse rows)
+    if bank is not None and inside_mixed(bank):
         raise StateError("the model is already inside randlora.mixed(...); leave that block first (one block per "
                          "model at a time)")
-    density = layers[0][1]._density() if layers else None
-    state = Mixed(names, {id(l): p for p, l in layers}, keep_bytes, density)
+    paths = {id(l): p for p, l in layers}
+    state = Mixed(names, paths, keep_bytes, core.density(bank) if bank is not None else None)
     try:
         if bank is not None:
-            _ACTIVE.add(bank)
-        for _, l in layers:
-            l.forward = functools.partial(state.forward, l)
+            bank.mixed_block = state
         yield state
     finally:
-        for p, l in layers:  # until its next call, a layer refuses to be re-run by backward (checkpointing)
-            l.forward = functools.partial(_after_block, l, p)
-        if bank is not None:
-            _ACTIVE.discard(bank)
+        if bank is not None:  # until its next call, a layer refuses to be re-run by backward (checkpointing)
+            bank.mixed_block = Ended(bank, dict(paths)) if paths else None
         state._kept.clear()

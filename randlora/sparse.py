@@ -38,32 +38,18 @@ import torch.nn.functional as F
 
 from . import planner
 from .errors import ConfigError
-from .ops import (grad_epilogue, grad_prologue, on_rows, out_features, presign, reduce_grads, release_workspace,
-                  scratch, untracked)
-from .planner import Route, padded_width, sparse_costs, sparse_pays
+from .ops import (grad_epilogue, grad_prologue, needs, on_rows, out_features, presign, reduce_grads, scratch,
+                  threads, untracked)
+from .planner import Route
 
 __all__ = [
     "SparseIndex",
     "SparseCache",
-    "build_index",
     "sparse_randlora_linear",
     "grouped_terms",
     "sparse_delta",
     "SparseRandLoraFunction",
-    "sparse_costs",
-    "sparse_pays",
-    "padded_width",
-    "release_workspace",
-    "SPMM_WEIGHT",
-    "SAMPLED_WEIGHT",
 ]
-
-# The sparse kernels' time per multiply-add against a dense GEMM's (``SPMM_WEIGHT``: an ``embedding_bag`` product;
-# ``SAMPLED_WEIGHT``: the gather + ``bmm`` sampled ``∂S``), measured on a 2-core CPU with
-# ``python benchmarks/sparse_op.py --kernels`` (docs/sparse.md). They live, with the CPU's token blocks
-# (``TOKEN_BLOCK``), in the per-device table ``randlora.planner.DEVICE_COSTS``; these names are its CPU row.
-SPMM_WEIGHT = planner.DEVICE_COSTS["cpu"].spmm_weight
-SAMPLED_WEIGHT = planner.DEVICE_COSTS["cpu"].sampled_weight
 
 
 class SparseCache(dict):
@@ -189,29 +175,12 @@ def _csr_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return _offsets(rows, t.shape[0]), cols.contiguous(), t[rows, cols].contiguous()
 
 
-def build_index(A: torch.Tensor, B: torch.Tensor, r: int) -> SparseIndex:
-    """Index structures of a layer's bank views ``A (r, m)`` and ``B_flat (M, n·r)`` (see :class:`SparseIndex`).
-
-    Args:
-        A: the layer's ``A`` view.
-        B: the layer's flattened ``B`` view.
-        r: the bank's rank.
-
-    Returns:
-        A :class:`SparseIndex`.
-
-    Raises:
-        ConfigError: the shapes do not fit together.
-    """
-    return SparseIndex(A, B, r)
-
-
 # ------------------------------------------------------------------------------------------------
 # kernels (token-major: activations as (width, T))
 # ------------------------------------------------------------------------------------------------
 def _work_dtype(idx: SparseIndex, cd: torch.dtype) -> torch.dtype:
-    # reduced-precision sums on the CPU: accumulate the sparse products in float32, as a GEMM would
-    return torch.float32 if (idx.device.type == "cpu" and cd not in (torch.float32, torch.float64)) else cd
+    """The dtype the sparse products sum in (:func:`randlora.planner.work_in_float32`)."""
+    return torch.float32 if planner.work_in_float32(idx.device.type, cd.itemsize) else cd
 
 
 # CPU: activations are laid out token-major in blocks of tokens, ``(n_blocks, width, block)``, and the sparse
@@ -395,22 +364,15 @@ class _SparseOp(torch.autograd.Function):
         return gx, gW, gb, dlam, dgam, None, None, None
 
 
-def _scaled_side(idx: SparseIndex, T_g: int) -> bool:
-    """Whether one group's ``S`` product of :func:`grouped_terms` goes through ``A`` with ``γ`` and ``λ`` scaling
-    the activations (an ``n × m × T_g`` temporary, growing with ``T_g``) rather than through the adapter's own
-    ``S`` (built from three gathers of its ``n·nnz(A)`` values: about constant in ``T_g``, as its rows are
-    short): when ``2·m·T_g < 3·nnz(A)``, i.e. single-token groups at ``very_sparse`` density (measured with
-    ``python benchmarks/serving.py --group-terms``, docs/serving.md)."""
-    return 2 * idx.m * T_g < 3 * idx.nnz_A
-
-
 def _group_term(idx: SparseIndex, z: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, s: float,
-                widening: bool, ops: tuple) -> torch.Tensor:
+                widening: bool, ops: tuple, scaled: bool) -> torch.Tensor:
     """One adapter's ``S`` (``widening``: ``z`` is its tokens of ``xᵀ``, returns ``(n·r, T_g)``) or ``Sᵀ`` product
-    (``z`` its tokens of ``(x B_flat)ᵀ``, returns ``(m, T_g)``), in ``z``'s dtype."""
+    (``z`` its tokens of ``(x B_flat)ᵀ``, returns ``(m, T_g)``), in ``z``'s dtype; ``scaled``: through ``A`` with
+    ``γ`` and ``λ`` scaling the activations (an ``n × m × T_g`` temporary) instead of the adapter's own ``S``
+    (three gathers of its ``n·nnz(A)`` values)."""
     r, n, m, T_g, wd = idx.r, idx.n, idx.m, z.shape[1], z.dtype
     s_a, a_val, at_val = ops
-    if not _scaled_side(idx, T_g):
+    if not scaled:
         w = _s_weights(lam, gam, idx, s_a, wd) * s
         return _spmm(*(_S(idx, w) if widening else _ST(idx, w)), z)
     lam_s, gam_t = (lam.to(wd) * s)[:, :, None], gam.to(wd).t()[:, :, None]  # (r, n, 1), (m, n, 1)
@@ -421,15 +383,17 @@ def _group_term(idx: SparseIndex, z: torch.Tensor, lam: torch.Tensor, gam: torch
     return (_spmm(idx.at_offs, idx.at_idx, at_val, v).view(m, n, T_g) * gam_t).sum(1)
 
 
-def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block: int | None = None) -> torch.Tensor:
+def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block: int | None = None,
+                  scaled_below: float = 0.0, work_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Σ_g s_g · x_g ΔW_gᵀ`` for several adapters at once, each on its own tokens, through the bases' non-zeros
     (no autograd: the serving pass of :func:`randlora.mixed`).
 
     The tokens of every group are taken group after group, in windows of ``block`` tokens (the op's token block,
     so that a window's products stay in cache; None: one window); per window the ``B_flat`` product, the same for
     every adapter, runs once, and only the product with ``S`` (``λ``, ``A``, ``γ``) runs per group on its part of
-    the window (:func:`_group_term`; for few tokens ``γ`` and ``λ`` scale the activations around a product with
-    ``A`` instead of building the adapter's ``S``). Tokens of no group get 0.
+    the window (:func:`_group_term`; for a part of fewer than ``scaled_below`` tokens ``γ`` and ``λ`` scale the
+    activations around a product with ``A`` instead of building the adapter's ``S``). Tokens of no group get 0.
+    The window, the side and the work dtype are the caller's plan (:class:`randlora.planner.MixedPlan`).
 
     Args:
         x: ``(T, I)`` in the compute dtype.
@@ -438,12 +402,15 @@ def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block
         groups: ``(λ, γ, s, tokens)`` per adapter, ``tokens`` a long tensor of distinct token positions (rows of
             ``x``), disjoint between groups.
         block: tokens per window (None: all at once).
+        scaled_below: a group's part of a window with fewer tokens takes the scaled side.
+        work_dtype: the dtype the products sum in (default ``x``'s).
 
     Returns:
         ``(T, O)`` in ``x``'s dtype.
     """
     T, I = x.shape
-    cd, wd = x.dtype, _work_dtype(idx, x.dtype)
+    cd = x.dtype
+    wd = cd if work_dtype is None else work_dtype
     _, s_a, b_val, bt_val, a_val, at_val = idx.operands(wd)
     every = torch.cat([g[3] for g in groups])
     ends = list(itertools.accumulate(g[3].numel() for g in groups))
@@ -455,7 +422,7 @@ def grouped_terms(x: torch.Tensor, idx: SparseIndex, O: int, groups: list, block
         xa = x.index_select(0, every[w0:w1]).t().to(wd).contiguous()  # token-major (I, window)
         z = xa if O >= I else _spmm(idx.bt_offs, idx.bt_idx, bt_val, xa)  # (I, ·), or x B_flat: (n·r, ·)
         ya = torch.cat([_group_term(idx, z[:, max(a, w0) - w0:min(b, w1) - w0].contiguous(), lam, gam, s, O >= I,
-                                    (s_a, a_val, at_val))
+                                    (s_a, a_val, at_val), min(b, w1) - max(a, w0) < scaled_below)
                         for (lam, gam, s, _), (a, b) in zip(groups, spans) if a < w1 and b > w0], dim=1)
         if O >= I:
             ya = _spmm(idx.b_offs, idx.b_idx, b_val, ya)
@@ -520,12 +487,9 @@ def _check(idx: SparseIndex, lam: torch.Tensor, gam: torch.Tensor, O: int, I: in
 
 def _route_of(x: torch.Tensor, W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor) -> Route:
     """The route of a direct call of the sparse op (the layer plans its calls itself)."""
-    grad = torch.is_grad_enabled()
-    cpu = x.device.type == "cpu"
-    return planner.sparse_op_route(x.shape[0], x.device.type, torch.get_num_threads() if cpu else 1,
-                                   need_x=grad and x.requires_grad,
-                                   need_S=grad and (lam.requires_grad or gam.requires_grad),
-                                   need_W=grad and W is not None and W.requires_grad)
+    need_x, need_S, need_W = needs(x, W, lam, gam)
+    return planner.sparse_op_route(x.shape[0], x.device.type, threads(x.device.type), need_x=need_x,
+                                   need_S=need_S, need_W=need_W)
 
 
 presign(_SparseOp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from randlora.layer import DEFAULT
+from randlora.registry import DEFAULT
 from randlora.walker import adapted_layers
 
 TARGETS = ["q_proj", "up_proj", "down_proj"]

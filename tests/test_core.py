@@ -187,7 +187,7 @@ def test_bank_is_one_copy_after_dtype_and_device_moves():
         bank = model.randlora_bank
         ptr_a, ptr_b = bank.A.untyped_storage().data_ptr(), bank.B.untyped_storage().data_ptr()
         for _, layer in adapted_layers(model):
-            A, B = layer._views()
+            A, B = layer.views()
             assert A.untyped_storage().data_ptr() == ptr_a and B.untyped_storage().data_ptr() == ptr_b
             assert A.dtype == layer.weight.dtype
         # the layers register no copies of the bases

@@ -68,8 +68,8 @@ def test_bank_lives_once_on_the_device_and_scratch_buffers_stay_on_the_cpu():
     model = _model()
     bank = model.randlora_bank
     assert bank.A.is_cuda and bank.B.is_cuda
-    A0, B0 = model[0]._views()
-    A2, B2 = model[2]._views()
+    A0, B0 = model[0].views()
+    A2, B2 = model[2].views()
     assert A0.untyped_storage().data_ptr() == A2.untyped_storage().data_ptr() == bank.A.untyped_storage().data_ptr()
     ops.release_workspace()
     model(torch.randn(32, 64, device="cuda")).sum().backward()

@@ -139,7 +139,7 @@ def _fsdp(rank: int, tmp: Path) -> dict:
     big = [n for n, b in model.named_buffers() if b.numel() >= bank.A.numel()]
     kept_whole = [n for n, l in adapted_layers(model) if l.base_layer.weight is not None]
     roots = {model.randlora_A.untyped_storage().data_ptr(), model.randlora_B.untyped_storage().data_ptr()}
-    views_shared = all({v.untyped_storage().data_ptr() for v in l._views()} == roots for _, l in adapted_layers(model))
+    views_shared = all({v.untyped_storage().data_ptr() for v in l.views()} == roots for _, l in adapted_layers(model))
     x, t = batch()
     half = slice(rank * 4, rank * 4 + 4)
     grads = train(model, x[half], t[half], randlora.trainable_parameters(model))

@@ -208,7 +208,7 @@ def _ref_and_scale(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bank = layer.bank
     lam, gam = (t.detach().double() for t in (layer.adapter().randlora_lambda, layer.adapter().randlora_gamma))
     O, I, s = layer.out_features, layer.in_features, layer.scaling
-    W = layer._w().detach().double()
+    W = layer.weight_matrix().detach().double()
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(O, dtype=torch.float64)
     d = reference_delta(lam, gam, bank.A, bank.B, O, I, s)
     dabs = reference_delta(lam.abs(), gam.abs(), bank.A.abs(), bank.B.abs(), O, I, abs(s))

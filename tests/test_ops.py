@@ -20,7 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import randlora
 from randlora import ops, planner
-from randlora.ops import RandLoraFunction, backward_costs, forward_costs, keep_pays, plan
+from randlora.costs import backward_costs, forward_costs
+from randlora.ops import RandLoraFunction
+from randlora.planner import plan, plan_call
 
 FWD = ("weight", "activation")
 BWD = [("fused", "G"), ("fused", "act"), ("act", "G"), ("act", "act")]
@@ -70,26 +72,25 @@ def ref_forward(x, W, b, lam, gam, A, B, s):
     return y if b is None else y + b.double()
 
 
-@contextlib.contextmanager
 def forced(fwd=None, bwd=None):
-    """Force the op's routes (the planner would otherwise choose them by shape)."""
-    real = planner.op_route
-
-    def fake(*a, **k):
-        r = real(*a, **k)
+    """``RandLoraFunction.apply`` on a route with the given forward and backward (the planner's route for the call,
+    ``planner.op_route``, with those replaced): the op runs whatever route it is handed."""
+    def apply(x, W, b, lam, gam, A, B, s, path="auto", prebuilt=None):
+        T, I = x.shape
+        O = W.shape[0] if W is not None else ops.out_features(I, A.shape[1], B.shape[0])
+        grad = torch.is_grad_enabled()
+        need_x, need_S = grad and x.requires_grad, grad and (lam.requires_grad or gam.requires_grad)
+        r = planner.op_route(T, O, I, lam.numel(), with_weight=W is not None, need_x=need_x, need_S=need_S,
+                             need_W=grad and W is not None and W.requires_grad, kept=prebuilt is not None)
         change = {}
         if fwd is not None and r.forward != "kept":  # a prebuilt W + s·ΔW is always used
             change["forward"] = fwd
         if bwd is not None:
-            change["grad_x"] = bwd[0] if k.get("need_x", True) else None
-            change["grad_S"] = bwd[1] if k.get("need_S", True) else None
-        return dataclasses.replace(r, **change)
+            change["grad_x"] = bwd[0] if need_x else None
+            change["grad_S"] = bwd[1] if need_S else None
+        return RandLoraFunction.apply(x, W, b, lam, gam, A, B, s, dataclasses.replace(r, **change), prebuilt)
 
-    planner.op_route = fake
-    try:
-        yield
-    finally:
-        planner.op_route = real
+    return apply
 
 
 def check_routes(O, I, r, T, *, bias=True, with_W=True, need_x=True, need_W=False, fwd="weight",
@@ -99,14 +100,13 @@ def check_routes(O, I, r, T, *, bias=True, with_W=True, need_x=True, need_W=Fals
     W = d["W"].requires_grad_(need_W) if with_W else None
     b = d["b"]
     lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
-    weff = None
+    prebuilt = None
     if kept:
-        weff = ops.build_weight(W, lam, gam, d["A"], d["B"], d["s"], O < I, torch.float64)
-    with forced(fwd, bwd):
-        y = RandLoraFunction.apply(x, W, b, lam, gam, d["A"], d["B"], d["s"], "auto", weff)
-        gy = torch.randn_like(y)
-        leaves = [x, lam, gam] + ([W] if with_W else [])
-        got = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], gy)
+        prebuilt = ops.build_weight(W, lam, gam, d["A"], d["B"], d["s"], O < I, torch.float64)
+    y = forced(fwd, bwd)(x, W, b, lam, gam, d["A"], d["B"], d["s"], "auto", prebuilt)
+    gy = torch.randn_like(y)
+    leaves = [x, lam, gam] + ([W] if with_W else [])
+    got = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], gy)
     y_ref = ref_forward(x, W, b, lam, gam, d["A"], d["B"], d["s"])
     want = torch.autograd.grad(y_ref, [t for t in leaves if t.requires_grad], gy)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -166,12 +166,10 @@ def test_gradcheck(fwd, bwd, O, I):
     W = d["W"].requires_grad_()
     b = d["b"].requires_grad_()
     lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
-    with forced(fwd, bwd):
-        assert torch.autograd.gradcheck(
-            lambda *t: RandLoraFunction.apply(*t, d["A"], d["B"], d["s"], "auto"), (x, W, b, lam, gam))
-        assert torch.autograd.gradcheck(
-            lambda *t: RandLoraFunction.apply(t[0], None, None, *t[1:], d["A"], d["B"], d["s"], "auto"),
-            (x, lam, gam))
+    apply = forced(fwd, bwd)
+    assert torch.autograd.gradcheck(lambda *t: apply(*t, d["A"], d["B"], d["s"], "auto"), (x, W, b, lam, gam))
+    assert torch.autograd.gradcheck(lambda *t: apply(t[0], None, None, *t[1:], d["A"], d["B"], d["s"], "auto"),
+                                    (x, lam, gam))
 
 
 def test_gradcheck_kept():
@@ -180,8 +178,8 @@ def test_gradcheck_kept():
     lam, gam = d["lam"].requires_grad_(), d["gam"].requires_grad_()
 
     def f(x, lam, gam):  # the kept update is built from the (perturbed) parameters, as the layer does
-        weff = ops.build_weight(d["W"], lam, gam, d["A"], d["B"], d["s"], True, torch.float64)
-        return RandLoraFunction.apply(x, d["W"], d["b"], lam, gam, d["A"], d["B"], d["s"], "auto", weff)
+        prebuilt = ops.build_weight(d["W"], lam, gam, d["A"], d["B"], d["s"], True, torch.float64)
+        return RandLoraFunction.apply(x, d["W"], d["b"], lam, gam, d["A"], d["B"], d["s"], "auto", prebuilt)
 
     assert torch.autograd.gradcheck(f, (x, lam, gam))
 
@@ -217,10 +215,13 @@ def test_cost_model_choices():
     assert plan(8192, d, d, nr, path="activation")["forward"] == "activation"
     assert plan(64, d, d, nr, path="weight")["backward"][1] == "G"
     # keeping W + s·ΔW: pays at large T, refused when it would outweigh the saved input
-    assert keep_pays(8192, d, d, nr) and not keep_pays(64, d, d, nr)
-    assert not keep_pays(8192, d, d, nr, policy="never") and keep_pays(64, d, d, nr, policy="always")
-    assert not keep_pays(8192, d, d, nr, path="activation")
-    assert not keep_pays(8192, d, d, nr, need_x=False)  # nothing to save on ∂x
+    def kept(T, **kw):
+        return plan_call(T=T, O=d, I=d, nr=nr, r=32, **kw).build is not None
+
+    assert kept(8192) and not kept(64)
+    assert not kept(8192, keep="never") and kept(64, keep="always")
+    assert not kept(8192, path="activation")
+    assert not kept(8192, need_x=False)  # nothing to save on ∂x
 
 
 @pytest.mark.parametrize("O,I,r,T", [(48, 32, 4, 20), (32, 48, 4, 20)])
@@ -235,8 +236,8 @@ def test_cost_model_counts_the_multiply_adds(O, I, r, T, route):
         return 2 * a[0] * a[1] * b[1]
 
     inplace = {torch.ops.aten.addmm_: addmm_}
-    with forced(fwd, bwd), FlopCounterMode(display=False, custom_mapping=inplace) as fc:
-        y = RandLoraFunction.apply(x, W, None, lam, gam, d["A"], d["B"], d["s"], "auto")
+    with FlopCounterMode(display=False, custom_mapping=inplace) as fc:
+        y = forced(fwd, bwd)(x, W, None, lam, gam, d["A"], d["B"], d["s"], "auto")
         y.backward(torch.ones_like(y))
     n = lam.shape[1]
     nr, m = n * r, min(O, I)
@@ -299,7 +300,7 @@ def test_kept_weight_is_the_only_extra_saved_tensor():
            {x.untyped_storage().data_ptr(), layer.weight.untyped_storage().data_ptr(),
             layer_model.randlora_bank.B.untyped_storage().data_ptr()}]
     assert len(big) == 1 and tuple(big[0].shape) == (40, 24)
-    A, B = layer._views()
+    A, B = layer.views()
     want = layer.weight.double() + ref_delta(layer.randlora_lambda, layer.randlora_gamma, A, B, layer.scaling, 40, 24)
     torch.testing.assert_close(big[0].double(), want, rtol=1e-5, atol=1e-5)
 
@@ -326,7 +327,7 @@ def _ref_model_out(model, x):
     h = x.double()
     for mod in model:
         if isinstance(mod, randlora.RandLoraLinear):
-            A, B = mod._views()
+            A, B = mod.views()
             W = mod.weight.double() + ref_delta(mod.randlora_lambda, mod.randlora_gamma, A, B, mod.scaling,
                                                 mod.out_features, mod.in_features)
             h = h @ W.t() + mod.bias.double()
@@ -361,7 +362,7 @@ def test_cached_micro_batches_share_one_build_until_the_values_change():
     xs = [torch.randn(8, 24) for _ in range(3)]
     with randlora.cached(model) as names:
         assert names == ["0", "2"]
-        cache = layer._delta_cache
+        cache = layer.cache
         for x in xs:  # three micro-batches: one build
             model(x).sum().backward()
         assert cache.builds == 1
@@ -369,7 +370,7 @@ def test_cached_micro_batches_share_one_build_until_the_values_change():
         opt.step()  # fused AdamW: no version counter moves, the values do
         model(xs[0]).sum().backward()
         assert cache.builds == 2
-    assert layer._delta_cache is None  # freed on exit
+    assert layer.cache is None  # freed on exit
     ref = _model()
     for x in xs:
         _ref_model_out(ref, x).sum().backward()
@@ -385,10 +386,10 @@ def test_cache_follows_values_not_versions():
     x = torch.randn(16, 24)
     with torch.no_grad():
         y0 = model(x)
-        assert layer._delta_cache is None
+        assert layer.cache is None
         torch.testing.assert_close(y0.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
         with randlora.cached(model):
-            cache = layer._delta_cache
+            cache = layer.cache
             y1, y2 = model(x), model(x)
             assert cache.builds == 1 and torch.equal(y1, y2)
             torch.testing.assert_close(y1.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
@@ -407,7 +408,7 @@ def test_cache_follows_values_not_versions():
             torch.testing.assert_close(model(x).double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
             cache.clear()  # a miss computes exactly what a hit returns
             assert torch.equal(model(x), y6 := model(x)) and cache.builds == 4
-        assert layer._delta_cache is None
+        assert layer.cache is None
         torch.testing.assert_close(model(x).double(), y6.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -424,7 +425,7 @@ def test_frozen_base_keeps_w_plus_delta_and_rebuilds_when_anything_it_read_chang
         with randlora.cached(model):
             want = model(x)
         with randlora.cached(model, frozen_base=True) as names:
-            cache = layer._delta_cache
+            cache = layer.cache
             assert names == ["0", "2"] and cache.frozen_base
             assert torch.equal(model(x), want) and torch.equal(model(x), want) and cache.builds == 1
             assert cache.entry.kept.shape == (40, 24) and cache.entry.kept.dtype == torch.float32
@@ -442,7 +443,7 @@ def test_frozen_base_keeps_w_plus_delta_and_rebuilds_when_anything_it_read_chang
             torch.testing.assert_close(model(x).double(), _ref_model_out_plain(model, x), rtol=1e-5, atol=1e-5)
             assert cache.builds == 5
             randlora.use(model, "default")
-        assert layer._delta_cache is None
+        assert layer.cache is None
     fresh = _model()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     params = list(fresh.parameters())
@@ -474,7 +475,7 @@ def _ref_model_out_plain(model, x):
 def test_cached_budget_and_bad_budget():
     model = _model()  # two layers of 40 x 24 float32: 3840 bytes each
     with randlora.cached(model, max_bytes=4000) as names:
-        assert names == ["0"] and model[2]._delta_cache is None
+        assert names == ["0"] and model[2].cache is None
     with randlora.cached(model, max_bytes=0) as names:
         assert names == []
     for bad in (-1, 1.5, True, "1GB"):
@@ -532,4 +533,4 @@ def test_route_is_a_function_of_the_call_alone(cached):
     assert all(m == metas[0] for m in metas)
     nr = layer.n * layer.r
     kept = sum(shape == (40, 24) for shape, _ in metas[0]) == 3  # W, the B view, and W + s·ΔW if kept
-    assert kept == keep_pays(T, 40, 24, nr, reuse=cached)
+    assert kept == (plan_call(T=T, O=40, I=24, nr=nr, r=layer.r, cached=cached).build is not None)

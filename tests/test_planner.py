@@ -1,6 +1,6 @@
-"""The route planner: its choices on cpu and cuda device types, one plan per call, and the same routes on
-the CPU as the per-function decisions it replaced (``layer._sparse_route``, ``layer._prebuilt``,
-``ops.keep_pays``, ``ops.plan`` in forward and backward, ``sparse.sparse_pays``, ``sparse._block``)."""
+"""The route planner: its choices on cpu and cuda device types checked against counted work (torch's flop
+counter on the op, independent of the planner's cost formulas), one plan per call, and plans that explain
+themselves."""
 
 from __future__ import annotations
 
@@ -12,76 +12,69 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import randlora
-from randlora import ops, planner, sparse
+from randlora import costs, ops, planner, sparse
+from randlora.costs import DEVICE_COSTS
 from randlora.walker import adapted_layers
-from randlora.planner import DEVICE_COSTS, Route, build_cost, keep_pays, plan, plan_call, sparse_pays
-
-
-# ------------------------------------------------------------------------------------------------
-# the routes as decided before the planner (restated from the six functions it replaced)
-# ------------------------------------------------------------------------------------------------
-def old_route(T, O, I, nr, r, *, grad=True, need_x=True, need_S=True, need_W=False, fused=True, path="auto",
-              keep="auto", cached=False, density=None, threads=1):
-    """``(kind, forward, kept, (∂x, ∂S), block)`` as ``layer._op`` and the ops chose them before."""
-    if density is not None and path not in ("weight", "activation") and not cached:  # layer._sparse_route
-        if path == "sparse" or sparse_pays(T, O, I, nr, density, density, fused=fused, need_x=grad and need_x,
-                                           need_S=grad and need_S, need_W=grad and need_W and fused, r=r,
-                                           threads=threads):
-            c = 64 if threads == 1 else 512  # sparse._block on the CPU
-            bwd = ("sparse" if grad and need_x else None, "sampled" if grad and need_S else None)
-            return "sparse", "sparse", False, bwd, (c if T > c else None)
-    kept = False
-    if fused and grad:  # layer._prebuilt; the build through ternary bases' non-zeros where it is the cheaper one
-        kept = keep_pays(T, O, I, nr, path, keep, need_x, reuse=cached, density=density)
-    elif fused and path != "activation":  # no-grad: the cached s·ΔW, or a build cheaper than the op's own route
-        kept = cached or build_cost(O, I, nr, density) < plan(T, O, I, nr, path=path)["forward_cost"]
-    fwd = "kept" if kept else plan(T, O, I, nr, fused=fused, path=path)["forward"]  # the op's forward plan
-    if not grad:
-        return "dense", fwd, kept, (None, None), None
-    bwd = plan(T, O, I, nr, fused=fused, path=path, need_x=need_x, need_S=need_S, need_W=need_W and fused,
-               kept=kept)["backward"]  # the op's backward plan
-    return "dense", fwd, kept, bwd, None
-
-
-def new_route(T, O, I, nr, r, **k):
-    rt = plan_call(T=T, O=O, I=I, nr=nr, r=r, **k)
-    return rt.kind, rt.forward, rt.build is not None, (rt.grad_x, rt.grad_S), rt.block
-
+from randlora.planner import Route, plan_call
 
 LLAMA = [(1024, 1024), (2816, 1024), (1024, 2816)]  # benchmarks/step.py, op.py, sparse_op.py
 SMALL = [(40, 24), (24, 40), (20, 12), (12, 20), (16, 10), (10, 16), (64, 32), (4, 64)]  # the tests' layers
+FWD = ("weight", "activation")
+BWD = [("fused", "G"), ("fused", "act"), ("act", "G"), ("act", "act")]
 
 
 def _nr(O, I, r):
     return math.ceil(min(O, I) / r) * r
 
 
-@pytest.mark.parametrize("O,I", LLAMA)
-@pytest.mark.parametrize("T", [256, 1024, 4096, 8192])
-def test_routes_on_the_cpu_are_todays_benchmark_shapes(O, I, T):
+# ------------------------------------------------------------------------------------------------
+# the chosen dense route does the fewest counted multiply-adds
+# ------------------------------------------------------------------------------------------------
+def counted_flops(T, O, I, r, fwd, bwd, kept=False):
+    """Multiply-adds torch's flop counter sees for one forward and backward of the op on ``route`` (meta tensors:
+    only shapes; the in-place ``addmm_`` the op accumulates with counted as ``addmm``)."""
+    n, m, M = math.ceil(min(O, I) / r), min(O, I), max(O, I)
+    mk = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    x, W = mk(T, I).requires_grad_(), mk(O, I)
+    lam, gam = mk(r, n).requires_grad_(), mk(n, m).requires_grad_()
+    route = Route("dense", "kept" if kept else fwd, "fresh" if kept else None, bwd[0], bwd[1])
+    inplace = {torch.ops.aten.addmm_: lambda s, a, b, out_shape=None, **kw: 2 * a[0] * a[1] * b[1]}
+    with FlopCounterMode(display=False, custom_mapping=inplace) as fc:
+        y = ops.RandLoraFunction.apply(x, W, None, lam, gam, mk(r, m), mk(M, n * r), 0.5, route,
+                                       mk(O, I) if kept else None)
+        y.backward(torch.ones_like(y))
+    return fc.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("O,I", LLAMA + SMALL[:4])
+def test_the_chosen_dense_route_does_the_fewest_counted_multiply_adds(O, I):
+    r = 32 if O >= 1024 else 4
+    for T in (8, 64, 1024, 4096):
+        for keep in ("never", "always"):
+            route = plan_call(T=T, O=O, I=I, nr=_nr(O, I, r), r=r, keep=keep)
+            kept = route.build is not None
+            assert kept == (keep == "always")
+            cands = [(f, b) for f in FWD for b in BWD] if not kept else [("kept", ("kept", s)) for s in ("G", "act")]
+            flops = {c: counted_flops(T, O, I, r, c[0], c[1], kept) for c in cands}
+            chosen = (route.forward if not kept else "kept", (route.grad_x, route.grad_S))
+            assert flops[chosen] == min(flops.values()), (T, keep, flops, chosen)
+
+
+def test_keeping_w_plus_delta_follows_the_memory_bound_and_counted_work():
+    """``keep="auto"`` keeps ``W + s·ΔW`` only when the kept ``O × I`` is no larger than the saved ``T × I`` input
+    (``O <= T``), and then only when the kept route plus one build counts fewer multiply-adds."""
     r = 32
-    nr = _nr(O, I, r)
-    for grad, path, keep, cached, density, threads, fused in itertools.product(
-            (True, False), ("auto", "weight", "activation"), ("auto", "always", "never"), (False, True),
-            (None, 1 / 3, 1 / 32), (1, 2), (True, False)):
-        k = dict(grad=grad, path=path, keep=keep, cached=cached, density=density, threads=threads, fused=fused)
-        assert new_route(T, O, I, nr, r, **k) == old_route(T, O, I, nr, r, **k), k
-
-
-@pytest.mark.parametrize("O,I", SMALL)
-@pytest.mark.parametrize("r", [3, 4, 8])
-def test_routes_on_the_cpu_are_todays_test_shapes(O, I, r):
-    nr = _nr(O, I, r)
-    for T, grad, need_x, need_S, need_W, path, keep, cached, density in itertools.product(
-            (1, 7, 11, 32, 100), (True, False), (True, False), (True, False), (False, True),
-            ("auto", "weight", "activation", "sparse"), ("auto", "never"), (False, True), (None, 0.3)):
-        if path == "sparse" and (density is None or cached):
-            continue  # set_path refuses "sparse" on dense bases; under cached it fell to a broken dense plan
-        k = dict(grad=grad, need_x=need_x, need_S=need_S, need_W=need_W, path=path, keep=keep, cached=cached,
-                 density=density)
-        assert new_route(T, O, I, nr, r, **k) == old_route(T, O, I, nr, r, **k), k
+    for (O, I), T in itertools.product(LLAMA, (64, 512, 1024, 4096)):
+        route = plan_call(T=T, O=O, I=I, nr=_nr(O, I, r), r=r)
+        plain = plan_call(T=T, O=O, I=I, nr=_nr(O, I, r), r=r, keep="never")
+        build = max(O, I) * _nr(O, I, r) * min(O, I)
+        kept_work = min(counted_flops(T, O, I, r, "kept", ("kept", s), True) for s in ("G", "act")) + build
+        plain_work = counted_flops(T, O, I, r, plain.forward, (plain.grad_x, plain.grad_S))
+        assert (route.build is not None) == (O <= T and kept_work < plain_work), (O, I, T)
+        assert f"O <= {DEVICE_COSTS['cpu'].keep_memory_ratio:g}·T" in route.explain()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,17 +120,17 @@ def test_no_cpu_constant_decides_a_cuda_route(monkeypatch):
         return out
 
     cuda, cpu = routes("cuda"), routes("cpu")
-    absurd = planner.DeviceCosts(spmm_weight=1e-9, sampled_weight=1e-9, keep_memory_ratio=1e9, keep_reuse_ratio=1e9,
-                                 token_block=1, token_block_threaded=1, scratch=True, layout_weight=1e-9,
-                                 layout_weight_threaded=1e-9, gemm_tokens=1, group_overhead=1e-9,
-                                 build_weight=1e-9)
+    absurd = costs.DeviceCosts(spmm_weight=1e-9, sampled_weight=1e-9, keep_memory_ratio=1e9, keep_reuse_ratio=1e9,
+                               token_block=1, token_block_threaded=1, scratch=True, layout_weight=1e-9,
+                               layout_weight_threaded=1e-9, gemm_tokens=1, group_overhead=1e-9,
+                               build_weight=1e-9, scaled_side=1e9)
     monkeypatch.setitem(DEVICE_COSTS, "cpu", absurd)
     assert routes("cuda") == cuda
     assert routes("cpu") != cpu  # (the patch does reach the CPU's routes)
 
 
 def test_the_cost_table_says_how_each_constant_was_measured():
-    fields = [f.name for f in dataclasses.fields(planner.DeviceCosts) if f.name != "measured_by"]
+    fields = [f.name for f in dataclasses.fields(costs.DeviceCosts) if f.name != "measured_by"]
     for row in DEVICE_COSTS.values():
         assert set(row.measured_by) == set(fields)
         assert all(v.strip() for v in row.measured_by.values())
@@ -145,8 +138,7 @@ def test_the_cost_table_says_how_each_constant_was_measured():
     assert (cpu.spmm_weight, cpu.sampled_weight, cpu.keep_memory_ratio, cpu.keep_reuse_ratio) == (5.0, 5.0, 1.0, 3.0)
     assert (cpu.token_block, cpu.token_block_threaded, cpu.scratch) == (64, 512, True)
     assert not DEVICE_COSTS["cuda"].scratch and DEVICE_COSTS["cuda"].token_block is None
-    assert planner.device_costs("mps") is DEVICE_COSTS["cuda"]
-    assert sparse.SPMM_WEIGHT == cpu.spmm_weight and sparse.SAMPLED_WEIGHT == cpu.sampled_weight
+    assert costs.device_costs("mps") is DEVICE_COSTS["cuda"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +228,7 @@ def test_direct_op_calls_plan_once(monkeypatch):
     monkeypatch.setattr(planner, "sparse_op_route", sp)
     model = _model("very_sparse")
     layer = model[0]
-    A, B = layer._views()
+    A, B = layer.views()
     x = torch.randn(2, 5, 24, requires_grad=True)
     lam, gam = layer.randlora_lambda, layer.randlora_gamma
     ops.randlora_linear(x, layer.weight, layer.bias, lam, gam, A, B, layer.scaling).sum().backward()
@@ -256,7 +248,6 @@ def test_release_workspace_frees_the_dense_and_the_sparse_scratch():
         model(torch.randn(300, 24))  # dense S and W + s·ΔW
     pool = ops._WS.d
     assert {"S", "W", "in", "out"} <= {role for role, _ in pool}
-    assert sparse.release_workspace is ops.release_workspace
     ops.release_workspace()
     assert ops._WS.d == {}
 

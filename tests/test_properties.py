@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import randlora
-from randlora.ops import PATHS
+from randlora.planner import PATHS
 from randlora.recipes import MODES
 from randlora.walker import adapted_layers
 from reference import reference_delta

@@ -39,7 +39,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional te
 transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
 
 import randlora  # noqa: E402
-from randlora.layer import dequantize, is_quantized  # noqa: E402
+from randlora.quantized import dequantize, is_quantized  # noqa: E402
 from randlora.walker import adapted_layers  # noqa: E402
 
 from models import randomize  # noqa: E402
@@ -134,7 +134,7 @@ def _float64_reference(model: nn.Module) -> nn.Module:
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, randlora.RandLoraLinear):
             base = mod.base_layer
-            W = (dequantize(base).double() if mod.quantized else mod._w().detach().double()) + layer_delta(mod)
+            W = (dequantize(base).double() if mod.quantized else mod.weight_matrix().detach().double()) + layer_delta(mod)
             b = mod.bias
         elif is_quantized(mod):
             W, b = dequantize(mod).double(), mod.bias
@@ -353,8 +353,7 @@ def test_disabled_and_cached(kind: str) -> None:
         assert torch.equal(_logits(model, ids), adapted)
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
-    assert all(l._prebuilt(l, torch.float32, 1000, True) is None
-               for _, l in adapted_layers(model))
+    assert all(l.route(1000).build is None for _, l in adapted_layers(model))  # nothing prebuilt on a packed W
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -88,23 +88,24 @@ def assert_untouched(a, b):
 ROUTES = ["auto", "dense", "sparse", "grouped"]  # the no-grad plans: batched (dense views or non-zeros), grouped
 
 
-def forced(route: str, bases: str):
+def forced(model, route: str, bases: str):
     """Force the no-grad choice between one batched pass (per-row λ/γ) and one op call per group."""
     if route == "auto":
         return contextlib.nullcontext()
-    kind = None if route == "grouped" else "dense" if bases == "dense" else route
-    return mock.patch.object(Mixed, "_batched_kind", lambda self, layer, T, rest, dev: kind)
+    mixed = {"grouped": "grouped", "dense": "batched"}.get(route, "batched" if bases == "dense" else "batched-sparse")
+    return randlora.force_route(model, mixed=mixed)
 
 
 def spied(seen: list):
-    """``Mixed._batched_kind`` recording each call's answer in ``seen``."""
-    real = Mixed._batched_kind
+    """``Mixed.plan`` recording the kind of each layer call's plan in ``seen``."""
+    real = Mixed.plan
 
-    def spy(self, layer, T, rest, dev):
-        seen.append(real(self, layer, T, rest, dev))
-        return seen[-1]
+    def spy(self, layer, x, present):
+        plan = real(self, layer, x, present)
+        seen.append(plan.kind)
+        return plan
 
-    return mock.patch.object(Mixed, "_batched_kind", spy)
+    return mock.patch.object(Mixed, "plan", spy)
 
 
 def test_both_no_grad_routes_are_taken_by_the_cost_rule():
@@ -114,7 +115,7 @@ def test_both_no_grad_routes_are_taken_by_the_cost_rule():
             names = ["default", "b", "c", None][:B] if B == 4 else ["default", "b"]
             with randlora.mixed(model, names):
                 model(torch.randn(B, seq, 12))
-            assert seen and set(seen) == ({"dense"} if B == 4 else {None}), seen
+            assert seen and set(seen) == ({"batched"} if B == 4 else {"grouped"}), seen
             seen.clear()
 
 
@@ -128,14 +129,14 @@ def test_sparse_batched_pass_is_taken_by_its_cost_rule():
         randlora.inject(wide, TARGETS, r=8, bases="very_sparse", name=name)
     seen = []
     with torch.no_grad(), spied(seen):
-        for B, seq, want in ((4, 1, {"sparse"}), (2, 600, {None})):
+        for B, seq, want in ((4, 1, {"batched-sparse"}), (2, 600, {"grouped"})):
             with randlora.mixed(wide, ["default", "b", None, "b"][:B]):
                 wide(torch.randn(B, seq, 1024))
             assert set(seen) == want, (B, seq, seen)
             seen.clear()
         with randlora.mixed(cached_model("very_sparse"), ["default", "b", "c", None]):
             cached_model("very_sparse")(torch.randn(4, 1, 12))
-        assert set(seen) == {"dense"}, seen
+        assert set(seen) == {"batched"}, seen
 
 
 def test_adapters_differ_so_equality_means_something():
@@ -156,7 +157,7 @@ def test_each_row_equals_the_row_run_alone(bases, names, seq, seed, keep, route)
     model = cached_model(bases, torch.float64)
     x = torch.randn(len(names), seq, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     before = untouched(model)
-    with torch.no_grad(), forced(route, bases):
+    with torch.no_grad(), forced(model, route, bases):
         with randlora.mixed(model, names, keep_bytes=keep) as state:
             y = model(x)
             y2 = model(x)  # a second call (the kept W + s·ΔW is reused)
@@ -183,7 +184,7 @@ def test_reduced_precision_rows_are_as_accurate_as_alone(precision, bases, route
     with torch.no_grad():
         ref = alone(cached_model(bases, torch.float64), names, x.double())
         with amp:
-            with forced(route, bases), randlora.mixed(model, names):
+            with forced(model, route, bases), randlora.mixed(model, names):
                 y = model(xin)
             y_alone = alone(model, names, xin)
     assert y.dtype == y_alone.dtype

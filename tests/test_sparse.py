@@ -17,22 +17,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import randlora
-from randlora import ops, planner
+from randlora import costs, ops, planner
 from randlora import sparse as sparse_mod
 from randlora.bank import BasisBank
 from randlora.errors import ConfigError
 from randlora.planner import plan_call
 from randlora.recipes import BankShape
-from randlora.sparse import (
-    SparseCache,
-    SparseIndex,
-    build_index,
-    grouped_terms,
-    padded_width,
-    sparse_costs,
-    sparse_pays,
-    sparse_randlora_linear,
-)
+from randlora.costs import padded_width, sparse_costs
+from randlora.sparse import SparseCache, SparseIndex, grouped_terms, sparse_randlora_linear
 from bench_loader import load_benchmark
 from reference import reference_delta
 
@@ -96,7 +88,7 @@ SHAPES = [(40, 24, 4), (24, 40, 4), (30, 30, 8), (6, 10, 8), (10, 6, 16), (33, 1
 @pytest.mark.parametrize("variant", ["full", "no_bias", "W_none", "x_frozen"])
 def test_forward_and_gradients_match_reference(O, I, r, T, variant):
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=O * 100 + I)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     x, W, b, lam, gam = leaves(O, I, r, T, bias=variant not in ("no_bias", "W_none"), with_W=variant != "W_none",
                                x_grad=variant != "x_frozen")
     if W is not None and variant == "x_frozen":
@@ -121,7 +113,7 @@ def test_forward_and_gradients_match_reference(O, I, r, T, variant):
 @pytest.mark.parametrize("with_W", [True, False])
 def test_gradcheck(O, I, r, with_W):
     A, B, _, _ = ternary_views(O, I, r, 0.4, seed=3)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     x, W, b, lam, gam = leaves(O, I, r, 5, with_W=with_W, bias=with_W)
     if with_W:
         fn = lambda x, W, b, lam, gam: sparse_randlora_linear(x, W, b, lam, gam, idx, S)  # noqa: E731
@@ -164,7 +156,7 @@ def test_equals_dense_routes_fp32(mode, O, I, T, path):
        density=st.sampled_from([0.05, 0.2, 0.5, 1.0]), seed=st.integers(0, 2**16))
 def test_property_any_shape(O, I, r, T, density, seed):
     A, B, A_bank, B_bank = ternary_views(O, I, r, density, seed=seed)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     x, W, b, lam, gam = leaves(O, I, r, T, seed=seed)
     y = sparse_randlora_linear(x, W, b, lam, gam, idx, S)
     xr, Wr, br, lr, gr = (t.detach().clone().requires_grad_() for t in (x, W, b, lam, gam))
@@ -177,8 +169,8 @@ def test_property_any_shape(O, I, r, T, density, seed):
 
 def small_blocks(monkeypatch) -> None:
     """CPU token blocks of 4 tokens (the planner's DEVICE_COSTS row), whatever the thread count."""
-    cpu = dataclasses.replace(planner.DEVICE_COSTS["cpu"], token_block=4, token_block_threaded=4)
-    monkeypatch.setitem(planner.DEVICE_COSTS, "cpu", cpu)
+    cpu = dataclasses.replace(costs.DEVICE_COSTS["cpu"], token_block=4, token_block_threaded=4)
+    monkeypatch.setitem(costs.DEVICE_COSTS, "cpu", cpu)
 
 
 @pytest.mark.parametrize("O,I,r", [(40, 24, 4), (24, 40, 4)])
@@ -189,7 +181,7 @@ def test_token_blocks(monkeypatch, O, I, r, T, with_W):
     per-thread scratch buffers reused across calls of other shapes in between)."""
     small_blocks(monkeypatch)
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=11)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     for rep in range(2):
         x, W, b, lam, gam = leaves(O, I, r, T, seed=rep, with_W=with_W, bias=with_W)
         y = sparse_randlora_linear(x, W, b, lam, gam, idx, S)
@@ -204,7 +196,7 @@ def test_token_blocks(monkeypatch, O, I, r, T, with_W):
         # another shape through the same scratch buffers in between
         A2, B2, _, _ = ternary_views(I + 9, O + 3, r, 0.5, seed=rep)
         x2, W2, b2, l2, g2 = leaves(I + 9, O + 3, r, 2 * T + 1, seed=rep)
-        sparse_randlora_linear(x2, W2, b2, l2, g2, build_index(A2, B2, r), S).sum().backward()
+        sparse_randlora_linear(x2, W2, b2, l2, g2, SparseIndex(A2, B2, r), S).sum().backward()
 
 
 @pytest.mark.parametrize("O,I", [(40, 24), (24, 40)])
@@ -213,7 +205,7 @@ def test_non_contiguous_input_and_gradient(monkeypatch, O, I):
     small_blocks(monkeypatch)
     r, T = 4, 10
     A, B, A_bank, B_bank = ternary_views(O, I, r, 0.3, seed=5)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     _, W, b, lam, gam = leaves(O, I, r, T)
     x = torch.randn(I, T, dtype=torch.float64).t().requires_grad_()
     assert not x.is_contiguous()
@@ -236,7 +228,7 @@ def test_grouped_terms_equal_each_adapter_on_its_tokens(O, I, r, T, G, density, 
     reference ``x_g ΔW_gᵀ`` per group, whichever way each group's S product goes (``side``: forced, or the
     rule's choice) and in windows of any ``block`` of tokens (a window may cut through groups)."""
     A, B, A_bank, B_bank = ternary_views(O, I, r, density, seed=seed)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     x = leaves(O, I, r, T, seed=seed)[0].detach()
     owner = data.draw(st.lists(st.integers(-1, G - 1), min_size=T, max_size=T))  # -1: no adapter
     groups, want = [], torch.zeros(T, O, dtype=torch.float64)
@@ -250,8 +242,8 @@ def test_grouped_terms_equal_each_adapter_on_its_tokens(O, I, r, T, G, density, 
         D = reference_delta(lam, gam, A_bank, B_bank, O, I, s)
         want[tok] = x[tok] @ D.t()
     assume(groups)  # (a mixed block calls it with at least one adapter)
-    with mock.patch.object(sparse_mod, "_scaled_side", (lambda i, t: side) if side is not None else sparse_mod._scaled_side):
-        y = grouped_terms(x, idx, O, groups, block)
+    below = {True: math.inf, False: 0.0, None: 1.5 * idx.nnz_A / idx.m}[side]  # (None: the CPU's plan)
+    y = grouped_terms(x, idx, O, groups, block, below)
     assert y.shape == (T, O) and y.dtype == x.dtype
     torch.testing.assert_close(y, want, rtol=1e-11, atol=1e-11)
 
@@ -261,7 +253,7 @@ def test_all_zero_bases_give_the_frozen_layer():
     O, I, r = 6, 4, 2
     A = torch.zeros(r, 4, dtype=torch.float64)
     B = torch.zeros(6, 2 * r, dtype=torch.float64)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     x, W, b, lam, gam = leaves(O, I, r, 3)
     y = sparse_randlora_linear(x, W, b, lam, gam, idx, S)
     torch.testing.assert_close(y, x @ W.t() + b, rtol=0, atol=0)
@@ -292,7 +284,7 @@ def test_backward_saves_no_token_by_rank_tensor():
     """Backward keeps x, W, λ, γ only: nothing of size T × n·r (and no copy of the bases)."""
     O, I, r, T = 48, 96, 4, 64
     A, B, _, _ = ternary_views(O, I, r, 0.3)
-    idx = build_index(A, B, r)
+    idx = SparseIndex(A, B, r)
     x, W, b, lam, gam = leaves(O, I, r, T, dtype=torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
@@ -302,7 +294,7 @@ def test_backward_saves_no_token_by_rank_tensor():
 
 def test_mismatched_index_is_refused():
     A, B, _, _ = ternary_views(24, 40, 4, 0.3)
-    idx = build_index(A, B, 4)
+    idx = SparseIndex(A, B, 4)
     x, W, b, lam, gam = leaves(30, 40, 4, 3)
     with pytest.raises(ConfigError, match="sparse_index"):
         sparse_randlora_linear(x, W, b, lam, gam, idx, S)
@@ -312,7 +304,7 @@ def test_mismatched_index_is_refused():
     with pytest.raises(ConfigError, match="input width"):
         sparse_randlora_linear(torch.randn(3, 7, dtype=torch.float64), None, None, lam, gam, idx, S)
     with pytest.raises(ConfigError, match="r=5"):
-        build_index(A, B, 5)
+        SparseIndex(A, B, 5)
     dense = BasisBank(seed=0, mode="dense", recipe="portable", shape=BankShape(r=4, M=40, m=24))
     with pytest.raises(ConfigError, match="bases='sparse' or bases='very_sparse'"):
         dense.sparse_index(24, 40)
@@ -425,11 +417,11 @@ def test_costs_scale_with_density_and_route_choice():
         "backward"]
     assert padded_width(1024, 1 / 32) > 32 and padded_width(10, 1.0) == 10
     # very sparse bases pay at width 1024; dense "ternary" (density 1) never does
-    assert sparse_pays(1024, 1024, 1024, 1024, 1 / 32, 1 / 32)
-    assert sparse_pays(1024, 2816, 1024, 1024, 1 / 32, 1 / 32)
+    assert plan_call(T=1024, O=1024, I=1024, nr=1024, r=32, density=1 / 32).kind == "sparse"
+    assert plan_call(T=1024, O=2816, I=1024, nr=1024, r=32, density=1 / 32).kind == "sparse"
     for T_ in (64, 1024, 8192):
         for O_, I_ in ((1024, 1024), (2816, 1024), (1024, 2816)):
-            assert not sparse_pays(T_, O_, I_, 1024, 1.0, 1.0)
+            assert plan_call(T=T_, O=O_, I=I_, nr=1024, r=32, density=1.0).kind == "dense"
 
 
 @pytest.mark.parametrize("need_x,need_S", [(False, False), (True, False), (False, True), (True, True)])
@@ -438,7 +430,7 @@ def test_costs_count_the_token_block_copies(O, I, need_x, need_S):
     """Weighted, each call pays ``layout_weight`` per element copied to or from token blocks: forward the input
     and the output; backward ``gy`` and ``∂x`` for ∂x, and ``gy`` (I <= O) or ``x`` (O < I) for ∂S alone."""
     T, nr, d = 300, 512, 1 / 32
-    cpu = planner.DEVICE_COSTS["cpu"]
+    cpu = costs.DEVICE_COSTS["cpu"]
     one = sparse_costs(T, O, I, nr, d, d, need_x=need_x, need_S=need_S, threads=1)
     two = sparse_costs(T, O, I, nr, d, d, need_x=need_x, need_S=need_S, threads=2)
     per = cpu.layout_weight_threaded - cpu.layout_weight
@@ -456,10 +448,10 @@ def test_copies_move_narrow_layers_off_the_sparse_route():
     def route(T, O, I, grad=False):
         return plan_call(T=T, O=O, I=I, nr=min(O, I), r=32, grad=grad, density=1 / math.sqrt(min(O, I)), threads=2)
     for O, I in ((384, 384), (1536, 384)):
-        assert (route(512, O, I).forward, route(512, O, I).build) == ("kept", "sparse")
+        assert (route(512, O, I).forward, route(512, O, I).build) == ("kept", "nonzeros")
         assert route(256, O, I, grad=True).kind == "sparse"
     assert route(64, 2816, 1024).kind == route(64, 1024, 2816).kind == route(512, 2816, 1024).kind == "sparse"
-    assert route(2048, 2816, 1024).build == "sparse"
+    assert route(2048, 2816, 1024).build == "nonzeros"
 
 
 # ------------------------------------------------------------------------------------------------

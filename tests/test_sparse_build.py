@@ -1,5 +1,5 @@
 """``W + s·ΔW`` built through ternary bases' non-zeros (``randlora.sparse.sparse_delta``): against the float64
-reference and gradcheck; where the planner takes it (``Route.build == "sparse"``, ``planner.sparse_build_pays``);
+reference and gradcheck; where the planner takes it (``Route.build == "nonzeros"``, ``planner.sparse_build_pays``);
 and what uses it: a layer's prebuilt weight (no-grad calls and kept training steps), merges and ``delta_weight``."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import randlora
-from randlora import layer as layer_mod
-from randlora import planner
+from randlora import core as layer_mod
+from randlora import costs, planner
 from randlora.planner import build_cost, plan_call, sparse_build_pays
-from randlora.sparse import build_index, sparse_delta
+from randlora.sparse import SparseIndex, sparse_delta
 from bench_loader import load_benchmark
 from reference import layer_delta, reference_delta, reference_linear
 from test_sparse import S, leaves, ternary_views
@@ -30,7 +30,7 @@ from test_sparse import S, leaves, ternary_views
 def test_sparse_delta_matches_the_float64_reference(O, I, r, density, with_W, seed, dtype):
     A, B, A_bank, B_bank = ternary_views(O, I, r, density, seed=seed)
     _, W, _, lam, gam = leaves(O, I, r, 1, seed=seed + 1)
-    idx = build_index(A.to(dtype), B.to(dtype), r)
+    idx = SparseIndex(A.to(dtype), B.to(dtype), r)
     W_in = W.detach().to(dtype) if with_W else None
     got = sparse_delta(idx, lam.detach().to(dtype), gam.detach().to(dtype), S, O < I, dtype, W_in)
     want = reference_delta(lam.to(dtype).detach(), gam.to(dtype).detach(), A_bank.to(dtype), B_bank.to(dtype), O,
@@ -46,7 +46,7 @@ def test_sparse_delta_matches_the_float64_reference(O, I, r, density, with_W, se
 @pytest.mark.parametrize("O,I", [(12, 7), (7, 12), (9, 9)])
 def test_sparse_delta_gradcheck(O, I):
     A, B, _, _ = ternary_views(O, I, 3, 0.4)
-    idx = build_index(A, B, 3)
+    idx = SparseIndex(A, B, 3)
     _, W, _, lam, gam = leaves(O, I, 3, 1)
     assert torch.autograd.gradcheck(lambda l, g, w: sparse_delta(idx, l, g, S, O < I, torch.float64, w),
                                     (lam, gam, W))
@@ -54,7 +54,7 @@ def test_sparse_delta_gradcheck(O, I):
 
 
 def test_the_planner_builds_through_the_non_zeros_where_that_is_cheaper():
-    cpu = planner.DEVICE_COSTS["cpu"]
+    cpu = costs.DEVICE_COSTS["cpu"]
     assert sparse_build_pays(1 / 32) and sparse_build_pays(1 / math.sqrt(384))  # very_sparse, 1024 and 384 wide
     assert not sparse_build_pays(1 / 3) and not sparse_build_pays(None)  # sparse bases; dense bases
     assert not sparse_build_pays(1 / 32, "cuda")  # the CUDA row's arithmetic: dense builds there
@@ -63,12 +63,12 @@ def test_the_planner_builds_through_the_non_zeros_where_that_is_cheaper():
     assert build_cost(2816, 1024, 1024, 1 / 3) == build_cost(2816, 1024, 1024) == full
     d = dict(O=384, I=384, nr=384, r=32, grad=False, threads=2)
     vs = plan_call(T=512, density=1 / math.sqrt(384), **d)  # no-grad: a prebuilt W + s·ΔW, nothing kept after
-    assert (vs.kind, vs.forward, vs.build, vs.keeps) == ("dense", "kept", "sparse", ())
+    assert (vs.kind, vs.forward, vs.build, vs.keeps) == ("dense", "kept", "nonzeros", ())
     assert plan_call(T=512, **d).build is None  # dense bases: the op's own weight route (the same build)
     assert plan_call(T=512, density=1 / math.sqrt(384), compiling=True, **d).build is None  # nothing prebuilt
     assert plan_call(T=512, density=1 / math.sqrt(384), path="activation", **d).forward == "activation"
     tr = plan_call(T=8192, O=1024, I=1024, nr=1024, r=32, density=1 / 32, path="weight", threads=2)
-    assert (tr.forward, tr.build, tr.grad_x) == ("kept", "sparse", "kept")  # a training step that keeps it
+    assert (tr.forward, tr.build, tr.grad_x) == ("kept", "nonzeros", "kept")  # a training step that keeps it
 
 
 def _model():
@@ -88,12 +88,12 @@ def test_a_no_grad_call_and_a_merge_build_through_the_non_zeros():
     with torch.no_grad(), mock.patch.object(layer_mod, "sparse_delta", spy), \
             mock.patch.object(layer_mod, "build_weight", side_effect=AssertionError("dense build")):
         for i in (0, 2):
-            assert model[i].route(600, need_x=False).build == "sparse"
+            assert model[i].route(600, need_x=False).build == "nonzeros"
         y = model(x)
         deltas = [model[i].delta_weight() for i in (0, 2)]
     assert spy.call_count == 4  # two prebuilt weights, two deltas
     with torch.no_grad(), mock.patch.object(layer_mod, "sparse_delta", spy), \
-            mock.patch.object(layer_mod, "delta_weight", side_effect=AssertionError("dense build")):
+            mock.patch.object(layer_mod, "dense_delta", side_effect=AssertionError("dense build")):
         with randlora.cached(model) as names:  # the cached s·ΔW, built through the non-zeros once per layer
             assert names == ["0", "2"]
             y_cached = [model(x) for _ in range(2)]
@@ -106,7 +106,7 @@ def test_a_no_grad_call_and_a_merge_build_through_the_non_zeros():
         assert _rel_err(D, layer_delta(model[i])) < 1e-6
     W0 = [model[i].weight.detach().double() + layer_delta(model[i]) for i in (0, 2)]
     W_before = [model[i].weight.detach().clone() for i in (0, 2)]
-    with mock.patch.object(layer_mod, "delta_weight", side_effect=AssertionError("dense build")):
+    with mock.patch.object(layer_mod, "dense_delta", side_effect=AssertionError("dense build")):
         randlora.merge(model, unload=False)
         for i, W in zip((0, 2), W0):
             assert _rel_err(model[i].weight, W) < 1e-6
@@ -125,7 +125,7 @@ def test_a_training_step_that_keeps_the_sparse_build_matches_the_reference():
         model[i].set_keep("always")
     x = torch.randn(3, 40, 256, requires_grad=True)
     for i in (0, 2):
-        assert model[i].route(120).build == "sparse"
+        assert model[i].route(120).build == "nonzeros"
     y = model(x)
     gy = torch.randn_like(y)
     (y * gy).sum().backward()

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 import randlora
-from randlora import layer as layer_mod
-from randlora import planner
+from randlora import core as layer_mod
+from randlora import costs, planner
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,8 +153,8 @@ def test_builds_through_the_non_zeros_in_the_loop_match_the_dense_route(opt_kind
     layers take that build, keep it in the training steps that may and prebuild it in the eval calls), against
     the dense route with nothing kept."""
     want = _reference(opt_kind, accum, ckpt, tokens, True, "very_sparse")
-    cpu = planner.DEVICE_COSTS["cpu"]
-    monkeypatch.setitem(planner.DEVICE_COSTS, "cpu", dataclasses.replace(cpu, build_weight=1e-3))
+    cpu = costs.DEVICE_COSTS["cpu"]
+    monkeypatch.setitem(costs.DEVICE_COSTS, "cpu", dataclasses.replace(cpu, build_weight=1e-3))
     spy = mock.Mock(wraps=layer_mod.sparse_delta)
     monkeypatch.setattr(layer_mod, "sparse_delta", spy)
     _agree(_loop(opt_kind, accum, ckpt, tokens, True, "default", "very_sparse"), want)
