@@ -94,6 +94,29 @@ def test_hypothesis_shapes(dim, k, stride, dilation, groups, width, r, mode):
     _check_against_reference(conv, torch.randn((2, I) + (5,) * dim, dtype=torch.float64), r=r)
 
 
+def test_input_dropout_is_its_own_conv_in_training():
+    """With dropout, training computes ``conv(x, W) + b + conv(dropout(x), s·ΔW)`` (the same mask as
+    ``F.dropout`` draws from the same seed); eval ignores dropout."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2).double()
+    model = nn.Sequential(copy.deepcopy(base))
+    randlora.inject(model, ["0"], r=2, dropout=0.5)
+    randomize(model, 1)
+    D = _ref_delta(model[0]).reshape(base.weight.shape)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = model(x)
+    torch.manual_seed(3)
+    xd = nn.functional.dropout(x, 0.5, training=True)
+    ref = base(x) + functional_call(base, {"weight": D, "bias": None}, (xd,))
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    y.sum().backward()
+    assert model[0].randlora_lambda.grad.abs().max() > 0
+    model.eval()
+    torch.testing.assert_close(model(x), functional_call(base, {"weight": base.weight + D}, (x,)), rtol=1e-10,
+                               atol=1e-10)
+
+
 def test_gradcheck_on_a_tiny_grouped_conv():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 4, 2, groups=2, padding=1, padding_mode="reflect").double())
