@@ -8,7 +8,8 @@ only these functions; none of them knows how the layer is laid out or routes its
 * :func:`project_grad` — a weight-shaped gradient ``∂(s·ΔW)`` onto ``(∂λ, ∂γ)``;
 * :func:`plan` — the call's :class:`~randlora.planner.Route` from the planner (reads grad mode, threads and
   ``torch.compile`` from torch, decides nothing itself);
-* :func:`adapter_term` — ``x (W + s·ΔW)ᵀ + b`` (or the adapter's term alone) on the route it is handed.
+* :func:`adapter_term` — ``x (W + s·ΔW)ᵀ + b`` (or the adapter's term alone) on the route it is handed;
+* :func:`call` — both for one call: the layer hands its call to the core once.
 
 ``ad`` is anything with ``randlora_lambda`` ``(r, n)``, ``randlora_gamma`` ``(n, m)`` and ``scaling``
 (:class:`randlora.adapter.Adapter`); ``bank`` the model's :class:`randlora.bank.BasisBank`.
@@ -26,7 +27,7 @@ from .planner import Route
 from .recipes import sparsity
 from .sparse import sparse_delta, sparse_randlora_linear
 
-__all__ = ["delta_weight", "adapted_weight", "project_grad", "plan", "adapter_term", "views", "density",
+__all__ = ["delta_weight", "adapted_weight", "project_grad", "plan", "adapter_term", "call", "views", "density",
            "compute_dtype"]
 
 
@@ -101,6 +102,15 @@ def plan(T: int, O: int, I: int, ad, bank, device: str, *, need_x: bool, need_W:
         need_S=lam.requires_grad or gam.requires_grad, need_W=need_W, with_weight=with_weight, path=path, keep=keep,
         cached=cached, density=d, threads=threads(device) if d is not None else 1,
         compiling=torch.compiler.is_compiling())
+
+
+def call(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, ad, bank, O: int, I: int, *,
+         need_W: bool, path: str = "auto", keep: str = "auto", cached=None) -> torch.Tensor:
+    """One adapted call: :func:`plan` once, :func:`adapter_term` once (``cached``: the layer's kept-weight callable
+    inside :func:`randlora.cached`, else None)."""
+    route = plan(x.numel() // x.shape[-1], O, I, ad, bank, x.device.type, need_x=x.requires_grad, need_W=need_W,
+                 with_weight=W is not None, path=path, keep=keep, cached=cached is not None)
+    return adapter_term(x, W, bias, ad, bank, route, O, I, cached)
 
 
 def adapter_term(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, ad, bank, route: Route,

@@ -179,8 +179,8 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         return self.apply_adapter(x, None if (self.disabled or self.merged) else self.adapter())
 
     def apply_adapter(self, x: torch.Tensor, ad: Adapter | None) -> torch.Tensor:
-        """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the adapter ``ad`` (None: the base layer alone): the planner's
-        route for the call (:meth:`route_for`), run by :func:`randlora.core.adapter_term`."""
+        """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the adapter ``ad`` (None: the base layer alone), the adapter's part
+        by :meth:`term`."""
         if self.quantized:
             return forward_quantized(self, x, ad)
         W = self.weight_matrix()
@@ -198,19 +198,12 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
 
     def term(self, x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, ad: Adapter) -> torch.Tensor:
         """``x (W + s·ΔW)ᵀ + b`` of adapter ``ad`` on ``x`` in the compute dtype (``W`` None: its term alone, plus
-        ``bias``): the call planned once (:meth:`route_for`), run once (:func:`randlora.core.adapter_term`)."""
-        route = self.route_for(x.numel() // x.shape[-1], ad, need_x=x.requires_grad, with_weight=W is not None,
-                               device=x.device.type)
-        return core.adapter_term(x, W, bias, ad, self._bank, route, self.out_features, self.in_features,
-                                 lambda cd: self._cache.weight_of(self, ad, cd))
-
-    def route_for(self, T: int, ad: Adapter, *, need_x: bool, with_weight: bool, device: str) -> Route:
-        """The planner's route for a call of ``T`` tokens of ``ad``: a pure function of the call and of the explicit
-        settings (``path``, ``keep``, whether the layer sits inside :func:`randlora.cached`), never of earlier
-        calls, so a recomputed forward (activation checkpointing) saves exactly what the first one saved."""
-        return core.plan(T, self.out_features, self.in_features, ad, self._bank, device, need_x=need_x,
-                         need_W=self.weight.requires_grad, with_weight=with_weight, path=self.path, keep=self.keep,
-                         cached=self._cache is not None)
+        ``bias``): :func:`randlora.core.call` plans it once from the call and the layer's explicit settings (``path``,
+        ``keep``, whether it sits inside :func:`randlora.cached`), never from earlier calls, so a recomputed forward
+        (activation checkpointing) saves exactly what the first one saved; then runs that route once."""
+        cached = (lambda cd: self._cache.weight_of(self, ad, cd)) if self._cache is not None else None
+        return core.call(x, W, bias, ad, self._bank, self.out_features, self.in_features,
+                         need_W=self.weight.requires_grad, path=self.path, keep=self.keep, cached=cached)
 
     def route(self, tokens: int, *, need_x: bool = True) -> Route | None:
         """The route a call of ``tokens`` tokens takes now (grad mode, settings and cache as they are; ``need_x``:
@@ -220,7 +213,9 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         if ad is None:
             return None
         with_weight = not self.quantized and not (self.training and ad.drops)
-        return self.route_for(tokens, ad, need_x=need_x, with_weight=with_weight, device=self.weight.device.type)
+        return core.plan(tokens, self.out_features, self.in_features, ad, self._bank, self.weight.device.type,
+                         need_x=need_x, need_W=self.weight.requires_grad, with_weight=with_weight, path=self.path,
+                         keep=self.keep, cached=self._cache is not None)
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
