@@ -510,5 +510,5 @@ def refuse_parameters(model: nn.Module, what: str, why: str) -> None:
     if found:
         more = f" and {len(found) - 2} more" if len(found) > 2 else ""
         raise StateError(f"{what} cannot write the adapted parameters {found[:2]}{more} (target_parameters): {why}. "
-                         "Merge the adapter into the model (randlora.merge) and save that, or keep the "
-                         "randlora.save file")
+                         "Merge the adapter into the model (randlora.merge), export it as a LoRA peft loads "
+                         "(randlora.save_lora), or keep the randlora.save file")

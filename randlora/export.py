@@ -80,6 +80,9 @@ class LoraLayer:
     kernel: tuple[int, ...] | None = None
     """A convolution's kernel shape ``(O, I, k₁, …)``: the factors are written as peft's conv LoRA holds them,
     ``lora_A`` ``(k, I, k₁, …)`` and ``lora_B`` ``(O, k, 1, …)`` (the matrices reshaped)."""
+    param: str | None = None
+    """An adapted parameter's path (``target_parameters``): written as peft's ``target_parameters`` LoRA, its
+    experts' factors stacked (``lora_A`` ``(E·k, in)``, ``lora_B`` ``(out, k·E)``; :mod:`randlora.expert_lora`)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -138,12 +141,14 @@ class LoraExport:
         r = max(self.ranks.values())
         paths = sorted(self.layers)
         names = set(self.module_names) | set(paths)
-        targets = target_modules(paths, names)
+        modules = [p for p in paths if self.layers[p].param is None]
+        params = sorted(self.layers[p].param for p in paths if self.layers[p].param is not None)
+        targets = target_modules(modules, names) if modules else []
         rank_pattern = {}
         for p in paths:
             k = self.layers[p].rank
             if k != r:
-                rank_pattern[_pattern_key(names, p)] = k
+                rank_pattern[self.layers[p].param or _pattern_key(names, p)] = k
         ffo = {l.fan_in_fan_out for l in self.layers.values()}
         if len(ffo) > 1:
             conv = [p for p in paths if self.layers[p].fan_in_fan_out]
@@ -171,17 +176,18 @@ class LoraExport:
             "rank_pattern": rank_pattern,
             "revision": None,
             "target_modules": targets,
-            "target_parameters": None,
+            "target_parameters": params or None,
             "task_type": None,
             "use_dora": False,
             "use_rslora": False,
         }
 
     def __repr__(self) -> str:
-        w = max([len("layer")] + [len(p) for p in self.layers])
+        w = max([len("layer")] + [len(l.param or p) for p, l in self.layers.items()])
         lines = [f"{'layer':<{w}}  {'O':>6}  {'I':>6}  {'rank':>5}  {'energy':>8}  {'rel. error':>10}"]
         for p, l in self.layers.items():
-            O, I = l.shape
+            O, I = l.shape  # (an adapted parameter: by its path; O, I one expert's, as peft reads it)
+            p = l.param or p
             lines.append(f"{p:<{w}}  {O:>6}  {I:>6}  {l.rank:>5}  {l.energy:>8.4f}  {l.error:>10.3e}")
         lines.append(f"{len(self.layers)} layers, {self.parameters:,} LoRA parameters, largest relative error "
                      f"{self.max_error:.3e}" + (f", {len(self.biases)} trained biases" if self.biases else ""))
@@ -376,7 +382,9 @@ def _check_dtype(dtype) -> None:
 def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | None = None, *, name: str | None = None,
             method: str = "auto", dtype: torch.dtype | None = None,
             svd_dtype: torch.dtype = torch.float32) -> LoraExport:
-    """LoRA factors of every adapted layer's ``s·ΔW`` by a truncated SVD (the model is not changed).
+    """LoRA factors of every adapted layer's ``s·ΔW`` by a truncated SVD (the model is not changed); an adapted
+    parameter (``target_parameters``) is factored expert by expert into peft's ``target_parameters`` layout
+    (:mod:`randlora.expert_lora`), its rank the largest of its experts'.
 
     The factors do not depend on ``torch.get_num_threads()``: each layer is built and factored on one CPU
     thread (the caller's count is restored after), and each singular pair's sign is fixed.
@@ -405,7 +413,8 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     """
     import time
 
-    from .experts import refuse_parameters
+    from .expert_lora import export_parameters
+    from .experts import adapted_parameters
     from .walker import adapted_layers, is_bias_name, require_bank
 
     rank, energy = _check_choice(rank, energy, method)
@@ -413,17 +422,19 @@ def to_lora(model: nn.Module, rank: int | str | None = None, energy: float | Non
     if svd_dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype!r}")
     bank = require_bank(model)
-    refuse_parameters(model, "randlora.to_lora", "this export writes LoRA factors of linear layers only")
     adapter = bank.registry.resolve(name)
     chosen = [(p, l) for p, l in adapted_layers(model) if l.adapter(adapter) is not None]
     kernels = _lora_kernels(chosen)
-    if not chosen:
+    params = [(p, u) for p, u in adapted_parameters(model) if u.adapter(adapter) is not None]
+    if not chosen and not params:
         raise StateError(f"no adapted layer carries adapter {adapter!r}")
     t0 = time.perf_counter()
     with torch.no_grad():
         items = [(p, (lambda l=l: l.delta_weight(svd_dtype, adapter)), l.fan_in_fan_out,
                   torch.float32 if l.quantized else l.weight.dtype) for p, l in chosen]
         layers = _export(items, rank=rank, energy=energy, method=method, dtype=dtype, kernels=kernels)
+        layers.update(export_parameters(params, adapter, rank=rank, energy=energy, method=method, dtype=dtype,
+                                        svd_dtype=svd_dtype))
     biases = {canonical(n): p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and is_bias_name(n)}
     cfg = bank.registry.adapters[adapter]

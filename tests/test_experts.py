@@ -293,7 +293,6 @@ def test_refusals_leave_the_model_unchanged():
     _refused(model, randlora.TargetError, "nothing to adapt", lambda: randlora.inject(model))
     assert randlora.walker.bank_of(model) is None
     randlora.inject(model, target_parameters=PARAMS, r=4)
-    _refused(model, randlora.StateError, "to_lora", lambda: randlora.to_lora(model))
     _refused(model, randlora.StateError, "save_peft", lambda: randlora.save_peft(model, "/nonexistent/x"))
     randlora.inject(model, target_parameters=PARAMS, r=4, name="b")
     with pytest.raises(randlora.StateError, match="mixed"):
@@ -376,3 +375,19 @@ def test_trainer_checkpoint_resumes_exactly(tmp_path):
     assert "model.layers.0.mlp.experts.gate_up_proj.randlora_gamma" in randlora.checkpoint.read_file(ck / ADAPTER_FILE)[0]
     got = run(tmp_path / "b", resume=str(ck))
     assert set(got) == set(want) and all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in want)
+
+
+@pytest.mark.parametrize("family,targets", [("mixtral", None), ("gpt_oss", ["q_proj"])])
+def test_save_lora_loads_in_peft(tmp_path, family, targets):
+    peft = pytest.importorskip("peft")
+    base = _moe(family)
+    model = copy.deepcopy(base)
+    randlora.inject(model, targets, target_parameters=PARAMS, r=4)
+    _randomize(model)
+    y = model(IDS).logits.detach()
+    export = randlora.save_lora(model, tmp_path / "lora", rank="full")
+    assert export.max_error < 1e-5 and "model.layers.0.mlp.experts.down_proj" in repr(export)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
+    torch.testing.assert_close(loaded(IDS).logits, y, atol=1e-5, rtol=1e-4)
+    low = randlora.to_lora(model, rank=2)
+    assert set(low.ranks.values()) == {2} and 0 < low.max_error < 1
