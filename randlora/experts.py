@@ -67,6 +67,15 @@ def _stacked_bases(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype:
     return S.view(r, E, n, -1).transpose(0, 1).reshape(E, r * n, -1)
 
 
+_CHUNK = 1 << 24  # elements of float32 temporaries per step of a build (64 MiB), at least one expert's
+
+
+def _chunks(E: int, per_expert: int) -> list[slice]:
+    """Slices of the ``E`` experts, as many per slice as fit :data:`_CHUNK` elements (at least one)."""
+    step = max(1, _CHUNK // max(per_expert, 1))
+    return [slice(e, min(e + step, E)) for e in range(0, E, step)]
+
+
 def expert_delta(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, Bf: torch.Tensor, s: float, tr: bool,
                  dtype: torch.dtype, W: torch.Tensor | None = None) -> torch.Tensor:
     """``s·ΔW_e`` (``W_e + s·ΔW_e`` when ``W`` is given) of every expert, ``(E, a, b)`` in ``dtype``.
@@ -222,38 +231,48 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
     def built(self, W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, s: float,
               dtype: torch.dtype | None = None) -> torch.Tensor:
         """``W + s·ΔW`` (``W`` None: ``s·ΔW``) of every expert, accumulated in float32 (float64 for float64
-        weights) and returned in ``dtype`` (default: the weight's), shaped as the parameter. Ternary bases
+        weights) and returned in ``dtype`` (default: the weight's), shaped as the parameter. Built a few experts
+        at a time (:func:`_chunks`), so the float32 temporaries stay small beside a bf16 tensor. Ternary bases
         build through their non-zeros where that is cheaper on this device, as linear layers do."""
         ref = self.weight
         acc = acc_dtype(ref.dtype)
         A, Bf = self.views()
         lam3, gam3, tr = _lead(lam), _lead(gam), self.out_features < self.in_features
         W3 = None if W is None else _lead(W)
-        if planner.sparse_build_pays(core.density(self._bank), A.device.type):
-            idx = self._bank.sparse_index(self.out_features, self.in_features)
-            out = torch.empty(lam3.shape[0], self.out_features, self.in_features, dtype=acc, device=A.device)
-            for e in range(out.shape[0]):
-                out[e] = sparse_delta(idx, lam3[e], gam3[e], s, tr, acc, None if W3 is None else W3[e])
-        else:
-            out = expert_delta(lam3, gam3, A, Bf, s, tr, acc, W3)
-        out = out.to(ref.dtype if dtype is None else dtype)
+        out = torch.empty(lam3.shape[0], self.out_features, self.in_features, dtype=dtype or ref.dtype,
+                          device=A.device)
+        sparse = planner.sparse_build_pays(core.density(self._bank), A.device.type)
+        idx = self._bank.sparse_index(self.out_features, self.in_features) if sparse else None
+        for c in _chunks(out.shape[0], 1 if sparse else out[0].numel()):
+            Wc = None if W3 is None else W3[c]
+            if sparse:
+                out[c] = sparse_delta(idx, lam3[c][0], gam3[c][0], s, tr, acc, None if Wc is None else Wc[0])
+            else:
+                out[c] = expert_delta(lam3[c], gam3[c], A, Bf, s, tr, acc, Wc)
         return out if ref.dim() == 3 else out[0]
 
     def grads(self, G: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, s: float, need_lam: bool,
               need_gam: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``∂λ``, ``∂γ`` from ``G = ∂L/∂(W + s·ΔW)``: ``∂S_e = B_flatᵀ G_e`` (``(G_e B_flat)ᵀ`` when ``a < b``),
-        reduced for all experts by one :func:`randlora.ops.reduce_grads` call (the experts as ``E·n`` bases)."""
-        lam3, gam3 = _lead(lam), _lead(gam)
+        reduced by :func:`randlora.ops.reduce_grads` (a few experts at a time, as ``E·n`` bases of one call)."""
+        lam3, gam3, G3 = _lead(lam), _lead(gam), _lead(G)
         acc = torch.promote_types(lam.dtype, torch.float32)
         A, Bf = self.views()
-        G3, Bc = _lead(G).to(acc), Bf.to(acc)
-        dS = torch.matmul(G3, Bc).transpose(1, 2) if self.out_features < self.in_features else torch.matmul(Bc.t(), G3)
-        E, r, n = lam3.shape
-        D = dS.reshape(E, r, n, -1).transpose(0, 1).reshape(r, E * n, -1)
-        dl, dg = reduce_grads(D, lam3.transpose(0, 1).reshape(r, E * n), gam3.reshape(E * n, -1), A, s,
-                              need_lam, need_gam)
-        dl = None if dl is None else dl.view(r, E, n).transpose(0, 1).reshape(lam.shape)
-        return dl, (None if dg is None else dg.reshape(gam.shape))
+        Bc = Bf.to(acc)
+        dl, dg = torch.empty_like(lam3), torch.empty_like(gam3)
+        r, n = lam3.shape[1:]
+        for c in _chunks(G3.shape[0], G3[0].numel()):
+            Gc = G3[c].to(acc)
+            dS = torch.matmul(Gc, Bc).transpose(1, 2) if self.out_features < self.in_features else torch.matmul(Bc.t(), Gc)
+            E = dS.shape[0]
+            D = dS.reshape(E, r, n, -1).transpose(0, 1).reshape(r, E * n, -1)
+            l, g = reduce_grads(D, lam3[c].transpose(0, 1).reshape(r, E * n), gam3[c].reshape(E * n, -1), A, s,
+                                need_lam, need_gam)
+            if l is not None:
+                dl[c] = l.view(r, E, n).transpose(0, 1)
+            if g is not None:
+                dg[c] = g.view(E, n, -1)
+        return (dl.reshape(lam.shape) if need_lam else None), (dg.reshape(gam.shape) if need_gam else None)
 
     def adapted(self, ad: Adapter) -> torch.Tensor:
         """``W + s·ΔW`` of adapter ``ad`` in the weight's dtype: through :class:`_AdaptedWeight` when a gradient

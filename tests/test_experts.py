@@ -391,3 +391,23 @@ def test_save_lora_loads_in_peft(tmp_path, family, targets):
     torch.testing.assert_close(loaded(IDS).logits, y, atol=1e-5, rtol=1e-4)
     low = randlora.to_lora(model, rank=2)
     assert set(low.ranks.values()) == {2} and 0 < low.max_error < 1
+
+
+def test_chunked_build_and_gradients_equal_the_whole(monkeypatch):
+    import randlora.experts as ex
+
+    model = _Stack(5, 6, 4, torch.float64)
+    randlora.inject(model, target_parameters=["w"], r=2)
+    _randomize(model)
+    unit = model.get_submodule("randlora_params.w")
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    whole = unit.delta_weight()
+    model(x).square().sum().backward()
+    grads = [unit.randlora_lambda.grad.clone(), unit.randlora_gamma.grad.clone()]
+    model.zero_grad()
+    monkeypatch.setattr(ex, "_CHUNK", 30)  # one expert (24 elements) per step
+    assert len(ex._chunks(5, 24)) == 5
+    torch.testing.assert_close(unit.delta_weight(), whole, atol=1e-12, rtol=0)
+    model(x).square().sum().backward()
+    torch.testing.assert_close(unit.randlora_lambda.grad, grads[0])
+    torch.testing.assert_close(unit.randlora_gamma.grad, grads[1])
