@@ -1,12 +1,14 @@
 """Command line: ``python -m randlora merge|inspect|export-lora ...`` (also ``randlora ...``).
 
 ``merge`` folds an adapter (this library's ``.safetensors`` file, a Trainer checkpoint folder or a peft
-adapter folder) into a safetensors weight file with no model code: ``W' = W + s·ΔW`` per adapted weight
+adapter folder) into a safetensors weight file, or a model folder (sharded: ``model-0000N-of-0000M.safetensors``
+with its index; :mod:`randlora.shards`), with no model code: ``W' = W + s·ΔW`` per adapted weight
 (float32 accumulation, cast back to the weight's dtype, exactly as :func:`randlora.merge`), trained biases
 replaced; from a Trainer checkpoint folder, the parameters trained beside the adapter (its
 ``randlora_trainable.safetensors``, e.g. a task head) replace the file's too, and a file without a place for
 them is refused. It streams: the output keeps the input's header and byte layout, untouched tensors are copied
-as raw bytes, and only one adapted tensor at a time is decoded. ``inspect`` prints an adapter's settings,
+as raw bytes, and only one adapted tensor at a time is decoded; a model folder is written as a folder, shard by
+shard under the same names, with its index and its config and tokenizer files copied beside them. ``inspect`` prints an adapter's settings,
 layers, parameter counts and fingerprint. ``export-lora`` writes a plain LoRA folder
 (:func:`randlora.export.export_file`).
 
@@ -32,6 +34,7 @@ from .errors import CheckpointError, RandLoraError
 from .files import layer_paths, read_adapter, read_for_weights, trained_for_weights
 from .ops import acc_dtype
 from .paths import PathMap
+from .shards import check_new_folder, is_model_folder, write_folder
 from .walker import is_bias_name
 
 __all__ = ["main", "merge_file", "read_adapter"]
@@ -41,19 +44,24 @@ _COPY_BLOCK = 16 << 20  # bytes an untouched tensor is copied in at a time, so m
 
 def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
                prefix: object = None, force: bool = False) -> dict:
-    """Write ``out``: the safetensors weight file ``base`` with ``adapter`` folded in, streaming.
+    """Write ``out``: the safetensors weight file (or model folder) ``base`` with ``adapter`` folded in, streaming.
 
     ``W' = W + s·ΔW`` per adapted weight (float32 accumulation, cast back to the weight's dtype, exactly as
     :func:`randlora.merge`); trained biases are replaced, and so are the parameters a Trainer checkpoint folder
     holds beside its adapter (:func:`randlora.files.trained_for_weights`). ``out`` keeps ``base``'s header and
     byte layout; untouched tensors are copied as raw bytes and one adapted tensor at a time is decoded. ``out`` is
-    written atomically (with ``force``, an existing file is replaced only once the new one is complete).
+    written atomically (with ``force``, an existing file is replaced only once the new one is complete). A model
+    folder (sharded or not) gives a folder: each shard streamed under its own name in turn (memory: the adapter
+    and one tensor), the index and the folder's other files (config, tokenizer) copied
+    (:func:`randlora.shards.write_folder`).
 
     Args:
-        base: the base model's ``.safetensors`` weight file.
+        base: the base model's ``.safetensors`` weight file; or a model folder, or a sharded checkpoint's
+            ``model.safetensors.index.json`` (:func:`randlora.shards.open_checkpoint`).
         adapter: this library's ``.safetensors`` adapter, a Trainer checkpoint folder holding one, or a peft
             RandLora adapter folder.
-        out: the merged weight file to write (its folder is created).
+        out: the merged weight file to write (its folder is created); for a model folder ``base``, the folder
+            to write.
         prefix: None to map the adapter's module paths onto ``base``'s keys automatically (exact, else the
             unique leading prefix added or stripped), or an override: ``"FROM=TO"``, ``"TO"`` (added) or
             ``(FROM, TO)`` (see :func:`randlora.files.read_for_weights`).
@@ -65,15 +73,17 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         :class:`randlora.paths.PathMap` used}``.
 
     Raises:
-        CheckpointError: ``out`` exists (without ``force``) or is a folder, an unreadable adapter or weight
-            file, layer paths that do not map onto ``base``'s weights (or map in several ways), trained biases
+        CheckpointError: ``out`` exists (without ``force``; a non-empty folder for a model folder ``base``) or is
+            a folder (a file for a model folder), an unreadable adapter or weight file, index or shard (see
+            :func:`randlora.shards.open_checkpoint`), layer paths that do not map onto ``base``'s weights (or map in several ways), trained biases
             missing from ``base``, weights that are not 2-D floating point or do not fit the adapter's
             shapes, stored bases of the wrong shape or failing their checksum, or a checkpoint folder whose
             parameters trained beside the adapter have no tensor of their shape in ``base``.
         FingerprintMismatch: regenerated bases that are not the ones the adapter was made with.
     """
     base, out = Path(base), Path(out)
-    check_new_file(out, force)
+    folder = is_model_folder(base)
+    (check_new_folder if folder else check_new_file)(out, force)
     fa = read_for_weights(adapter, base, prefix)
     trained = trained_for_weights(adapter, fa)
     bias_keys = fa.bias_keys()
@@ -93,8 +103,13 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         new = (W.to(acc) + fa.delta(p, A, B, acc)).to(t.dtype)
         return (new.t() if p in fa.ffo else new.reshape(t.shape)).contiguous()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: _stream(base, tmp, 8 + fa.header_size, fa.entries, touched, merged))
+    ck = fa.checkpoint
+    if folder:  # shard by shard: each shard's own header, entries and adapted tensors
+        write_folder(ck, out, force, lambda name, tmp: _stream(ck.path(name), tmp, 8 + ck.shards[name][0],
+                                                               ck.shards[name][1], touched, merged))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: _stream(base, tmp, 8 + fa.header_size, fa.entries, touched, merged))
     return {"layers": len(fa.layers), "biases": len(bias_keys), "trained": len(trained),
             "format": fa.info["format"], "file": str(fa.info["file"]), "paths": fa.pathmap}
 
@@ -213,9 +228,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="randlora", description="RandLora adapters: merge into weights, inspect.")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="fold an adapter into a safetensors weight file (streaming, no model code)")
-    m.add_argument("--base", required=True, help="the base model's .safetensors weight file")
+    m.add_argument("--base", required=True, help="the base model's .safetensors weight file, or its model folder "
+                   "or model.safetensors.index.json (sharded checkpoint)")
     m.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
-    m.add_argument("--out", required=True, help="the merged .safetensors file to write (must not exist, or --force)")
+    m.add_argument("--out", required=True, help="the merged .safetensors file to write, or the folder for a model "
+                   "folder --base (must not exist or be empty, or --force)")
     m.add_argument("--prefix", default=None, metavar="FROM=TO", help=_PREFIX_HELP)
     m.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
     i = sub.add_parser("inspect", help="print an adapter's settings, layers, parameter counts, fingerprint")
@@ -223,7 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     e = sub.add_parser("export-lora", help="write a plain peft LoRA folder (truncated SVD of each layer's update)")
     e.add_argument("adapter", help=_ADAPTER_HELP)
-    e.add_argument("--base", required=True, help="the base model's .safetensors weight file (for the layer shapes)")
+    e.add_argument("--base", required=True, help="the base model's .safetensors weight file, model folder or "
+                   "model.safetensors.index.json (for the layer shapes)")
     e.add_argument("--out", required=True, help="the LoRA folder to write (must not exist or be empty, or --force)")
     from .export import DEFAULT_ENERGY
 

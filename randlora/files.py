@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from .paths import PathMap, closest, examples, match_paths
 from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, read_peft
 from .recipes import bank_shape, generate, n_bases
 from .walker import AdapterConfig, is_bias_name
+
+if TYPE_CHECKING:
+    from .shards import Checkpoint
 
 __all__ = ["DTYPES", "FileAdapter", "read_for_weights", "read_adapter", "read_header", "tensor_entries",
            "layer_paths", "fan_in_fan_out_layers", "map_layers", "weight_shapes", "bank_dtype", "adapter_bases",
@@ -56,6 +60,7 @@ class FileAdapter:
     pathmap: PathMap  # the adapter's paths -> the weight file's module paths
     keys: dict[str, str]  # each layer's weight key in the file (``pathmap(path) + ".weight"``)
     base: Path  # the weight file (named in errors)
+    checkpoint: Checkpoint | None = None  # the weight file or model folder read (its shards' headers)
 
     def bias_keys(self) -> dict[str, str]:
         """The weight file's key of each trained bias -> the adapter's key (mapped by :attr:`pathmap`).
@@ -104,7 +109,8 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
     Args:
         adapter: this library's ``.safetensors`` adapter, a Trainer checkpoint folder holding one, or a peft
             RandLora adapter folder.
-        base: the base model's ``.safetensors`` weight file (only its header is read).
+        base: the base model's ``.safetensors`` weight file, or a model folder or the index of a sharded
+            checkpoint (:func:`randlora.shards.open_checkpoint`; only headers are read).
         prefix: None to map the adapter's paths onto the file's by :func:`randlora.paths.match_paths` (exact,
             else the unique leading prefix added or stripped); or an override: ``"FROM=TO"`` (replace the
             leading ``FROM`` by ``TO``; ``"FROM="`` strips it), ``"TO"`` (add ``TO``) or ``(FROM, TO)``.
@@ -118,10 +124,12 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
             weights that do not fit the adapter (see :func:`weight_shapes`).
         ConfigError: a peft folder with settings this library does not support.
     """
+    from .shards import open_checkpoint
+
     base = Path(base)
     tensors, cfg, info = read_adapter(adapter)
-    header_size, header = read_header(base)
-    entries = tensor_entries(header)
+    ck = open_checkpoint(base)
+    entries = ck.entries
     layers = layer_paths(tensors)
     if not layers:
         raise CheckpointError(f"{info['file']} holds no adapted layer (no randlora_lambda tensors); is it an "
@@ -131,7 +139,8 @@ def read_for_weights(adapter: str | os.PathLike, base: str | os.PathLike, prefix
     keys = {p: weight_key(pathmap(p), entries) for p in layers}
     ffo = fan_in_fan_out_layers(cfg, info, layers)
     shapes, dtypes = weight_shapes(base, entries, tensors, cfg, layers, ffo, keys)
-    return FileAdapter(tensors, cfg, info, header_size, entries, layers, ffo, shapes, dtypes, pathmap, keys, base)
+    return FileAdapter(tensors, cfg, info, ck.header_size, entries, layers, ffo, shapes, dtypes, pathmap, keys, base,
+                       ck)
 
 
 _CLI_PREFIX = ("On the command line, --prefix FROM=TO replaces the leading FROM of the adapter's paths by TO "
