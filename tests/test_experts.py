@@ -411,3 +411,29 @@ def test_chunked_build_and_gradients_equal_the_whole(monkeypatch):
     model(x).square().sum().backward()
     torch.testing.assert_close(unit.randlora_lambda.grad, grads[0])
     torch.testing.assert_close(unit.randlora_gamma.grad, grads[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2, two processes on CPU (the workers live in a light module: spawn imports it in each process)
+# ------------------------------------------------------------------------------------------------
+def test_fsdp2_two_processes_give_the_single_process_gradients(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as mp
+
+    from _experts_worker import X, fsdp_model, fsdp_worker
+
+    mp.start_processes(fsdp_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    ref = fsdp_model()
+    ref(X).square().sum().backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    sd = randlora.state_dict(ref, save_projection=False)
+    assert len(grads) == 8  # λ, γ of both expert tensors and both linear layers
+    for rank in range(2):
+        for got, got_sd, kind in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False):
+            assert kind == "DTensor" and got.keys() == grads.keys()
+            for k in grads:
+                torch.testing.assert_close(got[k], grads[k], atol=1e-6, rtol=1e-5)
+            assert all(torch.equal(got_sd[k], sd[k]) for k in sd)
