@@ -351,8 +351,8 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
 
 
 NO_DROPOUT = ("input dropout cannot apply to an adapted parameter (target_parameters): its update is added to the "
-               "weight, which every input of the call shares. Inject with dropout=0 (adapt linear layers with "
-               "dropout in a separate inject call on another model part, or not at all)")
+              "weight, which every input of the call shares, so there is no adapter input to drop. Inject with "
+              "dropout=0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,7 +436,7 @@ def _swap_in(owner: nn.Module, args) -> None:
             if weff is None:
                 continue
             owner._parameters[pname], swapped[pname] = weff, W
-            if ad is not None and weff.requires_grad:
+            if ad is not None and torch.is_grad_enabled():  # (also for input gradients alone: not kept either)
                 rebuilds[_storage_key(weff)] = _Rebuild(unit, ad, W)
     except BaseException:
         _put_back(owner)
