@@ -243,7 +243,7 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
                           device=A.device)
         sparse = planner.sparse_build_pays(core.density(self._bank), A.device.type)
         idx = self._bank.sparse_index(self.out_features, self.in_features) if sparse else None
-        for c in _chunks(out.shape[0], 1 if sparse else out[0].numel()):
+        for c in _chunks(out.shape[0], _CHUNK if sparse else out[0].numel()):  # (non-zeros: one expert a step)
             Wc = None if W3 is None else W3[c]
             if sparse:
                 out[c] = sparse_delta(idx, lam3[c][0], gam3[c][0], s, tr, acc, None if Wc is None else Wc[0])

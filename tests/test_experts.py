@@ -158,6 +158,8 @@ def _unit_delta_matches_reference(E, a, b, r, bases="dense"):
     bank = model.randlora_bank
     for _, unit in adapted_weights(model):
         D = unit.delta_weight()
+        with torch.no_grad():  # what a call computes with: W + s·ΔW
+            torch.testing.assert_close(unit.call_weight()[0], unit.weight + D, atol=1e-12, rtol=0)
         lam, gam = unit.randlora_lambda.detach(), unit.randlora_gamma.detach()
         if D.dim() == 2:
             D, lam, gam = D[None], lam[None], gam[None]
@@ -174,8 +176,14 @@ def test_delta_matches_reference_over_shapes(E, a, b, r):
 
 
 @pytest.mark.parametrize("bases", ["sparse", "very_sparse"])
-def test_ternary_bases_match_reference(bases):
+@pytest.mark.parametrize("nonzeros", [True, False])
+def test_ternary_bases_match_reference(bases, nonzeros, monkeypatch):
+    import randlora.experts as ex
+
+    calls = []
+    monkeypatch.setattr(ex.planner, "sparse_build_pays", lambda *a: calls.append(a) or nonzeros)
     _unit_delta_matches_reference(3, 12, 7, 2, bases)
+    assert calls  # the build asked the planner (through the bases' non-zeros, or the dense views)
 
 
 def test_gradcheck_adapted_weight():
