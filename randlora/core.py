@@ -18,10 +18,12 @@ only these functions; none of them knows how the layer is laid out or routes its
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import planner
+from . import offload, planner
+from .bank import layer_views
 from .errors import StateError
-from .ops import acc_dtype, build_weight, randlora_linear, reduce_grads, threads
+from .ops import acc_dtype, build_weight, randlora_linear, reduce_grads, threads, untracked
 from .ops import delta_weight as dense_delta
 from .planner import Route
 from .recipes import sparsity
@@ -44,6 +46,9 @@ def views(bank, O: int, I: int, device: torch.device) -> tuple[torch.Tensor, tor
         StateError: the bank is on another device.
     """
     A, B = bank.views(O, I)
+    copy = offload.bank_copy(bank, device) if A.device != device else None  # (a model accelerate dispatched)
+    if copy is not None:
+        return layer_views(*copy, O, I, bank.shape.r)
     if A.device != device:
         raise StateError(
             f"the basis bank is on {A.device} but this layer is on {device}: move the whole "
@@ -120,6 +125,8 @@ def adapter_term(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | N
     before it (``route.build``: ``"fresh"``, ``"nonzeros"``, or ``"cached"`` through ``cached``, a callable
     returning the kept ``W + s·ΔW`` in a dtype)."""
     lam, gam, s = ad.randlora_lambda, ad.randlora_gamma, ad.scaling
+    if route.build == "cached" and untracked(x, W, bias, lam, gam):  # the op's "kept" forward, without its frame
+        return F.linear(x, cached(x.dtype), bias.to(x.dtype) if bias is not None else None)
     A, B = views(bank, O, I, lam.device)
     if route.kind == "sparse":
         return sparse_randlora_linear(x, W, bias, lam, gam, bank.sparse_index(O, I), s, route)

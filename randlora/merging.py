@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import offload
 from .errors import ConfigError, StateError
 from .layer import RandLoraLinear
 from .quantized import dequantize
@@ -83,6 +84,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
                          "randlora.merge(model, dequantize=True, dtype=torch.bfloat16) for plain nn.Linear layers; "
                          "randlora.save(model, path) and `python -m randlora merge` against the unquantised base "
                          "weights; or keep the adapter unmerged (randlora.eject(model) drops it)")
+    offload.refuse_merge(layers)  # weights accelerate offloads: the command-line merge folds into the files
     for _, l in layers:
         l.views()  # raises (device mismatch) before any weight changes
     if safe:

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import attention, experts
+from . import attention, experts, offload
 from .bank import BasisBank
 from .errors import ConfigError, RandLoraError, StateError, TargetError
 from .layer import RandLoraLinear
@@ -241,7 +241,7 @@ def _layer_facts(mods: dict[str, nn.Module]) -> tuple[list, list, set, set]:
             if not (isinstance(cdt, torch.dtype) and cdt.is_floating_point):
                 cdt = W.dtype if W.is_floating_point() else torch.float32
             dtypes.add(cdt)
-            devices.add(W.device)
+            devices.add(offload.compute_device(mod))
             continue
         if not W.is_floating_point():
             raise ConfigError(f"layer {n} has a {W.dtype} weight; RandLora needs floating-point weights or a "
@@ -253,7 +253,7 @@ def _layer_facts(mods: dict[str, nn.Module]) -> tuple[list, list, set, set]:
             fan.append(n)
         shapes.append(matrix_shape(mod))
         dtypes.add(W.dtype)
-        devices.add(W.device)
+        devices.add(offload.compute_device(mod))  # (accelerate's execution device for a dispatched layer)
     return shapes, fan, dtypes, devices
 
 
@@ -291,9 +291,7 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude, target
         shapes.append(tuple(W.shape[-2:]))
         dtypes.add(W.dtype)
         devices.add(W.device)
-    if len(devices) > 1:
-        raise ConfigError(f"target layers sit on several devices {sorted(map(str, devices))}; move the model to "
-                          "one device before injecting")
+    device = offload.bank_device(model, mods, devices, cfg, params)  # (checks a model accelerate dispatched)
     largest = max(max(sh) for sh in shapes)
     if cfg.r > largest:
         raise ConfigError(f"r={cfg.r} is larger than the largest side of every targeted layer ({largest}): the "
@@ -303,7 +301,7 @@ def _plan(model: nn.Module, targets, cfg: AdapterConfig, layers, exclude, target
     cfg.targets, cfg.fan_in_fan_out = [canonical(n) for n in names], [canonical(n) for n in fan]
     cfg.target_parameters = [canonical(p) for p, _, _ in params]
     return _Plan(modules=mods, shape=bank_shape(cfg.recipe, cfg.r, shapes),
-                 dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=devices.pop(), params=params)
+                 dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=device, params=params)
 
 
 def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> dict[str, RandLoraLinear]:
@@ -312,6 +310,7 @@ def _apply(model: nn.Module, plan: _Plan, cfg: AdapterConfig, name: str) -> dict
                      device=plan.device)
     new = {n: adapted_class(mod)(mod, bank, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
                              fan_in_fan_out=n in cfg.fan_in_fan_out, name=name) for n, mod in plan.modules.items()}
+    offload.place(new, plan.modules, bank)  # accelerate's hooks carried over (dispatched models only)
     units = {p: RandLoraParameter(owner, pname, bank, r=cfg.r, alpha=cfg.alpha, init=cfg.init, name=name)
              for p, owner, pname in plan.params}
     bank.registry = Registry(adapters={name: cfg}, active=name,
