@@ -7,6 +7,9 @@ OUT=${OUT:-benchmarks/out/gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -m pytest -q tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
+# a model accelerate splits across the GPU, the CPU and disk (device_map): outputs and gradients equal the model in
+# memory, lambda/gamma on each layer's device, one copy of the bases for the device the bank is not on
+python -m pytest -q -rs tests/test_offload.py 2>&1 | tee "$OUT/test_offload.txt"
 python benchmarks/op.py --device cuda --dtype bf16 --reps 5 --out "$OUT/op.json" 2>&1 | tee "$OUT/op.txt"
 python benchmarks/step.py --device cuda --dtype bf16 --grid all:4096 all:8192 --reps 3 --steps 5 \
     --out "$OUT/step.json" 2>&1 | tee "$OUT/step.txt"

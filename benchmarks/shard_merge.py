@@ -3,9 +3,9 @@
 A Llama with random fp32 weights is saved with ``save_pretrained(max_shard_size=...)`` (several
 ``model-0000N-of-0000M.safetensors`` and the index), RandLora on all seven linear layers of every block (r = 32),
 and the adapter saved with its bases. Each figure is the peak resident set size of a fresh process
-(``ru_maxrss``): one that only imports what ``python -m randlora`` imports (the floor), one that runs
+(``VmHWM``): one that only imports what ``python -m randlora`` imports (the floor), one that runs
 ``python -m randlora merge`` on the folder, one that merges the same weights saved as one file, and for scale
-one that loads the model with ``from_pretrained``. The merged folder is checked against ``randlora.merge`` on
+one that holds every tensor of the checkpoint in memory. The merged folder is checked against ``randlora.merge`` on
 the model (bit for bit).
 
     python benchmarks/shard_merge.py            # hidden 1024, 8 layers (~0.5 GB), 64 MB shards: about 2 min
@@ -27,10 +27,14 @@ SIZE = {"hidden": 1024, "mlp": 2816, "layers": 8, "heads": 16, "vocab": 8192, "s
 QUICK = {"hidden": 64, "mlp": 96, "layers": 3, "heads": 4, "vocab": 128, "shard": "200KB"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-_PEAK = "import resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+# VmHWM, the peak RSS of this process's own memory map: ru_maxrss would report at least the parent's RSS at the
+# fork (Linux keeps the larger of the two across exec)
+_PEAK = ("print('PEAK', [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
 _FLOOR = "import torch, safetensors, randlora.__main__; " + _PEAK
 _MERGE = "import sys; from randlora.__main__ import main; assert main(sys.argv[1:]) == 0; " + _PEAK
-_LOAD = ("import sys, transformers; transformers.LlamaForCausalLM.from_pretrained(sys.argv[1]); " + _PEAK)
+_LOAD = ("import sys, pathlib; from safetensors.torch import load_file; "
+         "kept = [t.clone() for f in sorted(pathlib.Path(sys.argv[1]).glob('*.safetensors')) "
+         "for t in load_file(str(f)).values()]; " + _PEAK)
 
 
 def peak_mb(code: str, *args: str) -> float:
@@ -89,7 +93,7 @@ def main() -> None:
                                                   str(d / "ad.safetensors"), "--out", str(d / "m"))),
                 ("merge, one file", peak_mb(_MERGE, "merge", "--base", str(d / "single.safetensors"), "--adapter",
                                             str(d / "ad.safetensors"), "--out", str(d / "m.safetensors"))),
-                ("from_pretrained (for scale)", peak_mb(_LOAD, str(d / "base")))]
+                ("every tensor held in memory (for scale)", peak_mb(_LOAD, str(d / "base")))]
         check(d / "m", merged)
         del merged
     print(f"checkpoint: {sum(mb):.1f} MB in {len(mb)} shards (largest {max(mb):.1f} MB); adapter {ad:.1f} MB")

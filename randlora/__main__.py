@@ -131,15 +131,18 @@ def check_new_file(out: Path, force: bool) -> None:
 
 def _stream(base: Path, tmp: str, start: int, entries: dict[str, dict], touched: set[str],
             merged: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
-    """Write ``base`` to ``tmp`` in its byte order, the ``touched`` tensors replaced by ``merged``."""
+    """Write ``base`` to ``tmp`` in its byte order, the ``touched`` tensors replaced by ``merged``. Each touched
+    tensor is read through a memory map of its own, closed once it is written, so the pages read stay mapped for
+    one tensor only (one map for the whole file held every adapted weight's pages: memory grew with the file)."""
     from safetensors import safe_open
 
-    with open(base, "rb") as src, open(tmp, "wb") as dst, safe_open(str(base), framework="pt") as f:
+    with open(base, "rb") as src, open(tmp, "wb") as dst:
         dst.write(src.read(start))  # the header is unchanged: same keys, dtypes, shapes and offsets
         for k in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
             a, b = entries[k]["data_offsets"]
             if k in touched:
-                data = merged(k, f.get_tensor(k)).reshape(-1).view(torch.uint8).numpy().tobytes()
+                with safe_open(str(base), framework="pt") as f:
+                    data = merged(k, f.get_tensor(k)).reshape(-1).view(torch.uint8).numpy().tobytes()
                 if len(data) != b - a:
                     raise CheckpointError(f"internal error: merged {k} has {len(data)} bytes, expected {b - a}")
                 dst.write(data)

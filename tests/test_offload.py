@@ -164,7 +164,7 @@ def test_merge_is_refused_naming_the_command_line_and_eject_restores(saved, tmp_
         torch.testing.assert_close(model(X).logits, base(X).logits, atol=1e-5, rtol=0)
 
 
-def test_named_adapters_and_use(saved, tmp_path):
+def test_named_adapters_use_and_mixed(saved, tmp_path):
     model, ref = adapted(load(saved, "cpu_offload", tmp_path)), adapted(load(saved, None, tmp_path))
     for m in (model, ref):
         randlora.inject(m, TARGETS, r=4, alpha=8, name="other")
@@ -175,6 +175,11 @@ def test_named_adapters_and_use(saved, tmp_path):
         randlora.use(m, "other")
     with torch.no_grad():
         torch.testing.assert_close(model(X).logits, ref(X).logits, atol=1e-5, rtol=0)
+        with randlora.mixed(model, ["default", None]), randlora.mixed(ref, ["default", None]):
+            got, want = model(X).logits, ref(X).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        randlora.use(ref, "default")
+        torch.testing.assert_close(got[0], ref(X).logits[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kw, cause", [({"bias": "randlora_only"}, "bias='randlora_only' trains biases"),
@@ -193,19 +198,23 @@ def test_what_cannot_work_offloaded_is_refused(saved, tmp_path, kw, cause):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="layers across two devices need a GPU beside the CPU")
 def test_layers_across_two_devices(saved, tmp_path):
-    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "disk",
-          "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.LlamaForCausalLM.from_pretrained(saved / "model", device_map=dm,
-                                                              offload_folder=tmp_path / "off").eval()
+    """Block 0 computes on the GPU, block 1 on the CPU, block 2 on the CPU from disk (main device the CPU)."""
+    from accelerate import dispatch_model
+
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "disk",
+          "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(load(saved, None, tmp_path), dm, main_device="cpu", offload_dir=tmp_path / "off")
     model, ref = adapted(model), adapted(load(saved, None, tmp_path))
     lams = {n: p.device.type for n, p in model.named_parameters() if n.endswith("randlora_lambda")}
-    assert {lams[n] for n in lams if ".layers.0." in n} == {"cuda"}
+    assert {t for n, t in lams.items() if ".layers.0." in n} == {"cuda"}
+    assert {t for n, t in lams.items() if ".layers.0." not in n} == {"cpu"}
     y0, g0 = loss_and_grads(ref)
     y, g = loss_and_grads(model)
     torch.testing.assert_close(y.cpu(), y0, atol=1e-5, rtol=0)
     for n in g0:
         torch.testing.assert_close(g[n].cpu(), g0[n], atol=1e-5, rtol=0)
     bank = model.randlora_bank
-    assert len(getattr(bank, "_device_copies", {})) == 1  # one copy for the device the bank is not on
+    assert bank.A.device.type == "cuda" and list(bank._device_copies) == [torch.device("cpu")]
+    with torch.no_grad():  # layers that are only dispatched (not offloaded) merge where they are
+        with pytest.raises(StateError, match="offloaded by accelerate"):
+            randlora.merge(model)
