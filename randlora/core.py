@@ -122,11 +122,11 @@ def adapter_term(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | N
                  O: int, I: int, cached=None) -> torch.Tensor:
     """``x (W + s·ΔW)ᵀ + b`` of adapter ``ad`` (``W`` None: the adapter's term alone, plus ``bias``) on ``x`` in the
     compute dtype, by ``route``: the sparse op, or the dense op handed the ``W + s·ΔW`` the route says to build
-    before it (``route.build``: ``"fresh"``, ``"nonzeros"``, or ``"cached"`` through ``cached``, a callable
-    returning the kept ``W + s·ΔW`` in a dtype)."""
+    before it (``route.build``: ``"fresh"``, ``"nonzeros"``, or ``"cached"`` through ``cached(dtype, with_weight)``,
+    a callable returning the kept ``W + s·ΔW``, or ``s·ΔW`` alone when ``W`` is None, in a dtype)."""
     lam, gam, s = ad.randlora_lambda, ad.randlora_gamma, ad.scaling
     if route.build == "cached" and untracked(x, W, bias, lam, gam):  # the op's "kept" forward, without its frame
-        return F.linear(x, cached(x.dtype), bias.to(x.dtype) if bias is not None else None)
+        return F.linear(x, cached(x.dtype, W is not None), bias.to(x.dtype) if bias is not None else None)
     A, B = views(bank, O, I, lam.device)
     if route.kind == "sparse":
         return sparse_randlora_linear(x, W, bias, lam, gam, bank.sparse_index(O, I), s, route)
@@ -137,5 +137,5 @@ def adapter_term(x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | N
         with torch.no_grad():
             prebuilt = sparse_delta(bank.sparse_index(O, I), lam, gam, s, O < I, x.dtype, W)
     elif route.build == "cached":
-        prebuilt = cached(x.dtype)
+        prebuilt = cached(x.dtype, W is not None)
     return randlora_linear(x, W, bias, lam, gam, A, B, s, route, prebuilt=prebuilt)

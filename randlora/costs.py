@@ -149,7 +149,7 @@ def backward_costs(T: int, O: int, I: int, nr: int, tr: bool, with_weight: bool,
     build = max(O, I) * nr * min(O, I)
     G = T * O * I
     if need_x:
-        xr = ["kept", "act"] if kept and with_weight else ["fused", "act"]
+        xr = ["kept", "act"] if kept else ["fused", "act"]
     else:
         xr = [None]
     sr = ["G", "act"] if need_S else [None]

@@ -201,7 +201,7 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         ``bias``): :func:`randlora.core.call` plans it once from the call and the layer's explicit settings (``path``,
         ``keep``, whether it sits inside :func:`randlora.cached`), never from earlier calls, so a recomputed forward
         (activation checkpointing) saves exactly what the first one saved; then runs that route once."""
-        cached = (lambda cd: self._cache.weight_of(self, ad, cd)) if self._cache is not None else None
+        cached = (lambda cd, w: self._cache.weight_of(self, ad, cd, w)) if self._cache is not None else None
         return core.call(x, W, bias, ad, self._bank, self.out_features, self.in_features,
                          need_W=self.weight.requires_grad, path=self.path, keep=self.keep, cached=cached)
 

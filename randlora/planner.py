@@ -84,7 +84,7 @@ class Route:
         sparse route's weighted by the device's constants), and which bound (memory or cost) decided whether
         ``W + s·ΔW`` is built before the op. ``layer.route(tokens).explain()`` answers "why is this layer slow"."""
         taken = (f"route: {self.kind}, forward {self.forward}"
-                 + (f" (W + s·ΔW built {self.build} before the op)" if self.build else "")
+                 + (f" (with the update prebuilt: {self.build})" if self.build else "")
                  + f", ∂x {self.grad_x or 'not needed'}, ∂λ/∂γ {self.grad_S or 'not needed'}"
                  + (", ∂W" if self.grad_W else "") + (f", token block {self.block}" if self.block else "")
                  + f"; predicted extra cost {self.cost:.3g} multiply-adds")
@@ -105,10 +105,10 @@ def plan(T: int, O: int, I: int, nr: int, *, with_weight: bool = True, path: str
          need_S: bool = True, need_W: bool = False, kept: bool = False) -> dict[str, Any]:
     """The dense routes for a call of ``T`` tokens, with their costs (multiply-adds).
 
-    ``kept``: a prebuilt ``W + s·ΔW`` is passed in (forward is then one plain matmul with it).
+    ``kept``: a prebuilt ``W + s·ΔW`` (``s·ΔW`` when ``W`` is not handed to the op) is passed in (forward is then
+    one plain matmul with it).
     """
     tr = O < I
-    kept = kept and with_weight
     fc = forward_costs(T, O, I, nr, with_weight, kept)
     if kept:
         fwd = "weight"
@@ -194,11 +194,11 @@ def _dense(T: int, O: int, I: int, nr: int, with_weight: bool, path: str, need_x
            kept: bool, build: str | None, build_mac: float, why: tuple[str, ...] = ()) -> Route:
     p = plan(T, O, I, nr, with_weight=with_weight, path=path, need_x=need_x, need_S=need_S, need_W=need_W, kept=kept)
     xr, sr = p["backward"]
-    kept = kept and with_weight
     cost = p["forward_cost"] + p["backward_cost"] + (build_mac if build in ("fresh", "nonzeros") else 0)
     fwd = "kept" if kept else p["forward"]
-    lines = [f"forward: {_candidates(p['forward_costs'], p['forward'])}" + (" (one matmul with the prebuilt "
-                                                                            "W + s·ΔW)" if kept else "")]
+    prebuilt = "W + s·ΔW" if with_weight else "s·ΔW"
+    lines = [f"forward: {_candidates(p['forward_costs'], p['forward'])}"
+             + (f" (one matmul with the prebuilt {prebuilt})" if kept else "")]
     if need_x or need_S or need_W:
         names = {k: f"∂x {k[0] or '-'} / ∂λ∂γ {k[1] or '-'}" for k in p["backward_costs"]}
         lines.append("backward: " + _candidates({names[k]: v for k, v in p["backward_costs"].items()},
@@ -282,6 +282,11 @@ def _plan_call(costs: DeviceCosts, T: int, O: int, I: int, nr: int, r: int, devi
                                                 f"the forward route's {fc:.3g})"))
     elif not with_weight:
         why.append("W is not handed to the op (dropout in training, or a quantised base): the adapter term alone")
+        if cached and not grad and path != "activation":  # one matmul with the kept s·ΔW, or the op's route
+            fc = plan(T, O, I, nr, with_weight=False, path=path, need_x=False, need_S=False)["forward_cost"]
+            kept = T * O * I < fc
+            why.append(f"use the randlora.cached s·ΔW: {'yes' if kept else 'no'}, by cost (one matmul with it "
+                       f"{T * O * I:.3g} against the forward route's {fc:.3g})")
     else:
         why.append("under torch.compile nothing is prebuilt")
     how = "cached" if cached else ("nonzeros" if sparse_build_pays(density, device) else "fresh")

@@ -349,11 +349,23 @@ def test_disabled_and_cached(kind: str) -> None:
     adapted = _logits(model, ids)
     with randlora.disabled(model):
         assert torch.equal(_logits(model, ids), want_base)
-    with randlora.cached(model):  # no float W to cache: the same route as outside
-        assert torch.equal(_logits(model, ids), adapted)
+    layers = [l for _, l in adapted_layers(model)]
+    for frozen_base in (False, True):
+        # no float W to add s·ΔW to: the layer keeps s·ΔW and a no-grad call is the quantised matmul plus one
+        # dense matmul with it (instead of two through the bases), built once per block
+        with torch.no_grad(), randlora.cached(model, frozen_base=frozen_base):
+            assert all(l.route(12, need_x=False).build == "cached" for l in layers)
+            torch.testing.assert_close(_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+            assert all(l.cache.builds == 1 for l in layers)
+    with randlora.cached(model):  # training inside the block: the op's own routes, gradients as outside
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
-    assert all(l.route(1000).build is None for _, l in adapted_layers(model))  # nothing prebuilt on a packed W
+        assert all(l.route(1000).build is None for l in layers)
+    assert all(l.randlora_lambda.grad is not None for l in layers)
+    model.eval()
+    with torch.no_grad():
+        assert all(l.route(12, need_x=False).build is None for l in layers)  # outside: nothing kept
 
 
 @pytest.mark.parametrize("kind", KINDS)

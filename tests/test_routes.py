@@ -143,3 +143,22 @@ def test_project_grad_is_the_gradient_of_the_update(O, I):
     dlam, dgam = core.project_grad(G, layer, layer.bank)
     torch.testing.assert_close(dlam, lam.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dgam, gam.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_cache_s_value_check_compares_every_bit(dtype):
+    """``randlora.cache.same_bits``: the check that keeps a kept ``W + s·ΔW`` valid (one ``memcmp`` on contiguous
+    CPU tensors, numpy otherwise) tells apart a one-ulp change, ``-0.0`` from ``0.0``, dtypes and shapes, and sees
+    a NaN equal to itself."""
+    from randlora.cache import same_bits
+
+    a = torch.randn(7, 33).to(dtype)
+    b = a.clone()
+    assert same_bits(a, b) and same_bits(a.t(), b.t()) and same_bits(a.t(), b.t().contiguous())
+    b.view(-1)[-1] = torch.nextafter(b.view(-1)[-1], torch.tensor(float("inf"), dtype=dtype))
+    assert not same_bits(a, b) and not same_bits(a.t(), b.t())
+    assert not same_bits(torch.zeros(4, dtype=dtype), -torch.zeros(4, dtype=dtype))
+    nan = torch.full((3,), float("nan"), dtype=dtype)
+    assert same_bits(nan, nan.clone())
+    assert not same_bits(a, a.to(torch.float64 if dtype != torch.float64 else torch.float32))
+    assert not same_bits(a, a.reshape(33, 7))
