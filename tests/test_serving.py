@@ -488,25 +488,30 @@ def test_nested_blocks_and_errors_inside_the_block():
         pass
 
 
-@pytest.mark.parametrize("names,seq,kept", [
-    # two groups of 6 tokens go group by group (the batched pass would move more values: 1008 > 2·432 on
-    # q_proj), where a kept W + s·ΔW replaces each group's frozen matmul at no extra cost: both adapters keep
-    (["default", "b"], 6, 2),
-    # three single-token groups and a base row take the batched pass, which keeps all or none: three kept matmuls
-    # O·I·(1 + 40) (gemm_tokens 40 on the CPU), the rows' copies 130·T·(I + O) and 3 group_overhead (8e6 each)
-    # against the frozen O·I·(4 + 40) plus the pass 4·nr·(O + I), nr = 12: 17712 + 12480 + 2.4e7 vs 6336 + 1152
-    # on q_proj: none kept
-    (["default", "b", "c", None], 1, 0),
-    # one group of every row: its kept matmul (O·I·(3 + 40), no copies) replaces the frozen one and the pass
-    (["default"] * 3, 1, 1),
+@pytest.mark.parametrize("names,seq,kept,why", [
+    # two groups going group by group: a kept W + s·ΔW replaces each group's frozen matmul at no extra cost
+    (["default", "b"], 6, 2, "keep default: yes, by cost"),
+    # single-token groups and a base row take the batched pass, which keeps all or none; the groups' own
+    # matmuls, row copies and per-group overhead cost more than the pass: none kept
+    (["default", "b", "c", None], 1, 0, "keep every group: no, by cost"),
+    # one group of every row: its kept matmul replaces the frozen one and the pass
+    (["default"] * 3, 1, 1, "keep every group: yes, by cost"),
 ])
-def test_keep_bytes_keeps_what_its_cost_rule_says(names, seq, kept):
+def test_keep_bytes_keeps_what_its_plan_says(names, seq, kept, why):
     model = cached_model("dense")
     x = torch.randn(len(names), seq, 12)
-    with torch.no_grad(), randlora.mixed(model, names, keep_bytes=1 << 20) as state:
+    plans = []
+    real = Mixed.plan
+
+    def spy(self, layer, xs, present=None):
+        plans.append((layer, real(self, layer, xs, present)))
+        return plans[-1][1]
+
+    with torch.no_grad(), mock.patch.object(Mixed, "plan", spy), \
+            randlora.mixed(model, names, keep_bytes=1 << 20) as state:
         y = model(x)
-    per_adapter = 4 * 2 * (12 * 12 + 20 * 12 + 12 * 20)  # float32 W + s·ΔW of q/up/down_proj in both blocks
-    assert state.kept_bytes == kept * per_adapter
+    assert all(len(p.keep) == kept and why in p.explain() for _, p in plans), [p.explain() for _, p in plans]
+    assert state.kept_bytes == sum(4 * l.out_features * l.in_features * len(p.keep) for l, p in plans)
     torch.testing.assert_close(y, alone(model, names, x), **TOL)
 
 
