@@ -307,7 +307,15 @@ def _verify_bases(state: Mapping[str, torch.Tensor], bank) -> None:
     When the fingerprint names exactly this model's bases, stored bases are compared with the bank itself, in
     the bank's dtype: a bf16/fp16 model's state dict holds its rounded bases, which no float32 checksum names.
     """
+    meta = bank.A.is_meta  # (a model on the meta device: its bank is made from the seed on first use)
+    if meta and _has_bases(state) and (FP not in state or bank.fingerprint.differences(state[FP])):
+        raise CheckpointError("the checkpoint carries bases other than this model's seed makes, and the model is on "
+                              "the meta device, where they cannot be kept; nothing was loaded. Load it after "
+                              "model.to_empty(device=...)")
     if FP in state and _has_bases(state) and not bank.fingerprint.differences(state[FP]):
+        if meta:  # the seed's bases, which the bank makes on first use: only the file's own checksum to check
+            stored_bases(state)
+            return
         if not all(torch.equal(state[k].to(t), t) for k, t in zip(BASES, (bank.A, bank.B))):
             raise CheckpointError("the checkpoint's bases differ from the ones its fingerprint names: the file is "
                                   "corrupt; nothing was loaded. Save it again, or drop randlora_A/randlora_B from it")
@@ -326,7 +334,7 @@ def _copy_state(state: Mapping[str, torch.Tensor], dest: dict[str, torch.Tensor]
         for k, t in dest.items():
             if k in state:
                 copy_into(t, state[k])
-        if _has_bases(state):
+        if _has_bases(state) and not bank.A.is_meta:
             ck = int(state[FP][-1]) if FP in state else bases_checksum(state["randlora_A"], state["randlora_B"])
             bank.load_(state["randlora_A"], state["randlora_B"], ck)
 

@@ -218,3 +218,24 @@ def test_layers_across_two_devices(saved, tmp_path):
     with torch.no_grad():  # layers that are only dispatched (not offloaded) merge where they are
         with pytest.raises(StateError, match="offloaded by accelerate"):
             randlora.merge(model)
+
+
+def test_an_adapter_with_bases_loads_into_a_model_on_the_meta_device(tmp_path):
+    """Its bases are the seed's (checked by their checksum), which the bank makes after ``to_empty``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    randlora.inject(model, ["0", "1"], r=2)
+    with torch.no_grad():
+        for p in randlora.trainable_parameters(model):
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    randlora.save(model, tmp_path / "ad.safetensors", save_projection=True)
+    with torch.device("meta"):
+        meta = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    randlora.load(meta, tmp_path / "ad.safetensors")  # no NotImplementedError on meta tensors
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(base, strict=False)
+    randlora.load(meta, tmp_path / "ad.safetensors")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(meta(x), model(x))
