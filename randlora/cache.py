@@ -103,7 +103,6 @@ class DeltaCache:
     def clear(self) -> None:
         self.entry = None
 
-    @torch.no_grad()
     def delta(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, build) -> torch.Tensor:
         """``s·ΔW`` for these values: the kept one if ``λ``, ``γ``, ``s`` and the bank are unchanged, else
         ``build()`` (which is then kept)."""
@@ -112,15 +111,15 @@ class DeltaCache:
             return e.kept
         return self._rebuild(lam, gam, scaling, bases, build)
 
-    @torch.no_grad()
     def weight(self, param: torch.Tensor, W: torch.Tensor, cd: torch.dtype, lam: torch.Tensor, gam: torch.Tensor,
                scaling: float, bases: tuple, build) -> torch.Tensor:
         """``W + s·ΔW`` in ``cd`` (``W``: the ``(O, I)`` view of the weight Parameter ``param``): formed from ``W`` as
         it is now and the kept ``s·ΔW``; with ``frozen_base``, the kept ``W + s·ΔW`` itself while ``param``'s
         identity, storage and version, ``cd`` and the values of :meth:`delta` are unchanged. Both give the
         same bits (one formula, ``(W + D)`` accumulated in ``D``'s dtype, then cast)."""
-        def plus(D: torch.Tensor) -> torch.Tensor:  # the one formula of both modes
-            return (W.to(D.dtype) + D).to(cd)
+        def plus(D: torch.Tensor) -> torch.Tensor:  # the one formula of both modes (no graph, whatever W needs)
+            with torch.no_grad():
+                return (W.to(D.dtype) + D).to(cd)
 
         if not self.frozen_base:
             return plus(self.delta(lam, gam, scaling, bases, build))
@@ -131,7 +130,6 @@ class DeltaCache:
             return e.kept
         return self._rebuild(lam, gam, scaling, bases, lambda: plus(build()), key)
 
-    @torch.no_grad()
     def delta_in(self, cd: torch.dtype, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple,
                  build) -> torch.Tensor:
         """``s·ΔW`` in ``cd``: the kept ``s·ΔW`` cast for each call, or with ``frozen_base`` kept in ``cd`` itself
@@ -161,7 +159,8 @@ class DeltaCache:
                  weight_key: tuple | None = None) -> torch.Tensor:
         """Free the stale entry, keep ``make()`` with snapshots of the values it was built from, return it."""
         self.entry = None  # (before building: the stale tensor is not held beside the new one)
-        kept = make()
+        with torch.no_grad():  # (only here: a kept tensor is reused as it is, under any grad mode)
+            kept = make()
         self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, kept, weight_key)
         self.builds += 1
         return kept

@@ -187,14 +187,16 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         if ad is None:  # merged, adapters off, or the active adapter is not on this layer
             return F.linear(x, W, self.bias)
         cd, out_dtype = core.compute_dtype(x, W.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(cd)
-            if self.training and ad.drops:  # the frozen term, then the adapter's alone
-                b = self.bias.to(cd) if self.bias is not None else None
-                y = F.linear(xc, W.to(cd), b) + self.term(ad.dropout(xc), None, None, ad)
-            else:
-                y = self.term(xc, W, self.bias, ad)
-        return y if out_dtype is None else y.to(out_dtype)
+        if out_dtype is None:  # under autocast: computed in its dtype, outside it
+            with torch.autocast(x.device.type, enabled=False):
+                return self._adapted(x.to(cd), W, ad, cd)
+        return self._adapted(x.to(cd), W, ad, cd).to(out_dtype)
+
+    def _adapted(self, xc: torch.Tensor, W: torch.Tensor, ad: Adapter, cd: torch.dtype) -> torch.Tensor:
+        if self.training and ad.drops:  # the frozen term, then the adapter's alone
+            b = self.bias.to(cd) if self.bias is not None else None
+            return F.linear(xc, W.to(cd), b) + self.term(ad.dropout(xc), None, None, ad)
+        return self.term(xc, W, self.bias, ad)
 
     def term(self, x: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None, ad: Adapter) -> torch.Tensor:
         """``x (W + s·ΔW)ᵀ + b`` of adapter ``ad`` on ``x`` in the compute dtype (``W`` None: its term alone, plus
