@@ -17,8 +17,9 @@ __all__ = ["merge", "unmerge"]
 
 
 def _merge_is_finite(layer: RandLoraLinear, name: str | None = None) -> bool:
-    d = layer.delta_weight(name=name)
-    return bool(torch.isfinite((layer.weight_matrix().to(d.dtype) + d).to(layer.weight.dtype)).all())
+    with offload.brought_in(layer, write=False):
+        d = layer.delta_weight(name=name)
+        return bool(torch.isfinite((layer.weight_matrix().to(d.dtype) + d).to(layer.weight.dtype)).all())
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
                          "randlora.merge(model, dequantize=True, dtype=torch.bfloat16) for plain nn.Linear layers; "
                          "randlora.save(model, path) and `python -m randlora merge` against the unquantised base "
                          "weights; or keep the adapter unmerged (randlora.eject(model) drops it)")
-    offload.refuse_merge(layers)  # weights accelerate offloads: the command-line merge folds into the files
+    offload.check_merge(layers)  # weights accelerate offloads: written back through its offload
     for _, l in layers:
         l.views()  # raises (device mismatch) before any weight changes
     if safe:
@@ -105,7 +106,8 @@ def merge(model: nn.Module, *, unload: bool = True, safe: bool = False, name: st
             _set_submodule(model, n, _plain_linear(layer, _dequantized_merge(layer, name, dtype), dtype))
             layers[i] = None  # type: ignore[call-overload]
         else:
-            layer.merge_(name=name)
+            with offload.brought_in(layer):
+                layer.merge_(name=name)
         del layer
     if unload:
         _restore(model)
@@ -124,4 +126,5 @@ def unmerge(model: nn.Module) -> None:
         raise StateError("the model is not merged; nothing to unmerge (merge(model, unload=False) first)")
     for _, layer in layers:
         if layer.merged:
-            layer.unmerge_()
+            with offload.brought_in(layer):
+                layer.unmerge_()

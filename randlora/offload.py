@@ -15,16 +15,21 @@ forward that hook no longer wraps. This module carries the hook's job over to th
   another device reads a copy of them made once per device, on first use, and remade when the bank changes
   (:func:`bank_copy`).
 
-What is refused (:func:`bank_device`, :func:`refuse_merge`): training biases (``bias=`` other than ``"none"``) or
-adapting parameters (``target_parameters``) or attention ``in_proj`` weights where accelerate offloads them (the
-hook would put the stored values back at each call), ternary bases across several devices (their sparse index is
-the bank's), a hook that offloads a whole block at once above a target, and :func:`randlora.merge` of offloaded
-layers (their weights are accelerate's copies, possibly the checkpoint's own files): merge the adapter into the
-checkpoint with ``python -m randlora merge`` instead.
+* :func:`randlora.merge` / ``unmerge`` / ``eject`` fold into an offloaded layer's weight by bringing a copy in
+  (:func:`brought_in`), folding it as for any layer (float32 accumulation) and writing it back where accelerate
+  keeps it: its CPU-memory copy, or a file of its offload folder; a weight accelerate reads from the checkpoint's
+  own file is written to the offload folder instead (the checkpoint is never written), and without one the merge
+  is refused before any weight changes (:func:`check_merge`), naming ``python -m randlora merge``.
+
+What else is refused (:func:`bank_device`): training biases (``bias=`` other than ``"none"``) or adapting
+parameters (``target_parameters``), attention ``in_proj`` weights or quantised layers where accelerate offloads
+them (the hook would put the stored values back at each call), ternary bases across several devices (their
+sparse index is the bank's), and a hook that offloads a whole block at once above a target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from contextlib import nullcontext
 
@@ -34,8 +39,8 @@ from torch import nn
 from .errors import ConfigError, StateError
 from .paths import examples
 
-__all__ = ["align_hook", "compute_device", "bank_device", "place", "bank_copy", "refuse_merge", "offloaded",
-           "Onload"]
+__all__ = ["align_hook", "compute_device", "bank_device", "place", "bank_copy", "check_merge", "brought_in",
+           "offloaded", "Onload"]
 
 _NAMES = ("weight", "bias")
 
@@ -165,21 +170,77 @@ def bank_copy(bank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] |
     return hit[1], hit[2]
 
 
-def refuse_merge(layers: list) -> None:
-    """Refuse :func:`randlora.merge` of layers whose weights accelerate offloads, before any weight changes.
+def _onload(layer: nn.Module) -> Onload | None:
+    """The :class:`Onload` of a layer whose weights accelerate offloads, else None."""
+    f = layer.__dict__.get("forward")
+    return f if isinstance(f, Onload) and f.names else None
+
+
+def _storage(hook, name: str):
+    """``(mapping, key)``: where accelerate keeps the hooked module's tensor ``name``."""
+    from accelerate.utils.offload import PrefixedDataset
+
+    wm = hook.weights_map
+    return (wm.dataset, wm.prefix + name) if isinstance(wm, PrefixedDataset) else (wm, name)
+
+
+def _unwritable(hook) -> str | None:
+    """Why a merged weight cannot be written back where accelerate keeps the weight (None: it can)."""
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    ds, key = _storage(hook, "weight")
+    if isinstance(ds, OffloadedWeightsLoader):
+        return None if key in ds.state_dict or ds.save_folder is not None else (
+            "read from the checkpoint's own files, and accelerate has no offload folder to write a merged copy to")
+    return None if isinstance(ds, dict) else f"kept in a {type(ds).__name__}, which this library cannot write"
+
+
+def _store(hook, value: torch.Tensor) -> None:
+    """Write the merged ``weight`` back where accelerate keeps it: its CPU-memory copy, or a ``.dat`` file of
+    accelerate's offload folder (a weight read from the checkpoint's own file gets one there: the checkpoint is
+    never written)."""
+    from accelerate.utils.offload import OffloadedWeightsLoader, offload_weight
+
+    ds, key = _storage(hook, "weight")
+    if isinstance(ds, OffloadedWeightsLoader) and key not in ds.state_dict:
+        offload_weight(value, key, ds.save_folder, ds.index)
+        return
+    held = ds.state_dict if isinstance(ds, OffloadedWeightsLoader) else ds
+    held[key] = value.to(held[key].device)
+
+
+def check_merge(layers: list) -> None:
+    """Refuse, before any weight changes, a merge of offloaded layers whose weight cannot be written back.
 
     Raises:
-        StateError: some of ``layers`` (``(path, layer)`` pairs) are offloaded.
+        StateError: some of ``layers`` (``(path, layer)`` pairs) keep their weight where it cannot be written.
     """
-    off = [n for n, l in layers if isinstance(getattr(l, "forward", None), Onload) and l.forward.names]
-    if off:
+    bad = [(n, why) for n, l in layers if _onload(l) is not None and (why := _unwritable(_onload(l).hook))]
+    if bad:
         raise StateError(
-            f"the weights of {len(off)} adapted layers ({examples(off)}) are offloaded by accelerate (kept in CPU "
-            "memory or on disk, on the meta device between calls): folding s·ΔW into them would change accelerate's "
-            "copy, which may be the checkpoint's own file; nothing was merged. Merge into the checkpoint instead: "
-            "randlora.save(model, 'adapter.safetensors'), then python -m randlora merge --base <model folder> "
-            "--adapter adapter.safetensors --out <merged folder> (shard by shard); or load the model without "
-            "offloading and merge it")
+            f"the weights of {len(bad)} adapted layers ({examples([n for n, _ in bad])}) are offloaded by accelerate "
+            f"and {bad[0][1]}; nothing was merged. Merge into the checkpoint instead: randlora.save(model, "
+            "'adapter.safetensors'), then python -m randlora merge --base <model folder> --adapter "
+            "adapter.safetensors --out <merged folder> (shard by shard); or load the model with an offload_folder")
+
+
+@contextlib.contextmanager
+def brought_in(layer: nn.Module, write: bool = True):
+    """For a layer whose weights accelerate offloads: inside, its ``weight``/``bias`` on the execution device
+    (a copy of the stored ones), so that ``merge_``/``unmerge_`` fold into a real tensor; on leaving without an
+    error and with ``write``, the weight is written back through accelerate's offload (:func:`_store`); either
+    way the parameters go back to the meta device. Any other layer: nothing happens."""
+    on = _onload(layer)
+    if on is None:
+        yield
+        return
+    on.bring_in(layer, copy=True)
+    try:
+        yield
+        if write:
+            _store(on.hook, layer.weight.detach())
+    finally:
+        on.send_back(layer)
 
 
 class Onload:
@@ -196,11 +257,8 @@ class Onload:
         self._live: dict[str, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from accelerate.utils import set_module_tensor_to_device
-
         layer, src = self.layer(), x.device
-        for n in self.names:
-            set_module_tensor_to_device(layer, n, self.device, value=self.hook.weights_map[n])
+        self.bring_in(layer)
         self._live = {n: layer._parameters[n] for n in self.names}
         keep = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         try:
@@ -208,9 +266,24 @@ class Onload:
                 y = type(layer).forward(layer, x.to(self.device), *args, **kwargs)
         finally:
             self._live = {}
-            for n in self.names:
-                set_module_tensor_to_device(layer, n, "meta")
+            self.send_back(layer)
         return y.to(src) if self.hook.io_same_device else y
+
+    def bring_in(self, layer: nn.Module, copy: bool = False) -> None:
+        """Put the stored ``weight``/``bias`` on the execution device into ``layer`` (``copy``: never the stored
+        tensor itself, for a caller that writes into it)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in self.names:
+            v = self.hook.weights_map[n]
+            set_module_tensor_to_device(layer, n, self.device, value=v.clone() if copy else v)
+
+    def send_back(self, layer: nn.Module) -> None:
+        """``layer``'s ``weight``/``bias`` back on the meta device."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in self.names:
+            set_module_tensor_to_device(layer, n, "meta")
 
     def _pack(self, t: torch.Tensor):
         for n, W in self._live.items():

@@ -547,7 +547,8 @@ def eject(model: nn.Module) -> None:
     require_bank(model)
     for _, layer in adapted_weights(model):
         if layer.merged:
-            layer.unmerge_()
+            with offload.brought_in(layer):  # (a weight accelerate offloads: written back through it)
+                layer.unmerge_()
     _restore(model)
 
 

@@ -1,8 +1,9 @@
 """Models dispatched by accelerate: a tiny Llama saved, then reloaded with a device_map that offloads layers to
 disk, with ``device_map="auto"`` and a CPU memory limit, or wrapped by ``cpu_offload`` / ``disk_offload``. The
 adapted model computes what the same model in memory computes (outputs, gradients, a training step, disabled),
-saves and loads adapters both ways, keeps no brought-in weight alive after a layer's forward, refuses ``merge``
-(naming the command-line merge) and ejects back to accelerate's own layers."""
+saves and loads adapters both ways, keeps no brought-in weight alive after a layer's forward, merges into
+accelerate's stored copies (refused, naming the command-line merge, where they are the checkpoint's own file) and
+ejects back to accelerate's own layers."""
 
 from __future__ import annotations
 
@@ -149,14 +150,44 @@ def test_adapters_move_between_offloaded_and_in_memory_models(saved, tmp_path, w
         torch.testing.assert_close(back(X).logits, model(X).logits, atol=1e-5, rtol=0)
 
 
-def test_merge_is_refused_naming_the_command_line_and_eject_restores(saved, tmp_path):
-    model = adapted(load(saved, "device_map", tmp_path))
-    base = load(saved, None, tmp_path)
+@pytest.mark.parametrize("kind", ["device_map", "cpu_offload"])  # (an offload-folder file; CPU memory)
+def test_merge_writes_back_through_the_offload(saved, tmp_path, kind):
+    """merge folds s·ΔW into accelerate's stored copy (CPU memory, or its offload folder; never the checkpoint's
+    file) exactly as the in-memory merge does; unmerge, disabled and merge(unload=True) work on it."""
+    checkpoint = (saved / "model" / "model.safetensors").read_bytes()
+    ref, model, base = adapted(load(saved, None, tmp_path)), adapted(load(saved, kind, tmp_path)), load(saved, None,
+                                                                                                       tmp_path)
+    with torch.no_grad():
+        y_adapted, y_base = ref(X).logits, base(X).logits
+        randlora.merge(ref)
+        y_merged = ref(X).logits
+        randlora.merge(model, unload=False)
+        assert all(l.weight.is_meta for l in offloaded_layers(model))
+        assert torch.equal(model(X).logits, y_merged)  # the same bits as the in-memory merge
+        with randlora.disabled(model):
+            torch.testing.assert_close(model(X).logits, y_base, atol=1e-5, rtol=0)
+        randlora.unmerge(model)
+        torch.testing.assert_close(model(X).logits, y_adapted, atol=1e-5, rtol=0)
+        randlora.merge(model, safe=True)
+        q = model.model.layers[2].self_attn.q_proj
+        assert type(q) is torch.nn.Linear and q.weight.is_meta and q._hf_hook.offload  # accelerate's layer again
+        assert torch.equal(model(X).logits, y_merged)
+    assert (saved / "model" / "model.safetensors").read_bytes() == checkpoint
+
+
+def test_merge_is_refused_where_the_weight_cannot_be_written_and_eject_restores(saved, tmp_path):
+    """Disk offload read from the checkpoint's own file with no offload folder: refused, naming the CLI merge."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM.from_pretrained(saved / "model", device_map=DISK).eval()
+    model, base = adapted(model), load(saved, None, tmp_path)
     with torch.no_grad():
         before = model(X).logits
-        with pytest.raises(StateError, match=r"offloaded by accelerate.*nothing was merged.*python -m randlora merge"):
+        with pytest.raises(StateError, match=r"^the weights of 6 adapted layers .* offloaded by accelerate and read "
+                                             r"from the checkpoint's own files.*nothing was merged.*python -m "
+                                             r"randlora merge"):
             randlora.merge(model)
-        torch.testing.assert_close(model(X).logits, before, atol=0, rtol=0)  # nothing changed
+        assert torch.equal(model(X).logits, before)  # nothing changed
         randlora.eject(model)
         assert not any(isinstance(m, RandLoraLinear) for m in model.modules())
         q = model.model.layers[1].self_attn.q_proj
@@ -215,9 +246,10 @@ def test_layers_across_two_devices(saved, tmp_path):
         torch.testing.assert_close(g[n].cpu(), g0[n], atol=1e-5, rtol=0)
     bank = model.randlora_bank
     assert bank.A.device.type == "cuda" and list(bank._device_copies) == [torch.device("cpu")]
-    with torch.no_grad():  # layers that are only dispatched (not offloaded) merge where they are
-        with pytest.raises(StateError, match="offloaded by accelerate"):
-            randlora.merge(model)
+    with torch.no_grad():  # every layer merges where it computes or is kept
+        randlora.merge(ref)
+        randlora.merge(model)
+        torch.testing.assert_close(model(X).logits.cpu(), ref(X).logits, atol=1e-5, rtol=0)
 
 
 def test_an_adapter_with_bases_loads_into_a_model_on_the_meta_device(tmp_path):
