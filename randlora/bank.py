@@ -275,6 +275,12 @@ class BasisBank:
         """``(A[:, :m], B_flat[:M, :n·r])`` for a layer of shape ``(O, I)``; both are views of the bank."""
         return layer_views(self.A, self.B, O, I, self.shape.r)
 
+    @property
+    def sparse_indexes(self) -> int:
+        """How many layer shapes' :class:`SparseIndex` the bank holds now (built on first use, never saved; a copy
+        of the bank starts with none)."""
+        return sum(k != "stamp" for k in self._sparse)
+
     def sparse_index(self, O: int, I: int) -> SparseIndex:
         """The sparse route's index structures for a layer of shape ``(O, I)`` (see :mod:`randlora.sparse`).
 

@@ -40,6 +40,7 @@ __all__ = [
     "delta_weight",
     "build_weight",
     "release_workspace",
+    "workspace",
     "acc_dtype",
 ]
 
@@ -77,6 +78,12 @@ def scratch(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -
     if buf is None or buf.numel() < n:
         buf = d[(role, dtype)] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
+
+
+def workspace() -> dict[tuple[str, torch.dtype], torch.Tensor]:
+    """This thread's scratch buffers by ``(role, dtype)`` (``"S"``, ``"W"`` of the dense op; ``"in"``, ``"out"``, ... of
+    the sparse op's token blocks): what the pool holds now, for diagnostics and tests."""
+    return dict(getattr(_WS, "d", None) or {})
 
 
 def release_workspace() -> None:

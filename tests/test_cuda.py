@@ -73,8 +73,7 @@ def test_bank_lives_once_on_the_device_and_scratch_buffers_stay_on_the_cpu():
     assert A0.untyped_storage().data_ptr() == A2.untyped_storage().data_ptr() == bank.A.untyped_storage().data_ptr()
     ops.release_workspace()
     model(torch.randn(32, 64, device="cuda")).sum().backward()
-    ws = getattr(ops._WS, "d", {})
-    assert all(not t.is_cuda for t in ws.values())  # the CPU-only scratch buffers never hold CUDA tensors
+    assert all(not t.is_cuda for t in ops.workspace().values())  # the CPU-only scratch buffers never hold CUDA tensors
 
 
 @pytest.mark.parametrize("T", [16, 512])

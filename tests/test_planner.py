@@ -246,10 +246,9 @@ def test_release_workspace_frees_the_dense_and_the_sparse_scratch():
         model(torch.randn(300, 24))  # sparse token blocks
         model[0].set_path("weight")
         model(torch.randn(300, 24))  # dense S and W + s·ΔW
-    pool = ops._WS.d
-    assert {"S", "W", "in", "out"} <= {role for role, _ in pool}
+    assert {"S", "W", "in", "out"} <= {role for role, _ in ops.workspace()}
     ops.release_workspace()
-    assert ops._WS.d == {}
+    assert ops.workspace() == {}
 
 
 # ------------------------------------------------------------------------------------------------

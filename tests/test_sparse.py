@@ -24,7 +24,7 @@ from randlora.errors import ConfigError
 from randlora.planner import plan_call
 from randlora.recipes import BankShape
 from randlora.costs import padded_width, sparse_costs
-from randlora.sparse import SparseCache, SparseIndex, grouped_terms, sparse_randlora_linear
+from randlora.sparse import SparseIndex, grouped_terms, sparse_randlora_linear
 from bench_loader import load_benchmark
 from reference import reference_delta
 
@@ -308,7 +308,7 @@ def test_mismatched_index_is_refused():
     dense = BasisBank(seed=0, mode="dense", recipe="portable", shape=BankShape(r=4, M=40, m=24))
     with pytest.raises(ConfigError, match="bases='sparse' or bases='very_sparse'"):
         dense.sparse_index(24, 40)
-    assert len(dense._sparse) == 0
+    assert dense.sparse_indexes == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_one_index_per_bank_and_shape():
     ic = bank.sparse_index(32, 48)
     assert ic is ia  # (O, I) and (I, O) use the same views
     assert isinstance(ia, SparseIndex) and (ia.M, ia.m, ia.r) == (48, 32, 4)
-    assert len([k for k in bank._sparse if k != "stamp"]) == 1
+    assert bank.sparse_indexes == 1
     x = torch.randn(5, 32)
     for layer in (model.a, model.b):
         torch.testing.assert_close(layer_output(layer, x), layer(x), rtol=1e-5, atol=1e-6)
@@ -392,10 +392,10 @@ def test_nothing_sparse_is_saved_and_copies_work():
     torch.save(after, buf)
     # copies of the model (deepcopy, pickle) start with an empty memo and rebuild it
     clone = copy.deepcopy(model)
-    assert isinstance(clone.a.bank._sparse, SparseCache) and len(clone.a.bank._sparse) == 0
+    assert clone.a.bank.sparse_indexes == 0
     assert clone.a.bank.sparse_index(48, 32) is not model.a.bank.sparse_index(48, 32)
     again = pickle.loads(pickle.dumps(model))
-    assert len(again.a.bank._sparse) == 0
+    assert again.a.bank.sparse_indexes == 0
     x = torch.randn(4, 32)
     torch.testing.assert_close(layer_output(clone.a, x), layer_output(model.a, x), rtol=0, atol=0)
 
