@@ -111,22 +111,26 @@ def _refuse_offloaded(model: nn.Module, mods: dict[str, nn.Module], cfg, params:
     if not any(hasattr(m, "_hf_hook") for m in model.modules()):
         return  # (not dispatched)
     off = [n for n, m in mods.items() if offloaded(m)]
-    odd = [n for n in off if hasattr(mods[n], "mha") or is_quantized(mods[n])]
     whole = [n for n, m in model.named_modules() if offloaded(m) and align_hook(m).place_submodules
              and any(t == n or t.startswith(n + ".") for t in mods)]
-    biases = [n for n, m in model.named_modules() if offloaded(m) and getattr(m, "bias", None) is not None]
-    why = (f"accelerate offloads a whole block at once above the targets ({examples(whole)}): its hook would also "
-           "swap the adapter's λ/γ. Dispatch with a device_map of smaller blocks" if whole else
-           f"the targets {examples(odd)} are offloaded attention in_proj weights or quantised layers, whose weights "
-           "the adapted layer does not hold itself" if odd else
-           f"bias={cfg.bias!r} trains biases accelerate offloads ({examples(biases)}): it puts the stored values "
-           "back at each call, so the training would be lost. Pass bias='none'"
-           if cfg.bias != "none" and (biases if cfg.bias == "all" else [n for n in off if mods[n].bias is not None])
-           else f"target_parameters {examples([p for p, o, _ in params if offloaded(o)])} are offloaded by "
-           "accelerate" if any(offloaded(o) for _, o, _ in params) else None)
-    if why:
-        raise ConfigError(f"{why}; nothing was changed. Or load the model without offloading those layers "
-                          "(device_map / max_memory that keeps them on a device)")
+    odd = [n for n in off if hasattr(mods[n], "mha") or is_quantized(mods[n])]
+    biases = ([n for n, m in model.named_modules() if offloaded(m) and getattr(m, "bias", None) is not None]
+              if cfg.bias == "all" else [n for n in off if mods[n].bias is not None] if cfg.bias != "none" else [])
+    owners = [p for p, o, _ in params if offloaded(o)]
+    keep = "load the model with a device_map / max_memory that keeps them on a device"
+    why = [(whole, f"accelerate offloads a whole block at once above the targets ({examples(whole)}), and its hook "
+                   "would swap the adapter's λ/γ too; nothing was changed. Dispatch with a device_map of smaller "
+                   "blocks (from_pretrained's own maps hook each layer)"),
+           (odd, f"the targets {examples(odd)} are offloaded attention in_proj weights or quantised layers, whose "
+                 f"weights the adapted layer does not hold itself; nothing was changed. Exclude them, or {keep}"),
+           (biases, f"bias={cfg.bias!r} trains biases accelerate offloads ({examples(biases)}): its hook puts the "
+                    "stored values back at each call, so the training would be lost; nothing was changed. Pass "
+                    f"bias='none', or {keep}"),
+           (owners, f"target_parameters {examples(owners)} are offloaded by accelerate, whose hook puts the stored "
+                    f"tensors back at each call; nothing was changed. Leave them out, or {keep}")]
+    for found, msg in why:
+        if found:
+            raise ConfigError(msg)
 
 
 def place(new: dict[str, nn.Module], mods: dict[str, nn.Module], bank) -> None:
