@@ -248,10 +248,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adap
                               "randlora.hf.RandLoraTrainer or a peft adapter folder")
     if path.is_dir() and not (path / ADAPTER_FILE).is_file():
         names = sorted(p.name for p in path.iterdir())
+        model = any(n.endswith(".safetensors.index.json") or n == "model.safetensors" for n in names)
         raise CheckpointError(f"the folder {path} holds neither {PEFT_CONFIG} nor {ADAPTER_FILE} (it holds "
-                              f"{len(names)} entries{': ' + examples(names) if names else ''}); pass an adapter "
-                              ".safetensors file, a checkpoint folder of randlora.hf.RandLoraTrainer or a peft "
-                              "adapter folder")
+                              f"{len(names)} entries{': ' + examples(names) if names else ''})"
+                              + (": it is a model's weights, not an adapter (a command takes those as --base)"
+                                 if model else "") + "; pass an adapter .safetensors file, a checkpoint folder of "
+                              "randlora.hf.RandLoraTrainer or a peft adapter folder")
     tensors, cfg = read_file(path)
     return tensors, cfg, {"format": "randlora", "file": adapter_path(path)}
 

@@ -172,3 +172,12 @@ def test_bad_checkpoints_are_refused_with_cause_and_fix(case, tmp_path, how, cau
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
     with pytest.raises(CheckpointError, match="nothing was written"):
         merge_file(base, case[0] / "ad.safetensors", out)
+
+
+def test_inspect_of_a_model_folder_says_it_is_weights_not_an_adapter(case, capsys):
+    d = case[0]
+    assert main(["inspect", str(d / "base")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"randlora: error: the folder {d / 'base'} holds neither adapter_config.json")
+    assert "it is a model's weights, not an adapter (a command takes those as --base)" in err
+    assert main(["inspect", str(d / "ad.safetensors")]) == 0 and "9 layers" in capsys.readouterr().out
