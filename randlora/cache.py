@@ -103,6 +103,12 @@ class DeltaCache:
     def clear(self) -> None:
         self.entry = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now: the kept tensor and the copies of ``λ``, ``γ`` it was built from (0 before the first call)."""
+        e = self.entry
+        return 0 if e is None else sum(t.numel() * t.element_size() for t in (e.kept, e.lam, e.gam))
+
     def delta(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, build) -> torch.Tensor:
         """``s·ΔW`` for these values: the kept one if ``λ``, ``γ``, ``s`` and the bank are unchanged, else
         ``build()`` (which is then kept)."""

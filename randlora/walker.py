@@ -577,6 +577,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 @on_root
 def summary(model: nn.Module) -> str:
     """A per-layer table (shape, bases, trainable count; for a 3-D adapted parameter one matrix's shape and its
-    ``E``), totals and the percentage of the model."""
+    ``E``), totals and the percentage of the model; inside :func:`randlora.cached`, what its kept tensors hold."""
     bank = require_bank(model)
-    return repr(_report(model, adapted_weights(model), bank))
+    layers = list(adapted_weights(model))
+    text = repr(_report(model, layers, bank))
+    caches = [c for _, l in layers if (c := getattr(l, "cache", None)) is not None]
+    if caches:
+        mode = "W + s·ΔW" if caches[0].frozen_base else "s·ΔW"
+        text += (f"\nrandlora.cached: {len(caches)} layers keep {mode}, {sum(c.nbytes for c in caches) / 2**20:.1f} MiB "
+                 f"held now ({sum(c.entry is not None for c in caches)} built)")
+    return text
