@@ -150,6 +150,16 @@ def test_adapters_move_between_offloaded_and_in_memory_models(saved, tmp_path, w
         torch.testing.assert_close(back(X).logits, model(X).logits, atol=1e-5, rtol=0)
 
 
+def test_a_peft_folder_loads_into_an_offloaded_model(saved, tmp_path):
+    ref = adapted(load(saved, None, tmp_path), recipe="peft")
+    randlora.save_peft(ref, tmp_path / "peft")
+    model = load(saved, "disk_offload", tmp_path)
+    randlora.load_peft(model, tmp_path / "peft")
+    assert offloaded_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X).logits, ref(X).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["device_map", "cpu_offload"])  # (an offload-folder file; CPU memory)
 def test_merge_writes_back_through_the_offload(saved, tmp_path, kind):
     """merge folds s·ΔW into accelerate's stored copy (CPU memory, or its offload folder; never the checkpoint's
