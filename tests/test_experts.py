@@ -254,6 +254,9 @@ def test_save_and_load(tmp_path, save_projection):
     randlora.load(fresh, path)
     assert randlora.walker.config_of(fresh).target_parameters == [f"model.layers.0.mlp.experts.{p}" for p in PARAMS]
     torch.testing.assert_close(fresh(IDS).logits, y)
+    inner = copy.deepcopy(base).model  # the bare MoE model: the file's paths lose their "model." prefix
+    randlora.load(inner, path)
+    torch.testing.assert_close(inner(IDS).last_hidden_state, model.model(IDS).last_hidden_state)
     sd = randlora.state_dict(model)
     sd["model.layers.0.mlp.experts.down_proj.randlora_lambda"] = torch.zeros(3, 4, 4)
     with pytest.raises(randlora.CheckpointError, match="down_proj.randlora_lambda"):
