@@ -419,7 +419,7 @@ def parameter_hint(mods: list[nn.Module]) -> str:
                                if p is not None and p.dim() in (2, 3) and p.is_floating_point()))
     if not found:
         return ""
-    names = list(dict.fromkeys(k for _, k in found))
+    names = list(dict.fromkeys(k for _, k in found))[:8]
     return (f" They hold weight tensors themselves ({', '.join(d for d, _ in found[:4])}"
             f"{' ...' if len(found) > 4 else ''}), such as a mixture-of-experts layer's fused experts: adapt those "
             f"with target_parameters={names!r} (inject(model, target_parameters=[...]), with or without targets).")
