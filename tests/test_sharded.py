@@ -181,3 +181,16 @@ def test_inspect_of_a_model_folder_says_it_is_weights_not_an_adapter(case, capsy
     assert err.startswith(f"randlora: error: the folder {d / 'base'} holds neither adapter_config.json")
     assert "it is a model's weights, not an adapter (a command takes those as --base)" in err
     assert main(["inspect", str(d / "ad.safetensors")]) == 0 and "9 layers" in capsys.readouterr().out
+
+
+def test_merge_into_its_own_folder_with_force(case, tmp_path):
+    """--out the base folder itself: refused without --force; with it, replaced once the new folder is complete."""
+    d, merged = case[0], case[3]
+    base = tmp_path / "base"
+    shutil.copytree(d / "base", base)
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        merge_file(base, d / "ad.safetensors", base)
+    merge_file(base, d / "ad.safetensors", base, force=True)
+    got = read_folder(base)
+    assert set(got) == set(merged) and all(torch.equal(got[k], v) for k, v in merged.items())
+    assert (base / "tokenizer.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
