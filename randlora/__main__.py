@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from .bank import FINGERPRINT_KEYS
-from .checkpoint import FP, atomic_write
+from .bank import FP
+from .filefmt import atomic_write
 from .errors import CheckpointError, RandLoraError
 from .files import layer_paths, read_adapter, read_for_weights, trained_for_weights
 from .ops import acc_dtype

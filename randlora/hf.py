@@ -104,7 +104,8 @@ def _save_extra(extra: dict, path: Path, write: bool, root: str) -> None:
     adapter root's path in the Trainer's model (``root``, dotted; ``""`` for the model itself)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import full_tensor, atomic_write
+    from .checkpoint import full_tensor
+    from .filefmt import atomic_write
 
     tensors = {k: full_tensor(p.detach()).to("cpu").contiguous().clone() for k, p in extra.items()}
     if write:
@@ -207,7 +208,7 @@ def read_trainable(path: str | os.PathLike) -> Trainable | None:
     Raises:
         CheckpointError: the file is unreadable.
     """
-    from .checkpoint import read_safetensors
+    from .filefmt import read_safetensors
 
     file = Path(path) / EXTRA_FILE
     if not file.is_file():
@@ -218,7 +219,7 @@ def read_trainable(path: str | os.PathLike) -> Trainable | None:
 
 def _read_extra(folder: str | os.PathLike, extra: dict, what: str) -> dict:
     """``EXTRA_FILE``'s tensors, checked against the parameters the model trains outside the adapter."""
-    from .checkpoint import read_safetensors
+    from .filefmt import read_safetensors
     from .paths import examples
 
     path = Path(folder) / EXTRA_FILE

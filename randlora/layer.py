@@ -215,7 +215,7 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         if ad is None:
             return None
         with_weight = not self.quantized and not (self.training and ad.drops)
-        return core.plan(tokens, self.out_features, self.in_features, ad, self._bank, self.weight.device.type,
+        return core.plan(tokens, self.out_features, self.in_features, ad, self._bank, ad.randlora_lambda.device.type,
                          need_x=need_x, need_W=self.weight.requires_grad, with_weight=with_weight, path=self.path,
                          keep=self.keep, cached=self._cache is not None)
 

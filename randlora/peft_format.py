@@ -48,7 +48,7 @@ def write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -
     """Write ``WEIGHTS_FILE`` and ``CONFIG_FILE`` into ``folder`` (created), each atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write
+    from .filefmt import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

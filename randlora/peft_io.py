@@ -124,7 +124,7 @@ def _read_config(cpath: Path) -> dict:
 
 
 def _read_weights(wpath: Path) -> dict[str, torch.Tensor]:
-    from .checkpoint import read_safetensors
+    from .filefmt import read_safetensors
 
     return read_safetensors(wpath)[0]
 

@@ -13,7 +13,7 @@ from torch import nn
 import randlora
 from randlora.__main__ import merge_file
 from randlora.bank import FINGERPRINT_KEYS, Fingerprint, layer_views
-from randlora.checkpoint import atomic_write
+from randlora.filefmt import atomic_write
 from randlora.errors import CheckpointError
 from randlora.files import read_adapter, read_for_weights
 from randlora.recipes import BankShape, generate, n_bases

@@ -279,12 +279,12 @@ def test_peft_recipe_is_bit_exact_with_peft(r, dims, seed, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_peft_recipe_values_are_stored_losslessly(mode):
     """peft's dense bases are bfloat16 values and its sparse ones ternary: files can store them compactly."""
-    from randlora.checkpoint import _decode_bases, _encode_bases
+    from randlora.filefmt import decode_bases, encode_bases
 
     A, B = generate("peft", 5, mode, BankShape(8, 90, 50))
-    enc, meta = _encode_bases(A, B)
+    enc, meta = encode_bases(A, B)
     assert all(t.element_size() * t.numel() <= 2 * x.numel() for t, x in zip(enc.values(), (A, B)))
-    _decode_bases(enc, meta)
+    decode_bases(enc, meta)
     assert torch.equal(enc["randlora_A"], A) and torch.equal(enc["randlora_B"], B)
 
 
