@@ -3,6 +3,8 @@ read their float weight. Duck typing: neither library is imported unless such a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -11,9 +13,15 @@ from .errors import StateError
 __all__ = ["is_quantized", "dequantize"]
 
 
+@functools.lru_cache(maxsize=None)
+def _torchao_class(cls: type) -> bool:
+    return any(c.__name__ == "TorchAOBaseTensor" for c in cls.__mro__)
+
+
 def _is_torchao(W: torch.Tensor) -> bool:
-    """A torchao quantised weight (a ``TorchAOBaseTensor`` subclass, e.g. int8 weight-only's ``Int8Tensor``)."""
-    return any(c.__name__ == "TorchAOBaseTensor" for c in type(W).__mro__)
+    """A torchao quantised weight (a ``TorchAOBaseTensor`` subclass, e.g. int8 weight-only's ``Int8Tensor``); the
+    answer per class is remembered (every adapted call asks)."""
+    return _torchao_class(type(W))
 
 
 def is_quantized(mod: nn.Module) -> bool:
