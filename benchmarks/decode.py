@@ -13,7 +13,11 @@ per new token:
   (one kept ``W + s·ΔW`` per layer, one matmul per call); ``randlora-delta-cached``: inside
   ``randlora.cached(model)`` (``s·ΔW`` kept, ``W + s·ΔW`` formed on every call);
 * ``merged``: ``randlora.merge`` (the base model's cost by construction);
-* ``peft-lora``: peft LoRA r = 32 on the same layers, unmerged; ``peft-randlora``: peft's RandLora r = 32.
+* ``peft-lora``: peft LoRA r = 32 on the same layers, unmerged; ``peft-randlora``: peft's RandLora r = 32;
+* with ``--variants``: ``base-nf4``, ``randlora-nf4``, ``randlora-nf4-cached``: every linear layer but the head a
+  bitsandbytes NF4 layer (float32 compute), unmerged, and inside ``randlora.cached(model, frozen_base=True)``
+  (each layer keeps its ``s·ΔW``: its quantised matmul plus one dense matmul per call); ratios against
+  ``base-nf4``.
 
 Every variant of this library is checked to generate the same tokens as the unmerged model with its bases.
 
@@ -44,6 +48,22 @@ from randlora.walker import adapted_layers  # noqa: E402
 
 VARIANTS = ("base", "randlora", "randlora-vs", "randlora-cached", "randlora-vs-cached", "randlora-delta-cached",
             "merged", "peft-lora", "peft-randlora")
+NF4_VARIANTS = ("base-nf4", "randlora-nf4", "randlora-nf4-cached")  # bitsandbytes 4-bit bases (with --variants)
+
+
+def nf4(base: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``base`` with every linear layer but the head a bitsandbytes NF4 ``Linear4bit`` (float32 compute)."""
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(base)
+    for name, mod in list(model.named_modules()):
+        if type(mod) is torch.nn.Linear and name != "lm_head":
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.load_state_dict(mod.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q.to("cpu").eval())  # quantised on the move
+    return model
 
 
 def adapted(base: torch.nn.Module, bases: str, r: int) -> torch.nn.Module:
@@ -62,6 +82,13 @@ def build(variant: str, base: torch.nn.Module, r: int) -> tuple[torch.nn.Module,
     """The model a variant generates with, and a function returning the context each generation runs in."""
     if variant == "base":
         return base, contextlib.nullcontext
+    if variant.endswith("nf4") or "-nf4-" in variant:
+        quantized = nf4(base)
+        if variant == "base-nf4":
+            return quantized, contextlib.nullcontext
+        model = adapted(quantized, "dense", r)
+        return model, (lambda: randlora.cached(model, frozen_base=True)) if variant.endswith("cached") else \
+            contextlib.nullcontext
     if variant.startswith("randlora") or variant == "merged":
         model = adapted(base, "very_sparse" if "-vs" in variant else "dense", r)
         if variant == "merged":
@@ -95,7 +122,7 @@ def measure(variants: list[str], base: torch.nn.Module, r: int, new: int, rounds
     same = {}
     for v, (model, ctx) in models.items():  # against the unmerged model with the same bases
         if v.startswith("randlora") or v == "merged":
-            ref = "randlora-vs" if "-vs" in v else "randlora"
+            ref = "randlora-vs" if "-vs" in v else "randlora-nf4" if "-nf4" in v else "randlora"
             if ref not in models:
                 continue
             want = generate(models[ref][0], prompt, new)
@@ -116,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="generations per variant (default 5; quick 2)")
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--variants", nargs="*", default=None, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="*", default=None, choices=VARIANTS + NF4_VARIANTS)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/decode[-quick].json)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -127,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     r = 4 if args.quick else args.r
     times, same = measure(variants, build_llama(size), r, new, rounds)
     med = {v: statistics.median(t) for v, t in times.items()}
-    ref = med.get("base")
-    rows = [[v, f"{med[v]:.2f}", f"{med[v] / ref:.2f}" if ref else "-",
-             {True: "yes", False: "NO"}.get(same.get(v), "-")] for v in variants]
+    def ratio(v: str) -> str:  # against the base model with the same (float or NF4) frozen layers
+        ref = med.get("base-nf4" if "nf4" in v else "base")
+        return f"{med[v] / ref:.2f}" if ref else "-"
+
+    rows = [[v, f"{med[v]:.2f}", ratio(v), {True: "yes", False: "NO"}.get(same.get(v), "-")] for v in variants]
     print(f"\nLlama {size['hidden']}/{size['mlp']}, {size['layers']} layers, every linear layer, r = {r}; batch 1, "
           f"{new} new tokens greedy, median of {rounds} interleaved generations, {torch.get_num_threads()} threads\n")
     print(markdown_table(["variant", "ms per token", "/ base", "same tokens as unmerged"], rows))

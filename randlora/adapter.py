@@ -79,6 +79,26 @@ class AdapterSlots(Adapter):
     (``self.bank.registry``), read through :attr:`active`."""
 
     adapter_name: str
+    merged_name: str | None
+    """The adapter folded into the weight, if any (``merge_`` / ``unmerge_``; ``_fold`` is the subclass's)."""
+    _what = "layer"  # how errors name the holder
+
+    @property
+    def merged(self) -> bool:
+        """Whether an adapter's ``s·ΔW`` is folded into the weight (see ``merge_``)."""
+        return self.merged_name is not None
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        """Subtract ``s·ΔW`` from the weight again.
+
+        Raises:
+            StateError: not merged.
+        """
+        if not self.merged:
+            raise StateError(f"{self._what} is not merged; nothing to unmerge")
+        self._fold(self.merged_name, -1.0)
+        self.merged_name = None
 
     @property
     def active(self) -> str:

@@ -158,6 +158,8 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
         name: the first adapter's name.
     """
 
+    _what = "parameter"  # how errors name the holder
+
     quantized = False
     fan_in_fan_out = False
     bias = None
@@ -185,11 +187,6 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
     @property
     def bank(self) -> BasisBank:
         return self._bank
-
-    @property
-    def merged(self) -> bool:
-        """Whether an adapter's ``s·ΔW`` is folded into the tensor."""
-        return self.merged_name is not None
 
     @property
     def kind(self) -> str:
@@ -321,18 +318,6 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
         name = self.active if name is None else name
         self._fold(name, +1.0)
         self.merged_name = name
-
-    @torch.no_grad()
-    def unmerge_(self) -> None:
-        """Subtract ``s·ΔW`` from the tensor again.
-
-        Raises:
-            StateError: not merged.
-        """
-        if not self.merged:
-            raise StateError("parameter is not merged; nothing to unmerge")
-        self._fold(self.merged_name, -1.0)
-        self.merged_name = None
 
     def _fold(self, name: str, sign: float) -> None:
         ad = self.adapter(name)

@@ -92,11 +92,6 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         return self._cache
 
     @property
-    def merged(self) -> bool:
-        """Whether an adapter's ``s·ΔW`` is folded into the weight (see :meth:`merge_`)."""
-        return self.merged_name is not None
-
-    @property
     def base_layer(self) -> nn.Module:
         """The original module (unregistered); its weight/bias are this layer's."""
         return self._base
@@ -237,18 +232,6 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         name = self.active if name is None else name
         self._fold(name, 1.0)
         self.merged_name = name
-
-    @torch.no_grad()
-    def unmerge_(self) -> None:
-        """Subtract ``s·ΔW`` from the weight again.
-
-        Raises:
-            StateError: not merged.
-        """
-        if not self.merged:
-            raise StateError("layer is not merged; nothing to unmerge")
-        self._fold(self.merged_name, -1.0)
-        self.merged_name = None
 
     def _fold(self, name: str, sign: float) -> None:
         """``W ← W ± s·ΔW`` of adapter ``name``, accumulated in float32 (float64 for float64 weights)."""
