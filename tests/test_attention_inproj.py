@@ -26,8 +26,8 @@ from randlora.walker import adapted_layers
 
 from models import randomize
 from reference import reference_delta
-from test_attention_modules import (B, CASES, D, FF, FUSED, H, S, Case, ViTBlock, _bf, _eval_run, _inputs, _kept,
-                                    _loss, _outs, fused)  # noqa: F401 (fused: a fixture)
+from test_attention_modules import (CASES, D, H, S, Case, ViTBlock, _eval_run, _inputs, _kept, check_applied,
+                                    fused)  # noqa: F401 (fused: a fixture)
 from test_errors import assert_unchanged, snapshot
 
 TARGETS = ["in_proj", "out_proj", "linear1"]  # every attention module's in_proj and out_proj, a linear layer
@@ -93,24 +93,7 @@ def test_every_adapted_weight_is_applied(name, mode, grad):
     assert sum(k == "attention in_proj" for k in rep.kinds) == sum(isinstance(m, nn.MultiheadAttention)
                                                                     for m in base.modules()) > 0
     model.train(mode == "train")
-    x, pad = _inputs()
-    with torch.set_grad_enabled(grad):
-        y = case.run(model, x.float(), pad)
-    ref, leaves = _reference(base, model, x, pad, case)
-    for got, want in zip(_outs(y), _outs(ref)):
-        torch.testing.assert_close(_kept(got, pad, case).double(), _kept(want, pad, case), rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # each adapted weight moves the output by far more than that tolerance
-        for path in leaves:
-            off, _ = _reference(base, model, x, pad, case, without=path)
-            assert (_kept(off, pad, case) - _kept(ref, pad, case)).abs().max() > 1e-3, path
-    if not grad:
-        return
-    _loss(tuple(_kept(t, pad, case) for t in _outs(y))).backward()
-    _loss(tuple(_kept(t, pad, case) for t in _outs(ref))).backward()
-    for path, layer in adapted_layers(model):
-        for p, leaf in zip((layer.randlora_lambda, layer.randlora_gamma), leaves[path]):
-            assert p.grad is not None and p.grad.abs().max() > 0, path
-            torch.testing.assert_close(p.grad.double(), leaf.grad, rtol=1e-4, atol=1e-6 * leaf.grad.abs().max())
+    check_applied(base, model, case, grad, _reference)
 
 
 def test_gradcheck_on_a_tiny_attention_module():

@@ -158,15 +158,22 @@ def test_every_adapted_layer_is_applied(name, mode, grad):
     case = CASES[name]
     base, model = _adapted(name)
     model.train(mode == "train")
+    check_applied(base, model, case, grad, _reference)
+
+
+def check_applied(base: nn.Module, model: nn.Module, case, grad: bool, reference) -> None:
+    """The adapted model's outputs and λ/γ gradients equal ``reference``'s (a float64 functional call of ``base``
+    with ``ΔW`` added to each adapted weight), and dropping any one adapted weight's term moves the output by far
+    more than the tolerance: every adapted weight is applied."""
     x, pad = _inputs()
     with torch.set_grad_enabled(grad):
         y = case.run(model, x.float(), pad)
-    ref, leaves = _reference(base, model, x, pad, case)
+    ref, leaves = reference(base, model, x, pad, case)
     for got, want in zip(_outs(y), _outs(ref)):
         torch.testing.assert_close(_kept(got, pad, case).double(), _kept(want, pad, case), rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # each layer's term moves the output by far more than that tolerance
+    with torch.no_grad():  # each adapted weight's term moves the output by far more than that tolerance
         for path in leaves:
-            off, _ = _reference(base, model, x, pad, case, without=path)
+            off, _ = reference(base, model, x, pad, case, without=path)
             assert (_kept(off, pad, case) - _kept(ref, pad, case)).abs().max() > 1e-3, path
     if not grad:
         return
