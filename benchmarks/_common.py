@@ -36,6 +36,22 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> floa
     return time.perf_counter() - t0
 
 
+def lm_train_step(model: Any, ids: Any, params: Any, lr: float = 1e-5) -> Callable[[], None]:
+    """One causal-LM training step of ``model`` on ``ids`` (labels = inputs: forward, backward, AdamW on
+    ``params``, gradients cleared), as a closure; the model is put in training mode."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def interleaved(names: Sequence[str], step: Callable[[str], Any], rounds: int,
                 warmup: int = 2) -> dict[str, list[float]]:
     """Seconds of ``step(name)`` for each of ``names``, measured side by side: ``warmup`` untimed rounds, then

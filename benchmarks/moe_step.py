@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import have, machine, markdown_table, median, peak_rss_mb, run_worker, timed, write_json  # noqa: E402
+from _common import (have, lm_train_step, machine, markdown_table, median, peak_rss_mb, run_worker, timed,  # noqa: E402
+                     write_json)
 
 KINDS = ("randlora", "randlora-vs", "randlora-attn", "peft-lora", "full")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -107,14 +108,7 @@ def measure(cfg):
     ids = torch.randint(0, size["vocab"], (BATCH, size["seq"]))
     gc.collect()
     setup_mb = peak_rss_mb()
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = lm_train_step(model, ids, params)
 
     times, cpu = [], []
     for i in range(1 + cfg["steps"]):  # one warm-up step

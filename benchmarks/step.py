@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import have, machine, markdown_table, median, peak_rss_mb, run_worker, timed, write_json  # noqa: E402
+from _common import (have, lm_train_step, machine, markdown_table, median, peak_rss_mb, run_worker, timed,  # noqa: E402
+                     write_json)
 
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 TARGET_LABEL = {"qv": "q_proj,v_proj", "all": "all 7 linear"}
@@ -128,14 +129,7 @@ def worker(cfg):
                     times.append(t)
                     cpu.append(time.process_time() - c)
     else:
-        model.train()
-        opt = torch.optim.AdamW(params, lr=1e-5)
-
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = lm_train_step(model, ids, params)
 
         for i in range(1 + cfg["steps"]):  # one warm-up step
             c = time.process_time()
