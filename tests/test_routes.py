@@ -12,7 +12,9 @@ import randlora
 from randlora import core, planner
 from randlora.walker import adapted_layers
 
+from models import randomize
 from reference import reference_delta
+from test_serving import alone
 
 
 def _model(bases="dense", names=("default", "b")):
@@ -20,13 +22,8 @@ def _model(bases="dense", names=("default", "b")):
     model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12))
     for name in names:
         randlora.inject(model, "all-linear", r=4, bases=bases, name=None if name == "default" else name)
-    with torch.no_grad():
-        for p in randlora.trainable_parameters(model):
-            p.normal_()
-        for name in names[1:]:
-            for _, layer in adapted_layers(model):
-                ad = layer.adapter(name)
-                ad.randlora_lambda.normal_()
+    for seed, name in enumerate(names):
+        randomize(model, seed, name)
     return model
 
 
@@ -73,23 +70,14 @@ def test_every_forced_mixed_pass_gives_the_rows_run_alone(bases):
     model = _model(bases).eval()
     names = ["b", None, "default", "b"]
     x = torch.randn(4, 3, 12, dtype=torch.float32)
+    want = alone(model, names, x)
     with torch.no_grad():
-        alone = []
-        for i, name in enumerate(names):
-            if name is None:
-                with randlora.disabled(model):
-                    alone.append(model(x[i:i + 1]))
-            else:
-                randlora.use(model, name)
-                alone.append(model(x[i:i + 1]))
-        randlora.use(model, "default")
-        want = torch.cat(alone)
         passes = ["grouped", "batched"] + (["batched-sparse"] if bases != "dense" else [])
         for how in passes:
             with randlora.force_route(model, mixed=how), randlora.mixed(model, names) as state:
                 y = model(x)
                 plan = state.plan(model[0], x.reshape(-1, 12))
-            assert plan.kind == how and f"forced by the layer's mixed setting" in plan.explain()
+            assert plan.kind == how and "forced by the layer's mixed setting" in plan.explain()
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
