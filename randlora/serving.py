@@ -111,15 +111,17 @@ class Mixed:
                 "per batch row; generate() with num_beams or num_return_sequences > 1 repeats each row, so "
                 "repeat its name as well")
 
-    def plan(self, layer, x: torch.Tensor, present: dict | None = None) -> MixedPlan:
+    def plan(self, layer, x: torch.Tensor, present: dict | None = None, cd: torch.dtype | None = None) -> MixedPlan:
         """How a call of ``layer`` on ``x`` runs now: the planner's :func:`~randlora.planner.plan_mixed` of the
         call's facts (the groups present and their tokens, which of them the block holds a valid kept matrix of,
         grad mode, the compute dtype, the budget) and the layer's settings (``path``, ``mixed``).
-        ``state.plan(layer, x).explain()`` says why a mixed call runs as it does."""
+        ``state.plan(layer, x).explain()`` says why a mixed call runs as it does (``present``, ``cd``: the
+        adapters of the batch on this layer and the compute dtype, when the caller has them)."""
         if present is None:
             present = {name: ad for name in self.groups if (ad := layer.adapter(name)) is not None}
+        cd = self._compute_dtype(layer, x, present) if cd is None else cd
         T = x.numel() // x.shape[-1]
-        t, dev, cd = T // len(self.names), x.device.type, self._compute_dtype(layer, x, present)
+        t, dev = T // len(self.names), x.device.type
         self._drop_stale(layer, present, cd)
         serving = not torch.is_grad_enabled() and not (layer.training and any(ad.drops for ad in present.values()))
         O, I = layer.out_features, layer.in_features
@@ -181,12 +183,12 @@ class Mixed:
         then the rows put back in batch order; ``"batched"``/``"batched-sparse"``: :meth:`_base_plus_terms`."""
         self._check(layer, x)
         present = {name: ad for name in self.groups if (ad := layer.adapter(name)) is not None}
-        plan = self.plan(layer, x, present)
+        cd = self._compute_dtype(layer, x, present)
+        plan = self.plan(layer, x, present, cd)
         if plan.kind == "base":  # this layer carries none of the batch's adapters: every row keeps the base
             return layer.apply_adapter(x, None)
         if plan.kind == "plain":  # one adapter on every row: a plain call
             return layer.apply_adapter(x, next(iter(present.values())))
-        cd = self._compute_dtype(layer, x, present)
         kept = {name: self._kept_matrix(layer, name, present[name], cd) for name in plan.keep}
         rest = {name: ad for name, ad in present.items() if name not in kept}
         if plan.kind != "grouped":
@@ -227,7 +229,7 @@ class Mixed:
         groups' rows replaced by theirs (:meth:`_kept_rows`)."""
         out = layer.apply_adapter(x, None)
         with torch.autocast(x.device.type, enabled=False):
-            cd = self._compute_dtype(layer, x, rest)
+            cd = self._compute_dtype(layer, x, rest)  # (with autocast off: the pass in the weight's dtype)
             if plan.kind == "batched-sparse":
                 wd = torch.float32 if plan.work_float32 else cd
                 term = self._sparse_batched(layer, x.to(cd), list(rest.items()), plan, wd)

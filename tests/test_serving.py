@@ -100,8 +100,8 @@ def spied(seen: list):
     """``Mixed.plan`` recording the kind of each layer call's plan in ``seen``."""
     real = Mixed.plan
 
-    def spy(self, layer, x, present):
-        plan = real(self, layer, x, present)
+    def spy(self, layer, x, present=None, cd=None):
+        plan = real(self, layer, x, present, cd)
         seen.append(plan.kind)
         return plan
 
@@ -503,8 +503,8 @@ def test_keep_bytes_keeps_what_its_plan_says(names, seq, kept, why):
     plans = []
     real = Mixed.plan
 
-    def spy(self, layer, xs, present=None):
-        plans.append((layer, real(self, layer, xs, present)))
+    def spy(self, layer, xs, present=None, cd=None):
+        plans.append((layer, real(self, layer, xs, present, cd)))
         return plans[-1][1]
 
     with torch.no_grad(), mock.patch.object(Mixed, "plan", spy), \
