@@ -13,8 +13,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .errors import ConfigError, StateError
-from .planner import KEEP_POLICIES, MIXED_PASSES, PATHS
+from .errors import StateError
 from .walker import adapted_layers
 
 __all__ = ["force_route"]
@@ -42,16 +41,12 @@ def force_route(model: nn.Module, path: str | None = None, *, keep: str | None =
         StateError: ``model`` holds no adapted layer.
     """
     wanted = {k: v for k, v in (("path", path), ("keep", keep), ("mixed", mixed)) if v is not None}
-    allowed = {"path": PATHS + ("sparse",), "keep": KEEP_POLICIES, "mixed": MIXED_PASSES}
-    for k, v in wanted.items():
-        if v not in allowed[k]:
-            raise ConfigError(f"force_route: {k} must be one of {allowed[k]}, got {v!r}")
     layers = [layer for _, layer in adapted_layers(model)]
     if not layers:
         raise StateError("force_route: the model holds no adapted layer; call randlora.inject(model, ...) first")
     saved = [{k: getattr(layer, k) for k in wanted} for layer in layers]
     try:
-        for layer in layers:
+        for layer in layers:  # the setters check each value (a refusal puts every layer's own back, below)
             for k, v in wanted.items():
                 getattr(layer, _SETTERS[k])(v)
         yield
