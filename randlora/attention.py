@@ -130,9 +130,24 @@ def _checked(role: str, layer: RandLoraLinear, ad) -> None:
                          "batch. Run each adapter's rows as a batch of their own (randlora.use(model, name))")
 
 
+def _unsharded(role: str, layer: RandLoraLinear) -> None:
+    """Refuse a layer whose parameters are still sharded (``DTensor``) when the attention module runs: FSDP2
+    gathers a module's parameters when that module is called, and the attention module never calls this one."""
+    if any(hasattr(p, "full_tensor") for p in (layer.weight, *layer.parameters())):
+        raise StateError(f"{role} of this nn.MultiheadAttention is sharded on its own (fully_shard / DTensor "
+                         f"parameters): the attention module reads its weight without calling {role}, so FSDP2 "
+                         f"never gathers {role}'s parameters for the attention's forward. fully_shard the "
+                         f"attention module or a module above it (the encoder/decoder layer), not {role} alone")
+
+
 def _weight_now(role: str, layer: RandLoraLinear):
     """The ``(O, I)`` weight the attention module must read for ``layer`` now, or None for its own Parameter:
-    ``W + s·ΔW`` of the active adapter, or, merged and disabled, ``W − s·ΔW`` of the merged one (the base)."""
+    ``W + s·ΔW`` of the active adapter, or, merged and disabled, ``W − s·ΔW`` of the merged one (the base).
+
+    Raises:
+        StateError: ``layer``'s parameters are sharded (:func:`_unsharded`).
+    """
+    _unsharded(role, layer)
     if layer.merged:
         if not layer.disabled:
             return None
