@@ -236,8 +236,62 @@ def cached(model: nn.Module, *, max_bytes: int | None = None, frozen_base: bool 
         if fits:
             chosen.append(name)
             used += size
+    adapted = [layer for _, layer in layers]
+    armable = [(layer, layer.quantized) for layer in adapted if frozen_base and _armable(layer)]
+    hooks = (model.register_forward_pre_hook(lambda *_: arm(armable)),
+             model.register_forward_hook(lambda *_: disarm(armable), always_call=True)) if frozen_base else ()
     try:
         yield chosen
     finally:
+        for h in hooks:
+            h.remove()
+        disarm(armable)
         for (_, layer), prev in zip(layers, before):
             layer.set_cache(prev)
+
+
+def arm(layers: list[tuple]) -> None:
+    """Before one no-grad call of the model inside ``cached(frozen_base=True)``: check each layer's kept matrix once
+    (:func:`_armed`) so that the layer's calls inside this one are one matmul with it, without planning a route or
+    comparing ``λ``/``γ`` again (nothing changes them inside a no-grad forward)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    for layer, quantized in layers:
+        object.__setattr__(layer, "_armed", _armed(layer, quantized))
+
+
+def disarm(layers: list[tuple]) -> None:
+    """After the model's call (also when it raised): no layer stays armed outside it."""
+    if not torch.compiler.is_compiling():
+        for layer, _ in layers:
+            object.__setattr__(layer, "_armed", None)
+
+
+def _armable(layer) -> bool:
+    """Whether a layer's plain call can be armed at all: a linear layer's own forward (a layer type with its own, a
+    convolution, does not read the armed matrix) whose weights accelerate does not keep off the device."""
+    from .layer import RandLoraLinear
+    from .offload import offloaded
+
+    return type(layer).forward is RandLoraLinear.forward and not offloaded(layer)
+
+
+def _armed(layer, quantized: bool) -> tuple | None:
+    """``(kept, bias, quantised)`` for :meth:`RandLoraLinear._armed_call <randlora.layer.RandLoraLinear>`, or None
+    where a call would not be one matmul with the kept matrix: merged, disabled, inside :func:`randlora.mixed`,
+    dropout in training, or no kept matrix of the kind a call keeps (``W + s·ΔW``, or ``s·ΔW`` on a quantised base)
+    in the layer's own compute dtype yet (the next routed call builds it). The kept matrix is validated as any
+    cached call does (``λ``/``γ`` values, adapter, bank, weight; rebuilt if stale)."""
+    c = layer._cache
+    e = c.entry if c is not None and c.frozen_base else None
+    if e is None or e.weight_key is None or layer.merged_name is not None or layer.disabled \
+            or layer._bank.mixed_block is not None:
+        return None
+    ad = layer.adapter()
+    cd = e.weight_key[-1]
+    if (ad is None or (layer.training and ad.drops) or isinstance(e.weight_key[0], str) != quantized
+            or (not quantized and cd is not layer.weight.dtype)):
+        return None
+    kept = c.weight_of(layer, ad, cd, not quantized)
+    bias = None if quantized or layer.bias is None else layer.bias.to(cd)
+    return kept, bias, quantized

@@ -80,6 +80,7 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         object.__setattr__(self, "_bank", bank)  # which adapter is active is the bank's registry's to say
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_cache", None)  # a DeltaCache while inside randlora.cached(...)
+        object.__setattr__(self, "_armed", None)  # one root call's (kept matrix, bias, quantised): randlora.cache.arm
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -161,10 +162,22 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x Wᵀ + b + s · dropout(x) ΔWᵀ`` for the active adapter (:meth:`apply_adapter`); inside
         :func:`randlora.mixed`, each row through its own adapter (the block's plan)."""
+        armed = self._armed  # set for one call of the model by randlora.cached(frozen_base=True), values checked
+        if armed is not None and armed[0].dtype is x.dtype and not torch.is_grad_enabled() \
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
+            return self._armed_call(x, *armed)
         block = self._bank.mixed_block
         if block is not None:
             return block.forward(self, x)
         return self.own_forward(x)
+
+    def _armed_call(self, x: torch.Tensor, kept: torch.Tensor, bias: torch.Tensor | None, quantized: bool):
+        """What :meth:`own_forward` computes, bit for bit, from the kept matrix :func:`randlora.cache.arm` checked: one
+        matmul with ``W + s·ΔW``, or on a quantised base its own forward plus one matmul with ``s·ΔW``."""
+        if not quantized:
+            return F.linear(x, kept, bias)
+        y = self._base(x)
+        return y + F.linear(x, kept).to(y.dtype)
 
     def own_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output outside any :func:`randlora.mixed` block."""

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import randlora
@@ -454,6 +455,71 @@ def test_frozen_base_keeps_w_plus_delta_and_rebuilds_when_anything_it_read_chang
     with pytest.raises(randlora.ConfigError, match="frozen_base must be True or False"):
         with randlora.cached(model, frozen_base=1):
             pass
+
+
+def _count_planned(monkeypatch):
+    """Count the calls that go through the core's planner and executor (an armed call does not)."""
+    from randlora import core
+
+    calls = []
+    real = core.call
+    monkeypatch.setattr(core, "call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_frozen_base_arms_each_model_call_once_and_gives_the_same_bits(monkeypatch):
+    """Inside ``cached(frozen_base=True)`` a no-grad call of the model checks each kept matrix once before it
+    runs, and its layers' calls are then one matmul (no route planned); the bits equal the default mode's.
+    Not armed: a layer called on its own, calls with grad, under autocast, in another dtype, in training
+    with dropout; nothing stays armed after a call, one that raised included."""
+    model = _model()
+    model.eval()
+    layers = [m for _, m in _layers(model)]
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        with randlora.cached(model):
+            want, want1 = model(x), model(x[:1])
+        planned = _count_planned(monkeypatch)
+        with randlora.cached(model, frozen_base=True):
+            assert torch.equal(model(x), want) and len(planned) == 2  # the first call builds on the routed path
+            assert torch.equal(model(x), want) and torch.equal(model(x[:1]), want1) and len(planned) == 2
+            assert all(m._armed is None for m in layers)  # only during a call of the model
+            layers[0].randlora_lambda.data.add_(1e-3)  # seen by value at the next model call
+            moved = model(x)
+            assert len(planned) == 2 and layers[0].cache.builds == 2 and not torch.equal(moved, want)
+            torch.testing.assert_close(moved.double(), _ref_model_out(model, x), rtol=1e-5, atol=1e-5)
+            assert torch.equal(model[0](x), F.linear(x, layers[0].cache.entry.kept, model[0].bias))
+            assert len(planned) == 3  # a layer called alone takes the routed path
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+            assert len(planned) == 5
+            model(x.double())  # another dtype: cast on the routed path, as outside the block
+            assert len(planned) == 7
+            with torch.enable_grad():
+                model(x)
+            assert len(planned) == 9
+            model[1].register_forward_hook(_Raise())
+            with pytest.raises(RuntimeError, match="once"):
+                model(x)
+            assert all(m._armed is None for m in layers)
+            torch.testing.assert_close(model(x), moved, rtol=0, atol=0)
+    layers[0].dropout = nn.Dropout(0.5)
+    model.train()
+    with torch.no_grad(), randlora.cached(model, frozen_base=True):
+        model(x)
+        before = len(planned)
+        model(x)
+        assert len(planned) == before + 1  # dropout in training: the routed path; the other layer stays armed
+
+
+class _Raise:
+    def __init__(self):
+        self.done = False
+
+    def __call__(self, *_):
+        if not self.done:
+            self.done = True
+            raise RuntimeError("once")
 
 
 def test_frozen_base_budget_counts_the_weights_dtype():

@@ -341,7 +341,9 @@ def test_save_load_round_trip_is_exact(kind: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_disabled_and_cached(kind: str) -> None:
+def test_disabled_and_cached(kind: str, monkeypatch) -> None:
+    from randlora import core
+
     ids = _ids()
     plain = _quantize(_float_llama(), kind)
     want_base = _logits(plain, ids)
@@ -353,11 +355,18 @@ def test_disabled_and_cached(kind: str) -> None:
     for frozen_base in (False, True):
         # no float W to add s·ΔW to: the layer keeps s·ΔW and a no-grad call is the quantised matmul plus one
         # dense matmul with it (instead of two through the bases), built once per block
+        planned, real = [], core.call
+        monkeypatch.setattr(core, "call", lambda *a, **k: planned.append(1) or real(*a, **k))
         with torch.no_grad(), randlora.cached(model, frozen_base=frozen_base):
             assert all(l.route(12, need_x=False).build == "cached" for l in layers)
             torch.testing.assert_close(_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+            first = _logits(model, ids)
+            torch.testing.assert_close(first, adapted, rtol=1e-5, atol=1e-5)
             assert all(l.cache.builds == 1 for l in layers)
+            # frozen_base: from the second call of the model on, each layer is its own forward plus one matmul
+            assert len(planned) == len(layers) * (1 if frozen_base else 2)
+            assert torch.equal(_logits(model, ids), first)
+        monkeypatch.setattr(core, "call", real)
     with randlora.cached(model):  # training inside the block: the op's own routes, gradients as outside
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()

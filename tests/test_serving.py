@@ -432,6 +432,31 @@ def test_generate_each_row_decodes_with_its_own_adapter():
     assert not torch.equal(base[0], got[0]) and not torch.equal(base[3], got[3])
 
 
+def test_generate_inside_frozen_base_cache_is_one_matmul_per_layer_after_the_first_call(monkeypatch):
+    """``cached(model, frozen_base=True)`` around ``generate()``: the prompt's call builds each kept matrix on the
+    routed path, every decode step after it is armed (no route planned); tokens equal the unmerged model's and
+    logits the default cache mode's bit for bit; no parameter is written."""
+    from randlora import core
+
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    before = untouched(model)
+    with torch.no_grad():
+        want = _generate(model, ids)
+        with randlora.cached(model):
+            logits = model(ids).logits
+        planned, real = [], core.call
+        monkeypatch.setattr(core, "call", lambda *a, **k: planned.append(1) or real(*a, **k))
+        with randlora.cached(model, frozen_base=True):
+            got = _generate(model, ids)
+            assert len(planned) == 14  # the 14 adapted layers, once: the prompt's call
+            assert torch.equal(model(ids).logits, logits) and len(planned) == 14
+    assert torch.equal(got, want)
+    assert_untouched(before, untouched(model))
+    with torch.no_grad(), randlora.disabled(model):
+        assert not torch.equal(_generate(model, ids), got)  # the adapter changes the tokens
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals: cause first, the fix, the model as it was
 # ------------------------------------------------------------------------------------------------
