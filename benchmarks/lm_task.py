@@ -237,16 +237,22 @@ def lora_ranks(target_count: int, model: nn.Module) -> dict[str, int]:
     """Per-target peft LoRA ranks (1-4 each) on ``LORA_TARGETS`` whose total ``Σ r·(O + I)`` is closest to
     ``target_count``; ties go to the smallest spread of ranks, then the most even (smallest ``Σ rank²``). At r = 32
     here: exactly RandLora's count, attention ranks summing to 10 and MLP ranks to 4."""
-    import itertools
-
     per = {t: sum(m.in_features + m.out_features for n, m in model.named_modules()
                   if isinstance(m, nn.Linear) and n.endswith("." + t)) for t in LORA_TARGETS}
-    best, best_key = None, None
-    for ranks in itertools.product(range(1, 5), repeat=len(LORA_TARGETS)):
-        gap = abs(sum(per[t] * k for t, k in zip(LORA_TARGETS, ranks)) - target_count)
+    return closest_ranks(per, target_count)
+
+
+def closest_ranks(per_rank: dict[str, int], target_count: int, max_rank: int = 4) -> dict[str, int]:
+    """Ranks (1 to ``max_rank``) per target, given each target's trainable count at rank 1, whose total is
+    closest to ``target_count``; ties to the smallest spread of ranks, then the smallest ``Σ rank²``."""
+    import itertools
+
+    names, best, best_key = list(per_rank), None, None
+    for ranks in itertools.product(range(1, max_rank + 1), repeat=len(names)):
+        gap = abs(sum(per_rank[t] * k for t, k in zip(names, ranks)) - target_count)
         key = (gap, max(ranks) - min(ranks), sum(k * k for k in ranks))
         if best_key is None or key < best_key:
-            best, best_key = dict(zip(LORA_TARGETS, ranks)), key
+            best, best_key = dict(zip(names, ranks)), key
     return best
 
 
