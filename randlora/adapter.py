@@ -82,6 +82,19 @@ class AdapterSlots(Adapter):
     merged_name: str | None
     """The adapter folded into the weight, if any (``merge_`` / ``unmerge_``; ``_fold`` is the subclass's)."""
     _what = "layer"  # how errors name the holder
+    _cache = None  # a randlora.cache.DeltaCache while inside randlora.cached(...), set by set_cache
+
+    @property
+    def cache(self):
+        """The :class:`randlora.cache.DeltaCache` inside :func:`randlora.cached` (None outside)."""
+        return self._cache
+
+    def set_cache(self, cache) -> object:
+        """Install ``cache`` (a :class:`randlora.cache.DeltaCache`, or None); returns the previous one. Used by
+        :func:`randlora.cached`."""
+        prev = self._cache
+        object.__setattr__(self, "_cache", cache)
+        return prev
 
     @property
     def merged(self) -> bool:

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from . import core
 from .ops import acc_dtype
 from .paths import on_root
 
@@ -150,13 +149,13 @@ class DeltaCache:
         return self._rebuild(lam, gam, scaling, bases, lambda: build().to(cd), ("s·ΔW", cd))
 
     def weight_of(self, layer, ad, cd: torch.dtype, with_weight: bool = True) -> torch.Tensor:
-        """``W + s·ΔW`` of adapter ``ad`` on the adapted ``layer`` in ``cd`` (:meth:`weight` with the layer's weight,
-        bank and update, built by :func:`randlora.core.delta_weight` when not kept); ``with_weight`` False: its
-        ``s·ΔW`` alone (:meth:`delta_in`)."""
+        """``W + s·ΔW`` of adapter ``ad`` on the adapted ``layer`` (a layer, or an adapted parameter shaped as it is)
+        in ``cd`` (:meth:`weight` with the layer's weight, bank and update, built by ``layer.delta_of`` when not
+        kept); ``with_weight`` False: its ``s·ΔW`` alone (:meth:`delta_in`)."""
         bank = layer.bank
         acc = acc_dtype(ad.randlora_lambda.dtype if layer.quantized else layer.weight.dtype)
         args = (ad.randlora_lambda, ad.randlora_gamma, ad.scaling, (bank.A, bank.B, bank.generation),
-                lambda: core.delta_weight(ad, bank, layer.out_features, layer.in_features, acc))
+                lambda: layer.delta_of(ad, acc))
         if not with_weight:
             return self.delta_in(cd, *args)
         return self.weight(layer.weight, layer.weight_matrix(), cd, *args)
@@ -173,13 +172,13 @@ class DeltaCache:
 
 
 def _layer_bytes(layer, frozen_base: bool) -> int:
-    """What a layer's kept tensor costs: ``O·I`` values of the accumulation dtype, or with ``frozen_base`` of the
-    weight's (a quantised layer keeps its ``s·ΔW`` in the compute dtype: counted at the adapter's, float32)."""
+    """What a layer's kept tensor costs: its weight's values (``O·I``, ``E·a·b`` for expert tensors) in the
+    accumulation dtype, or with ``frozen_base`` in the weight's (a quantised layer keeps its ``s·ΔW`` in the compute
+    dtype: counted at the adapter's, float32)."""
     if layer.quantized:
-        dtype = layer.randlora_lambda.dtype
-    else:
-        dtype = layer.weight.dtype if frozen_base else acc_dtype(layer.weight.dtype)
-    return layer.out_features * layer.in_features * dtype.itemsize
+        return layer.out_features * layer.in_features * layer.randlora_lambda.dtype.itemsize
+    dtype = layer.weight.dtype if frozen_base else acc_dtype(layer.weight.dtype)
+    return layer.weight.numel() * dtype.itemsize
 
 
 @contextlib.contextmanager
@@ -203,23 +202,28 @@ def cached(model: nn.Module, *, max_bytes: int | None = None, frozen_base: bool 
     A quantised base layer (bitsandbytes, torchao) has no float ``W``: it keeps ``s·ΔW`` (in the compute dtype
     with ``frozen_base``), and a no-grad call is its own quantised matmul plus one dense matmul with it.
 
+    Adapted parameters (``target_parameters``: expert tensors) keep the same per tensor (``E·a·b`` values), so a
+    no-grad call of their module forms ``W + s·ΔW`` from the kept ``s·ΔW`` (or, with ``frozen_base``, uses the
+    kept ``W + s·ΔW``) instead of building every expert's update again. Layer types whose module reads its
+    weight (the attention ``in_proj``, convolutions) keep theirs the same way.
+
     Args:
         model: a model with a RandLora adapter.
-        max_bytes: memory budget for the kept tensors: ``O·I`` values per layer, float32 (float64 for float64
-            weights), or with ``frozen_base`` of the weight's dtype (a quantised layer's counted as float32). Layers get a cache in model order, each
-            one while it fits in what is left of the budget; the others compute as outside the block.
-            ``None``: every adapted layer.
+        max_bytes: memory budget for the kept tensors: as many values as the weight per layer (``O·I``), float32
+            (float64 for float64 weights), or with ``frozen_base`` of the weight's dtype (a quantised layer's
+            counted as float32). Layers get a cache in model order, then the adapted parameters, each one while it
+            fits in what is left of the budget; the others compute as outside the block. ``None``: every one.
         frozen_base: keep ``W + s·ΔW`` (one more copy of each adapted weight) instead of ``s·ΔW``, taking the
             base weights as frozen inside the block (see above).
 
     Returns:
-        A context manager yielding the names of the layers that cache.
+        A context manager yielding the names of the layers (and adapted parameters) that cache.
 
     Raises:
         StateError: the model has no adapter.
         ConfigError: ``max_bytes`` is not a non-negative int, or ``frozen_base`` not a bool.
     """
-    from .walker import require_bank, adapted_layers
+    from .walker import require_bank, adapted_weights
 
     require_bank(model)
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral)
@@ -227,7 +231,7 @@ def cached(model: nn.Module, *, max_bytes: int | None = None, frozen_base: bool 
         raise ConfigError(f"max_bytes must be a non-negative int (bytes) or None, got {max_bytes!r}")
     if not isinstance(frozen_base, bool):
         raise ConfigError(f"frozen_base must be True or False, got {frozen_base!r}")
-    layers = list(adapted_layers(model))
+    layers = list(adapted_weights(model))
     chosen, used, before = [], 0, []
     for name, layer in layers:
         size = _layer_bytes(layer, frozen_base)

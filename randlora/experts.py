@@ -273,10 +273,13 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
 
     def adapted(self, ad: Adapter) -> torch.Tensor:
         """``W + s·ΔW`` of adapter ``ad`` in the weight's dtype: through :class:`_AdaptedWeight` when a gradient
-        is recorded, else built directly."""
+        is recorded; else inside :func:`randlora.cached` from its kept tensor (values checked), else built
+        directly."""
         W, lam, gam = self.weight, ad.randlora_lambda, ad.randlora_gamma
         if torch.is_grad_enabled() and (lam.requires_grad or gam.requires_grad or W.requires_grad):
             return _AdaptedWeight.apply(W, lam, gam, self, ad.scaling)
+        if self._cache is not None:
+            return self._cache.weight_of(self, ad, W.dtype)
         return self.built(W, lam.detach(), gam.detach(), ad.scaling)
 
     def delta_weight(self, dtype: torch.dtype | None = None, name: str | None = None) -> torch.Tensor:
@@ -290,7 +293,10 @@ class RandLoraParameter(ExpertAdapter, AdapterSlots):
         if ad is None:
             raise StateError(f"parameter {self.param!r} has no adapter {name or self.active!r}; it has "
                              f"{self.adapter_names()}")
-        dtype = acc_dtype(self.weight.dtype) if dtype is None else dtype
+        return self.delta_of(ad, acc_dtype(self.weight.dtype) if dtype is None else dtype)
+
+    def delta_of(self, ad: Adapter, dtype: torch.dtype) -> torch.Tensor:
+        """``s·ΔW`` of adapter ``ad``, shaped as the parameter, in ``dtype``."""
         return self.built(None, ad.randlora_lambda, ad.randlora_gamma, ad.scaling, dtype)
 
     def call_weight(self) -> tuple[torch.Tensor | None, Adapter | None]:

@@ -79,18 +79,12 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         self.merged_name: str | None = None  # the adapter folded into the weight, if any
         object.__setattr__(self, "_bank", bank)  # which adapter is active is the bank's registry's to say
         object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_cache", None)  # a DeltaCache while inside randlora.cached(...)
         object.__setattr__(self, "_armed", None)  # one root call's (kept matrix, bias, quantised): randlora.cache.arm
 
     # -- state ---------------------------------------------------------------------------------
     @property
     def bank(self) -> BasisBank:
         return self._bank
-
-    @property
-    def cache(self):
-        """The layer's :class:`randlora.cache.DeltaCache` inside :func:`randlora.cached` (None outside)."""
-        return self._cache
 
     @property
     def base_layer(self) -> nn.Module:
@@ -120,13 +114,6 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
             self._cache.clear()
         return out
 
-    def set_cache(self, cache) -> object:
-        """Install ``cache`` (a :class:`randlora.cache.DeltaCache`, or None); returns the previous one. Used by
-        :func:`randlora.cached`."""
-        prev = self._cache
-        object.__setattr__(self, "_cache", cache)
-        return prev
-
     # -- the weight and the update -----------------------------------------------------------------
     def weight_matrix(self) -> torch.Tensor:
         """The weight as ``(O, I)`` (a transposed view for ``fan_in_fan_out`` layers)."""
@@ -146,7 +133,10 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         ad = self.adapter(name)
         if ad is None:
             raise StateError(f"this layer has no adapter {name or self.active!r}; it has {self.adapter_names()}")
-        dtype = acc_dtype(self.weight.dtype) if dtype is None else dtype
+        return self.delta_of(ad, acc_dtype(self.weight.dtype) if dtype is None else dtype)
+
+    def delta_of(self, ad: Adapter, dtype: torch.dtype) -> torch.Tensor:
+        """``s·ΔW`` of adapter ``ad`` as ``(O, I)`` in ``dtype`` (:func:`randlora.core.delta_weight`)."""
         return core.delta_weight(ad, self._bank, self.out_features, self.in_features, dtype)
 
     def adapted_weight(self, ad: Adapter) -> torch.Tensor:

@@ -286,6 +286,33 @@ def test_named_adapters_use_and_delete():
     assert set(model.state_dict()) == set(base.state_dict())
 
 
+@pytest.mark.parametrize("frozen_base", [False, True])
+def test_cached_keeps_each_expert_tensor_and_follows_values(frozen_base):
+    """Inside ``randlora.cached`` a no-grad call reuses each expert tensor's kept update (built once per block,
+    rebuilt when λ/γ values or the adapter change); outputs match the uncached model; nothing is written."""
+    model = _moe("mixtral")
+    randlora.inject(model, ["q_proj"], target_parameters=PARAMS, r=4)
+    _randomize(model)
+    units = [u for _, u in adapted_weights(model) if isinstance(u, RandLoraParameter)]
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(IDS).logits
+        with randlora.cached(model, frozen_base=frozen_base) as names:
+            assert [n for n in names if "experts" in n] == [f"model.layers.0.mlp.experts.{p}" for p in PARAMS]
+            y = model(IDS).logits
+            torch.testing.assert_close(y, want, atol=2e-5, rtol=1e-4)
+            assert torch.equal(model(IDS).logits, y) and all(u.cache.builds == 1 for u in units)
+            assert "randlora.cached: 3 layers keep" in randlora.summary(model)  # q_proj and the two tensors
+            units[1].randlora_gamma.data.mul_(1.5)  # no version bump: seen by value
+            moved = model(IDS).logits
+            assert units[1].cache.builds == 2 and units[0].cache.builds == 1
+        torch.testing.assert_close(moved, model(IDS).logits, atol=2e-5, rtol=1e-4)
+        with randlora.cached(model, max_bytes=0) as names:
+            assert names == [] and all(u.cache is None for u in units)
+    assert all(u.cache is None for u in units)
+    assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items() if "gamma" not in k)
+
+
 def _refused(model, exc, match, fn):
     before = {k: t.clone() for k, t in model.state_dict().items()}
     with pytest.raises(exc, match=match) as info:
