@@ -58,6 +58,8 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         name: the name of this first adapter (the model's registry lists it).
     """
 
+    _armed: tuple | None = None  # (kept matrix, bias, quantised) during one call of the model: randlora.cache.arm
+
     def __init__(self, base: nn.Module, bank: BasisBank, *, r: int, alpha: float, dropout: float = 0.0,
                  fan_in_fan_out: bool = False, init: str = DEFAULT_INIT, name: str = DEFAULT) -> None:
         nn.Module.__init__(self)  # weight and bias first, then the adapter: a plain layer's key order, then λ, γ
@@ -79,7 +81,6 @@ class RandLoraLinear(AdapterSlots, RouteSettings):
         self.merged_name: str | None = None  # the adapter folded into the weight, if any
         object.__setattr__(self, "_bank", bank)  # which adapter is active is the bank's registry's to say
         object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_armed", None)  # one root call's (kept matrix, bias, quantised): randlora.cache.arm
 
     # -- state ---------------------------------------------------------------------------------
     @property
