@@ -4,14 +4,16 @@ the fused expert tensors, with RandLora and with peft LoRA at equal trainable co
 The setting of ``benchmarks/lm_task.py`` (its corpora, byte vocabulary, windows, training loop, schedule and
 perplexity are imported from it), with a ``transformers.MixtralForCausalLM`` in place of its Llama: hidden 128,
 4 layers, 4 heads, 4 experts of intermediate 128 per layer, top-2 routing, untied embeddings; 1.12 M parameters,
-of which the experts hold 786 K (75 %). Pretrained on corpus A (English prose) and shipped in
+of which the expert tensors hold 786 K (75 % of those outside the embeddings). Pretrained on corpus A (English
+prose; lm_task's pretraining cut to 2,500 steps) and shipped in
 ``benchmarks/tiny_moe_lm/`` (``config.json``, ``model.safetensors``, ``pretrain.json``); ``grouped_mm`` computes
 the experts (the fastest on one CPU thread; pretrain.json records its largest difference from ``eager``).
 
 Commands:
 
     python benchmarks/moe_lm.py pretrain          # about 10 min on one thread; writes benchmarks/tiny_moe_lm/
-    python benchmarks/moe_lm.py study             # 3 seeds at lr 3e-3, about 25 min on one thread
+    python benchmarks/moe_lm.py study             # 3 seeds at lr 3e-3, about 22 min on one thread
+    python benchmarks/moe_lm.py study --lrs 3e-3,1e-3   # and at 1e-3 (the 3e-3 runs come from the cache)
     python benchmarks/moe_lm.py study --quick     # smoke run (a few seconds), used by tests/test_moe_lm.py
 
 The study adapts the shipped model to corpus B (Python source) with:
