@@ -108,57 +108,34 @@ class DeltaCache:
         e = self.entry
         return 0 if e is None else sum(t.numel() * t.element_size() for t in (e.kept, e.lam, e.gam))
 
-    def delta(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, build) -> torch.Tensor:
-        """``s·ΔW`` for these values: the kept one if ``λ``, ``γ``, ``s`` and the bank are unchanged, else
-        ``build()`` (which is then kept)."""
-        e = self.entry
-        if e is not None and e.weight_key is None and e.holds(lam, gam, scaling, bases):
-            return e.kept
-        return self._rebuild(lam, gam, scaling, bases, build)
-
-    def weight(self, param: torch.Tensor, W: torch.Tensor, cd: torch.dtype, lam: torch.Tensor, gam: torch.Tensor,
-               scaling: float, bases: tuple, build) -> torch.Tensor:
-        """``W + s·ΔW`` in ``cd`` (``W``: the ``(O, I)`` view of the weight Parameter ``param``): formed from ``W`` as
-        it is now and the kept ``s·ΔW``; with ``frozen_base``, the kept ``W + s·ΔW`` itself while ``param``'s
-        identity, storage and version, ``cd`` and the values of :meth:`delta` are unchanged. Both give the
-        same bits (one formula, ``(W + D)`` accumulated in ``D``'s dtype, then cast)."""
-        def plus(D: torch.Tensor) -> torch.Tensor:  # the one formula of both modes (no graph, whatever W needs)
-            with torch.no_grad():
-                return (W.to(D.dtype) + D).to(cd)
-
-        if not self.frozen_base:
-            return plus(self.delta(lam, gam, scaling, bases, build))
-        key = (param, param.data_ptr(), param._version, cd)
-        e = self.entry
-        if (e is not None and e.weight_key is not None and e.weight_key[0] is param
-                and e.weight_key[1:] == key[1:] and e.holds(lam, gam, scaling, bases)):
-            return e.kept
-        return self._rebuild(lam, gam, scaling, bases, lambda: plus(build()), key)
-
-    def delta_in(self, cd: torch.dtype, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple,
-                 build) -> torch.Tensor:
-        """``s·ΔW`` in ``cd``: the kept ``s·ΔW`` cast for each call, or with ``frozen_base`` kept in ``cd`` itself
-        (the same bits). For calls whose frozen part is computed apart (a quantised base's own forward, dropout in
-        training): one matmul with it gives the adapter's term."""
-        if not self.frozen_base:
-            return self.delta(lam, gam, scaling, bases, build).to(cd)
-        e = self.entry
-        if (e is not None and e.weight_key is not None and isinstance(e.weight_key[0], str)
-                and e.weight_key[1] == cd and e.holds(lam, gam, scaling, bases)):
-            return e.kept
-        return self._rebuild(lam, gam, scaling, bases, lambda: build().to(cd), ("s·ΔW", cd))
-
     def weight_of(self, layer, ad, cd: torch.dtype, with_weight: bool = True) -> torch.Tensor:
         """``W + s·ΔW`` of adapter ``ad`` on the adapted ``layer`` (a layer, or an adapted parameter shaped as it is)
-        in ``cd`` (:meth:`weight` with the layer's weight, bank and update, built by ``layer.delta_of`` when not
-        kept); ``with_weight`` False: its ``s·ΔW`` alone (:meth:`delta_in`)."""
-        bank = layer.bank
-        acc = acc_dtype(ad.randlora_lambda.dtype if layer.quantized else layer.weight.dtype)
-        args = (ad.randlora_lambda, ad.randlora_gamma, ad.scaling, (bank.A, bank.B, bank.generation),
-                lambda: layer.delta_of(ad, acc))
-        if not with_weight:
-            return self.delta_in(cd, *args)
-        return self.weight(layer.weight, layer.weight_matrix(), cd, *args)
+        in ``cd``; ``with_weight`` False: its ``s·ΔW`` alone (for calls whose frozen part is computed apart: a
+        quantised base's own forward, dropout in training).
+
+        Kept: ``s·ΔW`` in the accumulation dtype (built by ``layer.delta_of``), reused while ``λ``, ``γ`` values,
+        ``s`` and the bank are those it was built from; ``W + s·ΔW`` is formed from ``W`` as it is now on every
+        call. With ``frozen_base`` the result itself is kept (in ``cd``), also while the weight Parameter's identity,
+        storage and version are unchanged. Both modes give the same bits (one formula, ``(W + D)`` accumulated in
+        ``D``'s dtype, then cast)."""
+        lam, gam, s, bank = ad.randlora_lambda, ad.randlora_gamma, ad.scaling, layer.bank
+        bases = (bank.A, bank.B, bank.generation)
+        key = _key(layer.weight, cd, with_weight) if self.frozen_base else None
+        e = self.entry
+        if e is not None and _same_key(e.weight_key, key) and e.holds(lam, gam, s, bases):
+            kept = e.kept
+        else:
+            kept = self._rebuild(lam, gam, s, bases, lambda: self._make(layer, ad, cd, with_weight), key)
+        if self.frozen_base:
+            return kept
+        return _plus(layer.weight_matrix(), kept, cd) if with_weight else kept.to(cd)
+
+    def _make(self, layer, ad, cd: torch.dtype, with_weight: bool) -> torch.Tensor:
+        """What is kept: ``s·ΔW`` in the accumulation dtype, or with ``frozen_base`` the call's result in ``cd``."""
+        D = layer.delta_of(ad, acc_dtype(ad.randlora_lambda.dtype if layer.quantized else layer.weight.dtype))
+        if not self.frozen_base:
+            return D
+        return _plus(layer.weight_matrix(), D, cd) if with_weight else D.to(cd)
 
     def _rebuild(self, lam: torch.Tensor, gam: torch.Tensor, scaling: float, bases: tuple, make,
                  weight_key: tuple | None = None) -> torch.Tensor:
@@ -169,6 +146,26 @@ class DeltaCache:
         self.entry = _Entry(lam.detach().clone(), gam.detach().clone(), scaling, bases, kept, weight_key)
         self.builds += 1
         return kept
+
+
+def _plus(W: torch.Tensor, D: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """``W + s·ΔW`` in ``cd``: the one formula of both modes, ``(W + D)`` accumulated in ``D``'s dtype, then cast
+    (no graph, whatever ``W`` needs)."""
+    with torch.no_grad():
+        return (W.to(D.dtype) + D).to(cd)
+
+
+def _key(param: torch.Tensor, cd: torch.dtype, with_weight: bool) -> tuple:
+    """What a kept ``frozen_base`` result depends on besides ``λ``/``γ``: the weight Parameter (identity, storage,
+    version) and ``cd``, or for ``s·ΔW`` alone only ``cd``."""
+    return (param, param.data_ptr(), param._version, cd) if with_weight else ("s·ΔW", cd)
+
+
+def _same_key(a: tuple | None, b: tuple | None) -> bool:
+    """Equal keys (the Parameter compared by identity, never by value)."""
+    if a is None or b is None or len(a) != len(b):
+        return a is b
+    return (a == b) if isinstance(a[0], str) else (a[0] is b[0] and a[1:] == b[1:])
 
 
 def _layer_bytes(layer, frozen_base: bool) -> int:
