@@ -19,6 +19,12 @@ Kinds:
     python benchmarks/moe_step.py                       # the full run (CPU, 2 cores: roughly 10-20 min)
     python benchmarks/moe_step.py --quick               # a tiny model, one repetition: a smoke run
     python benchmarks/moe_step.py --experts-impl eager --kinds randlora peft-lora full
+    python benchmarks/moe_step.py --eval                # no-grad forward: base, unmerged, inside randlora.cached
+
+``--eval`` times a no-grad forward of the same batch in one process, interleaved: the base model; RandLora
+(attention + expert tensors, random ``λ``/``γ``) unmerged, where every call builds each expert's ``W + s·ΔW``;
+inside ``randlora.cached(model)`` (each tensor's ``s·ΔW`` kept, ``W + s·ΔW`` formed per call); inside
+``randlora.cached(model, frozen_base=True)`` (``W + s·ΔW`` kept); and merged.
 
 Needs ``pip install -e ".[bench]"`` (peft, transformers).
 """
@@ -33,8 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (have, lm_train_step, machine, markdown_table, median, peak_rss_mb, run_worker, timed,  # noqa: E402
-                     write_json)
+from _common import (have, interleaved, lm_train_step, machine, markdown_table, median, peak_rss_mb,  # noqa: E402
+                     run_worker, timed, write_json)
 
 KINDS = ("randlora", "randlora-vs", "randlora-attn", "peft-lora", "full")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -122,6 +128,40 @@ def measure(cfg):
             "impl": model.config._experts_implementation}
 
 
+def eval_forward(size, args):
+    """``--eval``: median seconds of a no-grad forward per variant (interleaved, one process; each variant its own
+    copy of the model, a cached one inside its block for the whole run, as an evaluation loop would be)."""
+    import contextlib
+    import copy
+
+    import torch
+
+    import randlora
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = build_model(size, args.experts_impl).eval()
+    model, _ = adapt(copy.deepcopy(base), "randlora", args.r, None)
+    with torch.no_grad():
+        for p in randlora.trainable_parameters(model):
+            p.normal_(0, 0.02)
+    ids = torch.randint(0, size["vocab"], (BATCH, size["seq"]), generator=torch.Generator().manual_seed(0))
+    merged = copy.deepcopy(model)
+    randlora.merge(merged)
+    variants = {"base": base, "unmerged": model, "cached": copy.deepcopy(model),
+                "cached frozen_base": copy.deepcopy(model), "merged": merged}
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        stack.enter_context(randlora.cached(variants["cached"]))
+        stack.enter_context(randlora.cached(variants["cached frozen_base"], frozen_base=True))
+        want = model(ids).logits
+        for name in ("cached", "cached frozen_base", "merged"):  # the same model, within float error
+            torch.testing.assert_close(variants[name](ids).logits, want, rtol=1e-3, atol=1e-3)
+        times = interleaved(list(variants), lambda name: variants[name](ids), rounds=2 * args.reps, warmup=1)
+    base_t = median(times["base"])
+    rows = [[k, f"{median(v) * 1e3:.0f} ms", f"{median(v) / base_t:.2f}×"] for k, v in times.items()]
+    return markdown_table(["variant", "no-grad forward", "/ base"], rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +201,7 @@ def parse(argv):
     ap.add_argument("--lora-r", type=int, default=None, help="peft LoRA's rank (default: the closest count)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/moe_step[-quick].json)")
     ap.add_argument("--from-json", default=None, help="re-print the table of an earlier run's JSON")
+    ap.add_argument("--eval", action="store_true", help="time a no-grad forward instead of a training step")
     return ap.parse_args(argv)
 
 
@@ -186,6 +227,9 @@ def main(argv=None):
     size = dict(QUICK if args.quick else SIZE)
     if args.quick:
         args.reps, args.steps = 1, 1
+    if args.eval:
+        print(eval_forward(size, args))
+        return None
     lora_r, counts = pick_lora_rank(size, args)
     kinds = list(dict.fromkeys(args.kinds))
     results = {k: [] for k in kinds}

@@ -49,3 +49,19 @@ def test_moe_step_quick_runs_every_kind_with_matched_lora_rank(tmp_path, monkeyp
     text = capsys.readouterr().out
     assert f"peft LoRA (r={lora_r}) {n['peft-lora']:,}" in text and "| randlora-vs |" in text
     assert text.count("1.00×") >= 4  # peft LoRA and full fine-tuning against themselves
+
+
+def test_moe_eval_quick_compares_every_cached_variant(capsys) -> None:
+    """``--eval``: every variant (unmerged, both cache modes, merged) computes the unmerged model's logits (checked
+    inside the script) and the table lists each."""
+    pytest.importorskip("transformers")
+    import torch
+
+    bench = load_benchmark("moe_step")
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--eval", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    assert all(f"| {v} |" in table for v in ("base", "unmerged", "cached", "cached frozen_base", "merged"))
