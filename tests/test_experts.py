@@ -455,16 +455,10 @@ def test_chunked_build_and_gradients_equal_the_whole(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # FSDP2, two processes on CPU (the workers live in a light module: spawn imports it in each process)
 # ------------------------------------------------------------------------------------------------
-def test_fsdp2_two_processes_give_the_single_process_gradients(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    pytest.importorskip("torch.distributed.fsdp")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
+def test_fsdp2_two_processes_give_the_single_process_gradients(tmp_path, spawn_two):
     from _experts_worker import X, fsdp_model, fsdp_worker
 
-    mp.start_processes(fsdp_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    spawn_two(fsdp_worker, str(tmp_path))
     ref = fsdp_model()
     ref(X).square().sum().backward()
     grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}

@@ -20,14 +20,8 @@ import randlora
 from _layers_worker import X, adapted_model, fsdp_worker
 
 
-def test_fsdp2_two_processes_give_the_single_process_gradients(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    pytest.importorskip("torch.distributed.fsdp")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    mp.start_processes(fsdp_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+def test_fsdp2_two_processes_give_the_single_process_gradients(tmp_path, spawn_two):
+    spawn_two(fsdp_worker, str(tmp_path))
     ref = adapted_model()
     ref(X).square().sum().backward()
     grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}

@@ -19,14 +19,6 @@ def _load():
     return load_benchmark("lm_task")
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shipped_model_has_learned_prose(one_thread) -> None:
     """The committed weights load, are small, and predict held-out prose far better than a uniform byte model
     (perplexity 256), at the figure pretrain.json recorded."""

@@ -20,14 +20,6 @@ ATTN_COUNT = 4 * 4 * 640  # 4 layers × q, k, v, o
 EXPERTS_COUNT = ATTN_COUNT + 4 * 2 * 4 * 640  # + 4 layers × 2 tensors × 4 experts
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shipped_model_has_learned_prose(one_thread) -> None:
     """The committed weights load at the recorded size, the experts hold most of the non-embedding weights,
     ``grouped_mm`` and ``eager`` agree, and held-out prose scores the perplexity pretrain.json recorded."""
