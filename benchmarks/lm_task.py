@@ -411,23 +411,31 @@ def study(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def command_line(doc: str, pretrain_steps: int, model_dir: Path, out_dir: Path, methods: list[str],
+                 lrs: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``pretrain`` / ``study`` command line of a generative task (this one and ``moe_lm.py``): the parser and
+    its ``study`` subparser, for the task's own options."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="pretrain the tiny LM on corpus A and save it")
-    pre.add_argument("--steps", type=int, default=None, help=f"default {PRETRAIN['steps']}")
-    pre.add_argument("--model-dir", default=str(MODEL_DIR))
+    pre.add_argument("--steps", type=int, default=None, help=f"default {pretrain_steps}")
+    pre.add_argument("--model-dir", default=str(model_dir))
     st = sub.add_parser("study", help="adapt the pretrained model to corpus B with each method")
     st.add_argument("--quick", action="store_true", help="smoke run: 4 steps of 4 windows, 1 seed, 4 eval windows")
     st.add_argument("--seeds", type=int, default=3)
-    st.add_argument("--lrs", default="3e-3,1e-3", help="LoRA's and RandLora's learning rates")
-    st.add_argument("--full-lrs", default="3e-4,1e-4", help="full fine-tuning's rates ('' for none)")
-    st.add_argument("--methods", default=",".join(ORDER))
+    st.add_argument("--lrs", default=lrs, help="learning rates of the adapters")
+    st.add_argument("--methods", default=",".join(methods))
     st.add_argument("--steps", type=int, default=400)
     st.add_argument("--batch", type=int, default=16)
     st.add_argument("--r", type=int, default=32, help="RandLora's r (LoRA is matched to its trainable count)")
-    st.add_argument("--model-dir", default=str(MODEL_DIR))
-    st.add_argument("--out", default=str(OUT_DIR))
+    st.add_argument("--model-dir", default=str(model_dir))
+    st.add_argument("--out", default=str(out_dir))
+    return p, st
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p, st = command_line(__doc__, PRETRAIN["steps"], MODEL_DIR, OUT_DIR, ORDER, "3e-3,1e-3")
+    st.add_argument("--full-lrs", default="3e-4,1e-4", help="full fine-tuning's rates ('' for none)")
     args = p.parse_args(argv)
     if args.command == "study":
         floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731

@@ -307,21 +307,7 @@ def study(args) -> int:
 # command line
 # ------------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    pre = sub.add_parser("pretrain", help="pretrain the tiny MoE LM on corpus A and save it")
-    pre.add_argument("--steps", type=int, default=None, help=f"default {PRETRAIN['steps']}")
-    pre.add_argument("--model-dir", default=str(MODEL_DIR))
-    st = sub.add_parser("study", help="adapt the pretrained model to corpus B with each method")
-    st.add_argument("--quick", action="store_true", help="smoke run: 4 steps of 4 windows, 1 seed, 4 eval windows")
-    st.add_argument("--seeds", type=int, default=3)
-    st.add_argument("--lrs", default="3e-3", help="learning rates (every method but frozen)")
-    st.add_argument("--methods", default=",".join(ORDER))
-    st.add_argument("--steps", type=int, default=400)
-    st.add_argument("--batch", type=int, default=16)
-    st.add_argument("--r", type=int, default=32, help="RandLora's r (LoRA is matched to its trainable count)")
-    st.add_argument("--model-dir", default=str(MODEL_DIR))
-    st.add_argument("--out", default=str(OUT_DIR))
+    p, _ = lm.command_line(__doc__, PRETRAIN["steps"], MODEL_DIR, OUT_DIR, ORDER, "3e-3")
     args = p.parse_args(argv)
     if args.command == "study":
         args.lrs, args.methods = [float(x) for x in args.lrs.split(",") if x], args.methods.split(",")
