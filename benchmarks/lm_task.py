@@ -327,21 +327,26 @@ def study_specs(args, ctx: Context) -> list[tuple[str, float, list[dict]]]:
 
 
 def run_study(args, ctx: Context, folder: Path) -> dict[str, dict]:
-    """Every pending run, seed-major (a stopped study has every row on its first seeds); cached per run."""
+    """Every pending run of this task (:func:`run_cached`)."""
+    return run_cached(study_specs(args, ctx), args.seeds, folder, lambda spec: train_run(spec, ctx))
+
+
+def run_cached(rows: list, seeds: int, folder: Path, train) -> dict[str, dict]:
+    """``train(spec)`` for every spec of ``rows`` (:func:`study_specs`) not cached in ``folder`` yet, seed-major (a
+    stopped study has every row on its first seeds); each record written as ``<run_key>.json``."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = study_specs(args, ctx)
-    order = [s for k in range(args.seeds) for _, _, specs in rows for s in specs[k:k + 1]]
+    order = [s for k in range(seeds) for _, _, specs in rows for s in specs[k:k + 1]]
     recs = {}
     for spec in order:
-        path = folder / f"{run_key(spec)}.json"
+        key = run_key(spec)
+        path = folder / f"{key}.json"
         if path.is_file():
-            recs[run_key(spec)] = json.loads(path.read_text())
+            recs[key] = json.loads(path.read_text())
             continue
-        rec = train_run(spec, ctx)
+        recs[key] = rec = train(spec)
         write_json(path.name, rec, str(path))
-        recs[run_key(spec)] = rec
         loss = rec["final_train_loss"]
-        print(f"{spec['method']:9s} lr {spec['lr']:g} seed {spec['seed']}: held-out ppl {rec['heldout_ppl']:.4f}, "
+        print(f"{spec['method']:16s} lr {spec['lr']:g} seed {spec['seed']}: held-out ppl {rec['heldout_ppl']:.4f}, "
               f"train loss {'—' if loss is None else f'{loss:.4f}'}, {rec['seconds']:.1f} s", flush=True)
     return recs
 

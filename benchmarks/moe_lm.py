@@ -223,22 +223,8 @@ def study_specs(args, ctx: Context) -> list[tuple[str, float, list[dict]]]:
 
 
 def run_study(args, ctx: Context, folder: Path) -> dict[str, dict]:
-    """Every pending run, seed-major (a stopped study has every row on its first seeds); cached per run."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = study_specs(args, ctx)
-    order = [s for k in range(args.seeds) for _, _, specs in rows for s in specs[k:k + 1]]
-    recs = {}
-    for spec in order:
-        key = lm.run_key(spec)
-        path = folder / f"{key}.json"
-        if path.is_file():
-            recs[key] = json.loads(path.read_text())
-            continue
-        recs[key] = rec = train_run(spec, ctx)
-        write_json(path.name, rec, str(path))
-        print(f"{spec['method']:16s} lr {spec['lr']:g} seed {spec['seed']}: held-out ppl {rec['heldout_ppl']:.4f}, "
-              f"{rec['trainable']:,} trainable, {rec['seconds']:.1f} s", flush=True)
-    return recs
+    """Every pending run of this task (:func:`lm_task.run_cached`)."""
+    return lm.run_cached(study_specs(args, ctx), args.seeds, folder, lambda spec: train_run(spec, ctx))
 
 
 def paired(row: dict, ref: dict | None) -> list[float]:
