@@ -257,8 +257,12 @@ def arm(layers: list[tuple]) -> None:
     comparing ``λ``/``γ`` again (nothing changes them inside a no-grad forward)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
-    for layer, quantized in layers:
-        object.__setattr__(layer, "_armed", _armed(layer, quantized))
+    try:
+        for layer, quantized in layers:
+            object.__setattr__(layer, "_armed", _armed(layer, quantized))
+    except BaseException:  # (a check that raised: no layer stays armed from a call that did not run)
+        disarm(layers)
+        raise
 
 
 def disarm(layers: list[tuple]) -> None:
